@@ -1,0 +1,76 @@
+"""What the training process publishes to its loader workers when an epoch starts.
+
+A small int64 block in shared memory: the epoch, its frozen threshold, a generation number that
+``set_epoch`` bumps, one "pass started" mark per worker (to catch a second pass over the loader
+without ``set_epoch``), and the planned kept count of every shard (to skip empty shards).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .shm import SharedArray
+
+MAX_WORKERS = 1024
+_GENERATION, _EPOCH, _THRESHOLD, _REPEATS = 0, 1, 2, 3
+_HEADER = 8
+
+
+class EpochControl:
+    """Shared epoch state; cheap to pickle (a path) and read from any worker."""
+
+    def __init__(self, shared: SharedArray, num_shards: int) -> None:
+        self._shared = shared
+        self.num_shards = num_shards
+
+    @classmethod
+    def create(cls, num_shards: int) -> "EpochControl":
+        shared = SharedArray.create(_HEADER + MAX_WORKERS + num_shards, np.int64, tag="control")
+        shared.array[_HEADER:_HEADER + MAX_WORKERS] = -1
+        return cls(shared, num_shards)
+
+    @property
+    def _a(self) -> np.ndarray:
+        return self._shared.array
+
+    @property
+    def generation(self) -> int:
+        return int(self._a[_GENERATION])
+
+    @property
+    def epoch(self) -> int:
+        return int(self._a[_EPOCH])
+
+    @property
+    def threshold(self) -> float:
+        return float(self._a[_THRESHOLD:_THRESHOLD + 1].view(np.float64)[0])
+
+    @property
+    def repeats(self) -> int:
+        """Passes started in this generation by a worker that had already started one."""
+        return int(self._a[_REPEATS])
+
+    @property
+    def kept_per_shard(self) -> np.ndarray:
+        return self._a[_HEADER + MAX_WORKERS:]
+
+    def publish(self, epoch: int, threshold: float, kept_per_shard: np.ndarray) -> None:
+        """Make a new epoch visible; the generation is written last so readers never see half."""
+        a = self._a
+        a[_EPOCH] = epoch
+        a[_THRESHOLD:_THRESHOLD + 1].view(np.float64)[0] = threshold
+        a[_REPEATS] = 0
+        self.kept_per_shard[:] = kept_per_shard
+        a[_GENERATION] += 1
+
+    def begin_pass(self, worker: int) -> bool:
+        """Mark that ``worker`` starts reading; True if it already read in this generation."""
+        if not 0 <= worker < MAX_WORKERS:
+            raise ValueError(f"worker id {worker} exceeds the {MAX_WORKERS} supported loader workers")
+        slot = _HEADER + worker
+        generation = self.generation
+        repeated = int(self._a[slot]) == generation
+        self._a[slot] = generation
+        if repeated:
+            self._a[_REPEATS] += 1
+        return repeated

@@ -1,0 +1,229 @@
+"""The user-facing object: owns the index, the shared store and the epoch plan.
+
+Three changed lines on top of a WebDataset loop::
+
+    ib = InfoBatch("index.json", num_epochs=60)
+    pipeline = wds.DataPipeline(ib.shards(), wds.tarfile_to_samples(), ib.filter(), ...)
+    ...
+    ib.set_epoch(epoch)                       # before each pass over the loader
+    loss = ib.update(meta, criterion(out, y))  # criterion with reduction="none"
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import policy
+from .control import EpochControl
+from .index import DatasetIndex
+from .meta import BOOSTED, EPOCH, SLOT, as_meta_array
+from .stages import FilterStage, ShardSource, current_worker
+from .store import ScoreStore
+
+log = logging.getLogger(__name__)
+_PLAN_CHUNK = 1 << 22
+
+
+@dataclass
+class EpochStats:
+    """What happened in one epoch. Planned figures are exact when the epoch starts."""
+
+    epoch: int
+    threshold: float
+    total: int
+    seen: int  # samples with a score when the epoch started
+    well_learned: int
+    pruned: int
+    kept: int
+    trained: int = 0  # per-sample losses update() received for this epoch
+    nonfinite: int = 0  # of those, NaN or inf: not stored
+    repeated_passes: int = 0  # passes started without set_epoch (each re-reads this epoch's plan)
+
+
+class InfoBatch:
+    """InfoBatch for WebDataset shards: prune well-learned samples inline, rescale the rest.
+
+    Args:
+        index: a :class:`DatasetIndex` or the path of a saved one (``infobatch-stream index``).
+        num_epochs: total epochs of the run; the last ``(1 - delta)`` of them prune nothing.
+        prune_ratio: probability ``r`` of dropping a well-learned sample (capped at 0.9).
+        delta: fraction of the epochs that prune.
+        seed: seeds the per-epoch shard order and the drop decisions (no global RNG is touched).
+    """
+
+    def __init__(self, index: DatasetIndex | str, num_epochs: int, prune_ratio: float = 0.5,
+                 delta: float = 0.875, seed: int = 0) -> None:
+        self.index = index if isinstance(index, DatasetIndex) else DatasetIndex.load(index)
+        self.config = policy.PruneConfig(num_epochs=num_epochs, prune_ratio=prune_ratio, delta=delta, seed=seed)
+        _ = self.config.ratio  # log the cap once, here
+        self.store = ScoreStore.create(self.index.num_samples)
+        self.control = EpochControl.create(self.index.num_shards)
+        self._stats: dict[int, EpochStats] = {}
+        self._warned: set[tuple[str, int]] = set()
+        self.epoch = -1
+        self.set_epoch(0)
+
+    # ---- pipeline stages -----------------------------------------------------------------------
+    def shards(self, *, skip_empty: bool = True) -> ShardSource:
+        """Source stage: this epoch's shards in an order drawn from ``(seed, epoch)``, split over
+        ranks and workers; shards with nothing kept are left out."""
+        return ShardSource(self, skip_empty=skip_empty)
+
+    def filter(self) -> FilterStage:
+        """Stage after ``tarfile_to_samples()``: drops pruned samples, tags kept ones with ``__ib__``."""
+        return FilterStage(self)
+
+    # ---- epochs --------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> EpochStats:
+        """Freeze the threshold, plan the epoch and publish it to the loader workers.
+
+        Call it before each pass over the loader. The plan is exact: ``kept`` is the number of
+        samples the pass will yield over all shards.
+        """
+        epoch = int(epoch)
+        if epoch < 0:
+            raise ValueError(f"set_epoch({epoch}): epochs start at 0")
+        if epoch < self.epoch:
+            raise ValueError(
+                f"set_epoch({epoch}) goes backwards from epoch {self.epoch}; to rerun from an earlier point "
+                "load a checkpoint's state instead"
+            )
+        scores = self.store.scores
+        thresh = policy.threshold(scores)
+        kept_per_shard, learned, kept = self._plan(scores, thresh, epoch)
+        total = self.index.num_samples
+        stats = EpochStats(epoch=epoch, threshold=thresh, total=total, seen=self.store.num_seen(),
+                           well_learned=learned, pruned=total - kept, kept=kept)
+        self._stats[epoch] = stats
+        self.control.publish(epoch, thresh, kept_per_shard)
+        self.epoch = epoch
+        log.info("epoch %d: threshold %.4g, %d seen, %d well-learned, %d pruned, %d kept of %d",
+                 epoch, thresh, stats.seen, learned, stats.pruned, kept, total)
+        return stats
+
+    def _plan(self, scores: np.ndarray, thresh: float, epoch: int) -> tuple[np.ndarray, int, int]:
+        """Kept count per shard, well-learned and kept totals, in chunks to bound memory."""
+        bounds = self.index.shard_first
+        kept_before = np.zeros(len(bounds), dtype=np.int64)  # kept samples in slots [0, bound)
+        total_kept, total_learned, running = 0, 0, 0
+        n = len(scores)
+        for lo in range(0, max(n, 1), _PLAN_CHUNK):
+            hi = min(lo + _PLAN_CHUNK, n)
+            chunk = np.asarray(scores[lo:hi])
+            keep, _ = policy.decide(chunk, np.arange(lo, hi), thresh, epoch, self.config)
+            total_learned += int(np.count_nonzero(policy.well_learned(chunk, thresh)))
+            csum = np.cumsum(keep, dtype=np.int64)
+            inside = (bounds > lo) & (bounds <= hi)
+            kept_before[inside] = running + csum[bounds[inside] - lo - 1]
+            running += int(csum[-1]) if len(csum) else 0
+        total_kept = running
+        return np.diff(kept_before), total_learned, total_kept
+
+    def decide_shard(self, shard: int, epoch: int, thresh: float) -> tuple[np.ndarray, np.ndarray]:
+        """Keep and boosted masks of one shard, vectorised over its slice of the live store.
+
+        Equal to the plan frozen at ``set_epoch``: a sample's score changes only after it was
+        read in this epoch, and its shard's decisions are taken when the shard is opened.
+        """
+        lo, hi = self.index.slots(shard)
+        return policy.decide(np.asarray(self.store.scores[lo:hi]), np.arange(lo, hi), thresh, epoch, self.config)
+
+    def begin_pass(self) -> tuple[int, float]:
+        """Called by the filter when a pass starts in a worker: the epoch and threshold to use."""
+        control = self.control
+        epoch = control.epoch
+        if control.begin_pass(current_worker()):
+            log.warning(
+                "a new pass over the loader started without ib.set_epoch(): it replays epoch %d's plan; "
+                "call ib.set_epoch(epoch) before each pass", epoch)
+        return epoch, control.threshold
+
+    @property
+    def epoch_size(self) -> int:
+        """Samples the current epoch yields over all shards (for step-based LR schedules)."""
+        return self._stats[self.epoch].kept
+
+    # ---- training side -------------------------------------------------------------------------
+    def update(self, meta: Any, loss: torch.Tensor) -> torch.Tensor:
+        """Store per-sample losses as scores; return the weighted mean loss for ``backward()``.
+
+        ``meta`` is the batch's ``__ib__`` field; ``loss`` has one value per sample
+        (``reduction="none"``). The caller's tensor is not modified.
+        """
+        arr = as_meta_array(meta)
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"update() needs the per-sample loss as a torch.Tensor, got {type(loss).__name__}")
+        if loss.ndim == 0:
+            raise ValueError(
+                "update() got a scalar loss: InfoBatch needs one loss per sample; build the criterion with "
+                "reduction='none' (e.g. nn.CrossEntropyLoss(reduction='none'))"
+            )
+        if loss.ndim != 1:
+            raise ValueError(
+                f"update() got a loss of shape {tuple(loss.shape)}: reduce it to one value per sample first, "
+                "e.g. loss.flatten(1).mean(1)"
+            )
+        if loss.shape[0] != arr.shape[0]:
+            raise ValueError(
+                f"update() got {loss.shape[0]} losses for a batch of {arr.shape[0]} samples; pass the loss "
+                "of exactly the batch whose '__ib__' field you pass"
+            )
+        slots, epochs, boosted = arr[:, SLOT], arr[:, EPOCH], arr[:, BOOSTED].astype(bool)
+        if len(slots) and (slots.min() < 0 or slots.max() >= self.index.num_samples):
+            raise ValueError(
+                f"update() got slot {int(slots.max())} outside this index's {self.index.num_samples} samples: "
+                "the batch was filtered by another InfoBatch or index"
+            )
+        values = loss.detach().to(dtype=torch.float32, device="cpu").numpy()
+        finite = np.isfinite(values)
+        self.store.record(slots[finite], values[finite])
+        self._count(epochs, finite)
+        weights = torch.from_numpy(policy.weights(boosted, self.config)).to(device=loss.device, dtype=loss.dtype)
+        return (loss * weights).mean()
+
+    def _count(self, epochs: np.ndarray, finite: np.ndarray) -> None:
+        for epoch in np.unique(epochs).tolist():
+            mask = epochs == epoch
+            stats = self._stats.get(epoch)
+            if stats is None or epoch != self.epoch:
+                self._warn_once("stale", epoch,
+                                f"update() got samples of epoch {epoch} while epoch {self.epoch} is current: "
+                                "was set_epoch() called while an old loader iterator was still running?")
+            if stats is None:
+                continue
+            stats.trained += int(np.count_nonzero(mask))
+            bad = int(np.count_nonzero(mask & ~finite))
+            if bad:
+                stats.nonfinite += bad
+                self._warn_once("nonfinite", epoch,
+                                f"epoch {epoch}: {bad} non-finite per-sample losses were not stored as scores; "
+                                "see ib.stats()['nonfinite'] for the running count")
+        repeats = self.control.repeats
+        if repeats and self.epoch in self._stats:
+            self._stats[self.epoch].repeated_passes = repeats
+            self._warn_once("repeat", self.epoch,
+                            f"epoch {self.epoch} is being read again without set_epoch(): the same samples are "
+                            "kept as in its first pass; call ib.set_epoch(epoch) before each pass")
+
+    def _warn_once(self, kind: str, epoch: int, message: str) -> None:
+        if (kind, epoch) not in self._warned:
+            self._warned.add((kind, epoch))
+            log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per-epoch figures: threshold, seen, well_learned, pruned, kept, trained, nonfinite."""
+        return [asdict(self._stats[e]) for e in sorted(self._stats)]
+
+    # ---- pickling for spawn workers --------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_stats"] = {}
+        state["_warned"] = set()
+        return state

@@ -1,0 +1,121 @@
+"""InfoBatch's pruning rules as pure numpy functions over a slice of the score store.
+
+Every decision is a function of ``(scores, threshold, seed, epoch, slot)``: no state, no global
+RNG. That is what makes the kept set identical in any worker, rank, process or restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAX_PRUNE_RATIO = 0.9  # the official code's cap: beyond it the 1/(1-r) weights explode
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What decides an epoch's plan besides the scores."""
+
+    num_epochs: int
+    prune_ratio: float = 0.5
+    delta: float = 0.875
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1, got {self.num_epochs}")
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise ValueError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
+        if not 0.0 <= self.delta <= 1.0:
+            raise ValueError(f"delta must be in [0, 1], got {self.delta}")
+
+    @property
+    def ratio(self) -> float:
+        """The drop probability actually used: ``prune_ratio`` capped at 0.9."""
+        return capped_ratio(self.prune_ratio)
+
+    @property
+    def boost(self) -> float:
+        """Loss weight of a kept well-learned sample, ``1 / (1 - r)``."""
+        return 1.0 / (1.0 - self.ratio)
+
+    def prunes(self, epoch: int) -> bool:
+        return prunes_in_epoch(epoch, self.num_epochs, self.delta)
+
+
+def capped_ratio(prune_ratio: float) -> float:
+    if prune_ratio > MAX_PRUNE_RATIO:
+        log.warning("prune_ratio %.3f capped at %.1f as in the official InfoBatch", prune_ratio, MAX_PRUNE_RATIO)
+        return MAX_PRUNE_RATIO
+    return float(prune_ratio)
+
+
+def prunes_in_epoch(epoch: int, num_epochs: int, delta: float) -> bool:
+    """Epochs with ``epoch + 1 > delta * num_epochs`` stream the full data (the annealing phase)."""
+    return not (epoch + 1 > delta * num_epochs)
+
+
+def threshold(scores: np.ndarray) -> float:
+    """Mean of the seen (non-NaN) scores, accumulated in float64; NaN when nothing is seen yet."""
+    scores = np.asarray(scores)
+    seen = ~np.isnan(scores)
+    n = int(np.count_nonzero(seen))
+    if n == 0:
+        return float("nan")
+    return float(np.sum(scores[seen], dtype=np.float64) / n)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijective avalanche mix of 64-bit integers."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def uniform(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
+    """A counter-based uniform in [0, 1) for each id: the same in every process, no RNG state."""
+    ids = np.asarray(ids, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        key = _mix(np.asarray([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) * _GOLDEN + np.uint64(epoch & 0xFFFFFFFF))
+        x = _mix(ids * _GOLDEN + key)
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def well_learned(scores: np.ndarray, thresh: float) -> np.ndarray:
+    """Seen and below the frozen threshold; unseen (NaN) samples never are."""
+    scores = np.asarray(scores)
+    if np.isnan(thresh):
+        return np.zeros(scores.shape, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        return scores < thresh  # NaN < x is False
+
+
+def decide(scores: np.ndarray, slots: np.ndarray, thresh: float, epoch: int, config: PruneConfig,
+           decision_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Keep mask and boosted mask (kept and well-learned: weight ``1/(1-r)``) for some slots.
+
+    ``decision_ids`` (default: the slots) are what the drop coin is hashed on; samples sharing an
+    id are dropped together, which keeps every sample's marginal drop probability at ``r``.
+    """
+    slots = np.asarray(slots)
+    if not config.prunes(epoch) or config.ratio == 0.0:
+        n = len(slots)
+        return np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
+    learned = well_learned(scores, thresh)
+    ids = slots if decision_ids is None else decision_ids
+    dropped = learned & (uniform(config.seed, epoch, ids) < config.ratio)
+    return ~dropped, learned & ~dropped
+
+
+def weights(boosted: np.ndarray, config: PruneConfig) -> np.ndarray:
+    return np.where(boosted, config.boost, 1.0)

@@ -1,0 +1,108 @@
+"""Numpy arrays in shared memory that any process can attach to by path.
+
+DataLoader workers (fork or spawn, persistent or not) and, later, other local ranks must read
+what the training process writes. A file in ``/dev/shm`` mapped with ``MAP_SHARED`` does that
+with no copy, pickles as its path, and needs no resource tracker (which, in Python < 3.13,
+unlinks ``multiprocessing.shared_memory`` segments when an attaching process exits).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import tempfile
+import weakref
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+_PREFIX = "infobatch_stream-"
+
+
+def shm_dir() -> str:
+    """``/dev/shm`` where it exists (RAM-backed), else the temp folder."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return "/dev/shm"
+    return tempfile.gettempdir()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(directory: str | None = None) -> int:
+    """Delete segments left by processes that died without cleaning up; returns how many."""
+    directory = directory or shm_dir()
+    removed = 0
+    for name in os.listdir(directory):
+        if not name.startswith(_PREFIX):
+            continue
+        try:
+            pid = int(name[len(_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
+def _unlink_if_owner(path: str, owner: int) -> None:
+    if os.getpid() == owner:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+class SharedArray:
+    """A fixed-size 1-D numpy array in shared memory; the creating process owns and removes it."""
+
+    def __init__(self, path: str, length: int, dtype: np.dtype | str, *, owner: int | None = None) -> None:
+        self.path = path
+        self.length = int(length)
+        self.dtype = np.dtype(dtype)
+        self.owner = owner
+        self.array = np.memmap(path, dtype=self.dtype, mode="r+", shape=(max(self.length, 1),))[: self.length]
+
+    @classmethod
+    def create(cls, length: int, dtype: np.dtype | str, fill: float | int = 0, tag: str = "array") -> "SharedArray":
+        directory = shm_dir()
+        remove_stale(directory)
+        pid = os.getpid()
+        path = os.path.join(directory, f"{_PREFIX}{pid}-{secrets.token_hex(6)}.{tag}")
+        nbytes = max(int(length), 1) * np.dtype(dtype).itemsize
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+        shared = cls(path, length, dtype, owner=pid)
+        weakref.finalize(shared, _unlink_if_owner, path, pid)
+        if fill != 0:
+            shared.array[:] = fill
+        log.debug("created shared array %s (%d bytes)", path, nbytes)
+        return shared
+
+    @property
+    def nbytes(self) -> int:
+        return self.length * self.dtype.itemsize
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "length": self.length, "dtype": self.dtype.str}
+
+    def __setstate__(self, state: dict) -> None:
+        try:
+            self.__init__(state["path"], state["length"], state["dtype"])
+        except FileNotFoundError:
+            raise RuntimeError(
+                f"shared array {state['path']} is gone: the process that created it has exited; "
+                "keep the InfoBatch object alive in the training process while loaders run"
+            ) from None

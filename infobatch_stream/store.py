@@ -1,0 +1,41 @@
+"""The score store: one float32 per slot in shared memory, NaN = never seen.
+
+4 bytes per sample (a billion samples fit in 4 GB of one node's RAM). Writes from the training
+process are visible to every DataLoader worker at once because all map the same pages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .shm import SharedArray
+
+
+class ScoreStore:
+    """Last observed loss of every sample, indexed by slot."""
+
+    def __init__(self, shared: SharedArray) -> None:
+        self._shared = shared
+
+    @classmethod
+    def create(cls, num_slots: int) -> "ScoreStore":
+        return cls(SharedArray.create(num_slots, np.float32, fill=np.nan, tag="scores"))
+
+    @property
+    def scores(self) -> np.ndarray:
+        """The live shared array (writes go straight to every process)."""
+        return self._shared.array
+
+    def __len__(self) -> int:
+        return self._shared.length
+
+    @property
+    def nbytes(self) -> int:
+        return self._shared.nbytes
+
+    def record(self, slots: np.ndarray, values: np.ndarray) -> None:
+        """Store finite per-sample losses as the scores of their slots."""
+        self.scores[np.asarray(slots, dtype=np.int64)] = np.asarray(values, dtype=np.float32)
+
+    def num_seen(self) -> int:
+        return int(np.count_nonzero(~np.isnan(self.scores)))
