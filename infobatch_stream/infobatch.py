@@ -35,7 +35,7 @@ class EpochStats:
     """What happened in one epoch. Planned figures are exact when the epoch starts."""
 
     epoch: int
-    threshold: float
+    threshold: float | None  # None until some sample has a score
     total: int
     seen: int  # samples with a score when the epoch started
     well_learned: int
@@ -98,7 +98,7 @@ class InfoBatch:
         thresh = policy.threshold(scores)
         kept_per_shard, learned, kept = self._plan(scores, thresh, epoch)
         total = self.index.num_samples
-        stats = EpochStats(epoch=epoch, threshold=thresh, total=total, seen=self.store.num_seen(),
+        stats = EpochStats(epoch=epoch, threshold=None if np.isnan(thresh) else thresh, total=total, seen=self.store.num_seen(),
                            well_learned=learned, pruned=total - kept, kept=kept)
         self._stats[epoch] = stats
         self.control.publish(epoch, thresh, kept_per_shard)

@@ -30,7 +30,11 @@ class TarFormatError(ValueError):
 
 @dataclass(frozen=True)
 class TarMember:
-    """One tar entry after long-name and PAX processing."""
+    """One tar entry after long-name and PAX processing.
+
+    ``header_offset`` is where the entry starts, its GNU long-name or PAX extended headers
+    included (``tarfile.TarInfo.offset``), so the bytes from it to ``end`` are self-contained.
+    """
 
     name: str
     type: bytes
@@ -139,9 +143,15 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
     (bodies are read and discarded). ``filesize``, when known, catches truncated bodies at once.
     """
     seekable = bool(getattr(fileobj, "seekable", lambda: False)())
+    if seekable and filesize is None:
+        # Without a size, a seek past the end of a truncated body would look like a clean EOF.
+        here = fileobj.tell()
+        filesize = fileobj.seek(0, 2) - here
+        fileobj.seek(here)
     pos = 0
     longname: str | None = None
     pax: dict[str, str] = {}
+    entry_start: int | None = None  # offset of the first L/K/x header of the pending entry
     global_pax: dict[str, str] = {}
 
     def read_exact(n: int, what: str) -> bytes:
@@ -178,7 +188,14 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
 
     while True:
         block = fileobj.read(BLOCK)
+        if entry_start is not None and block.count(0) == len(block):
+            raise TarFormatError(
+                f"{shard}: truncated tar, the extended header at byte {entry_start} is not followed by a member "
+                f"(stream ends or archive ends at byte {pos}); the shard is incomplete: re-download or rewrite it"
+            )
         if not block:
+            if pos == 0:
+                raise TarFormatError(f"{shard}: empty file (0 bytes at byte 0), not a tar; re-download or rewrite it")
             return  # EOF without end-of-archive blocks: tolerated, as tarfile's stream mode does
         if len(block) < BLOCK:
             raise TarFormatError(
@@ -196,6 +213,8 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
         size = _nti(block[124:136], where)
         typ = block[156:157]
         prefix = _nts(block[345:500])
+        if typ in (b"L", b"K", b"x", b"X") and entry_start is None:
+            entry_start = header_offset
         if typ in (b"L", b"K"):
             data = read_exact(_padded(size), f"GNU long name of {size} bytes")
             pos += _padded(size)
@@ -222,6 +241,9 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
         if longname is not None:
             name = longname
         info = {**global_pax, **pax}
+        if any(k.startswith("GNU.sparse.") for k in info):
+            raise TarFormatError(f"{where}: sparse member {name!r} (PAX GNU.sparse) is not supported; "
+                                 "rewrite the shard without sparse files")
         if "path" in info:
             name = info["path"]
         if "size" in info:
@@ -229,7 +251,9 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
                 size = int(info["size"])
             except ValueError:
                 raise TarFormatError(f"{where}: bad PAX size {info['size']!r}; rewrite the shard") from None
-        longname, pax = None, {}
+        if entry_start is not None:
+            header_offset = entry_start
+        longname, pax, entry_start = None, {}, None
         member = TarMember(name=name, type=typ, header_offset=header_offset, data_offset=pos, size=size)
         yield member
         if typ not in _SKIP_DATA_TYPES:

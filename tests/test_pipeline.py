@@ -1,0 +1,253 @@
+"""The stages and InfoBatch on real shards with real multi-worker DataLoaders."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from _data import make_index, slot_loss
+from infobatch_stream import META_KEY, IndexMismatchError, InfoBatch
+from infobatch_stream.stages import shard_order, split_shards
+
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    urls, index = make_index(str(folder), num_shards=8, per_shard=40)
+    return urls, index
+
+
+def batched_pipeline(ib: InfoBatch) -> wds.DataPipeline:
+    return wds.DataPipeline(ib.shards(), wds.tarfile_to_samples(), ib.filter(),
+                            wds.to_tuple("cls", META_KEY), wds.batched(16))
+
+
+def train_slots(ib: InfoBatch, num_workers: int, epochs: int = EPOCHS, persistent: bool = False,
+                context: str | None = None) -> list[list[int]]:
+    """Run ``epochs`` passes with the fixed per-slot loss; return the slots trained in each."""
+    loader = DataLoader(batched_pipeline(ib), batch_size=None, num_workers=num_workers,
+                        persistent_workers=persistent and num_workers > 0,
+                        multiprocessing_context=context if num_workers > 0 else None)
+    per_epoch = []
+    for epoch in range(epochs):
+        ib.set_epoch(epoch)
+        slots: list[int] = []
+        for _, meta in loader:
+            ib.update(meta, slot_loss(meta))
+            slots.extend(torch.as_tensor(meta)[:, 0].tolist())
+        per_epoch.append(slots)
+    return per_epoch
+
+
+@pytest.fixture(scope="module")
+def reference(dataset):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=EPOCHS, prune_ratio=0.5, delta=1.0, seed=3)
+    return train_slots(ib, num_workers=0), ib.stats()
+
+
+def test_pruning_is_visible_and_exact(reference, dataset):
+    slots, stats = reference
+    _, index = dataset
+    assert stats[0]["pruned"] == 0 and len(slots[0]) == index.num_samples
+    for epoch in range(1, EPOCHS):
+        s = stats[epoch]
+        assert s["seen"] == index.num_samples
+        assert 0 < s["pruned"] < s["well_learned"]
+        assert s["kept"] == len(slots[epoch]) == s["trained"]
+        assert len(set(slots[epoch])) == len(slots[epoch]), "a slot was trained twice in one epoch"
+
+
+@pytest.mark.parametrize("num_workers", [1, 4])
+def test_same_slots_whatever_the_workers(reference, dataset, num_workers):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=EPOCHS, prune_ratio=0.5, delta=1.0, seed=3)
+    slots = train_slots(ib, num_workers=num_workers)
+    assert [sorted(s) for s in slots] == [sorted(s) for s in reference[0]]
+    assert ib.stats() == reference[1]
+
+
+@pytest.mark.parametrize("context,persistent", [("fork", True), ("spawn", True), ("spawn", False)])
+def test_workers_see_the_training_process_updates(reference, dataset, context, persistent):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=EPOCHS, prune_ratio=0.5, delta=1.0, seed=3)
+    slots = train_slots(ib, num_workers=2, epochs=2, persistent=persistent, context=context)
+    assert ib.stats()[1]["pruned"] > 0  # epoch 1's plan depends on epoch 0's updates
+    assert [sorted(s) for s in slots] == [sorted(s) for s in reference[0][:2]]
+
+
+def test_last_epochs_stream_everything(dataset):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=4, prune_ratio=0.5, delta=0.5, seed=1)
+    slots = train_slots(ib, num_workers=0, epochs=4)
+    stats = ib.stats()
+    assert stats[1]["pruned"] > 0  # epoch 1: 2 > 0.5 * 4 is false -> prunes
+    for epoch in (2, 3):  # epoch + 1 > 2: full data, weight 1
+        assert stats[epoch]["pruned"] == 0 and len(slots[epoch]) == index.num_samples
+
+
+@pytest.mark.parametrize("style", ["fluent", "stages"])
+def test_filter_after_plain_webdataset(dataset, reference, style):
+    urls, index = dataset
+    ib = InfoBatch(index, num_epochs=EPOCHS, prune_ratio=0.5, delta=1.0, seed=3)
+    if style == "fluent":
+        pipeline = wds.WebDataset(urls, shardshuffle=False, empty_check=False).compose(ib.filter())
+    else:
+        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), ib.filter())
+    for epoch in range(EPOCHS):
+        ib.set_epoch(epoch)
+        metas = np.stack([sample[META_KEY] for sample in pipeline])
+        assert sorted(metas[:, 0].tolist()) == sorted(reference[0][epoch])
+        ib.update(metas, slot_loss(metas))
+
+
+def test_filter_on_any_iterable(dataset):
+    urls, index = dataset
+    ib = InfoBatch(index, num_epochs=2)
+    keys = index.keys(2)
+    samples = [{"__url__": urls[2], "__key__": k, "x": i} for i, k in enumerate(keys)]
+    out = list(ib.filter()(iter(samples)))
+    lo, _ = index.slots(2)
+    assert [int(s[META_KEY][0]) for s in out] == list(range(lo, lo + len(keys)))
+    assert all(s[META_KEY][1] == 0 and s[META_KEY][2] == 0 for s in out)
+
+
+def test_metadata_survives_default_collate(dataset):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=2)
+    pipeline = wds.DataPipeline(ib.shards(), wds.tarfile_to_samples(), ib.filter(), wds.decode(),
+                                wds.to_tuple("cls", META_KEY))
+    batch = next(iter(DataLoader(pipeline, batch_size=8, num_workers=0)))
+    meta = batch[1]
+    assert isinstance(meta, torch.Tensor) and meta.dtype == torch.int64 and meta.shape == (8, 3)
+    dict_pipeline = wds.DataPipeline(ib.shards(), wds.tarfile_to_samples(), ib.filter(), wds.decode())
+    ib.set_epoch(0)
+    batch = next(iter(DataLoader(dict_pipeline, batch_size=4, num_workers=0)))
+    assert batch[META_KEY].shape == (4, 3)
+    ib.update(batch[META_KEY], torch.ones(4))
+
+
+def test_unknown_key_and_shard_are_named(dataset, tmp_path):
+    urls, index = dataset
+    ib = InfoBatch(index, num_epochs=2)
+    with pytest.raises(KeyError, match="not in the index.*re-run"):
+        list(ib.filter()(iter([{"__url__": urls[0], "__key__": "nope"}])))
+    with pytest.raises(IndexMismatchError, match="other.tar"):
+        list(ib.filter()(iter([{"__url__": str(tmp_path / "other.tar"), "__key__": "x"}])))
+    with pytest.raises(ValueError, match="__url__"):
+        list(ib.filter()(iter([{"png": b""}])))
+
+
+def test_shard_order_and_split():
+    orders = [shard_order(20, seed=5, epoch=e) for e in range(3)]
+    assert all(sorted(o) == list(range(20)) for o in orders)
+    assert not np.array_equal(orders[0], orders[1])
+    assert np.array_equal(orders[2], shard_order(20, seed=5, epoch=2))
+    parts = [split_shards(orders[0], r, 2, w, 3) for r in range(2) for w in range(3)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(20))
+
+
+def test_empty_shards_are_not_opened(tmp_path):
+    _, index = make_index(str(tmp_path), num_shards=30, per_shard=1)
+    ib = InfoBatch(index, num_epochs=3, prune_ratio=0.9, delta=1.0, seed=0)
+    ib.store.scores[:] = np.linspace(0, 1, 30, dtype=np.float32)  # slots below 0.5 are well-learned
+    ib.set_epoch(1)
+    listed = [d["url"] for d in ib.shards()]
+    kept = np.asarray(ib.control.kept_per_shard)
+    assert len(listed) == int((kept > 0).sum()) < 30
+    assert sorted(listed) == sorted(index.urls[s] for s in np.flatnonzero(kept))
+    got = sorted(int(s[META_KEY][0]) for s in wds.DataPipeline(ib.shards(), wds.tarfile_to_samples(), ib.filter()))
+    assert len(got) == ib.stats()[-1]["kept"]
+
+
+# ---- update() ------------------------------------------------------------------------------
+
+
+def _batch(ib: InfoBatch, n: int = 6, epoch: int = 0) -> torch.Tensor:
+    return torch.tensor([[i, epoch, i % 2] for i in range(n)], dtype=torch.int64)
+
+
+def test_update_returns_weighted_mean_without_touching_the_loss(dataset):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=2, prune_ratio=0.5)
+    meta = _batch(ib)
+    per_sample = (torch.arange(6, dtype=torch.float64) + 1.0).requires_grad_()
+    before = per_sample.detach().clone()
+    loss = ib.update(meta, per_sample)
+    expected = (before * torch.tensor([1.0, 2.0] * 3, dtype=torch.float64)).mean()
+    assert loss.dtype == torch.float64 and loss.ndim == 0
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert torch.allclose(per_sample.grad, torch.tensor([1.0, 2.0] * 3, dtype=torch.float64) / 6)
+    assert torch.equal(per_sample.detach(), before)
+    np.testing.assert_allclose(ib.store.scores[:6], before.numpy().astype(np.float32))
+
+
+def test_update_rejects_bad_input(dataset):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=2)
+    meta = _batch(ib)
+    with pytest.raises(ValueError, match="scalar loss.*reduction='none'"):
+        ib.update(meta, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="shape \\(6, 2\\)"):
+        ib.update(meta, torch.ones(6, 2))
+    with pytest.raises(ValueError, match="5 losses for a batch of 6"):
+        ib.update(meta, torch.ones(5))
+    with pytest.raises(ValueError, match="no metadata"):
+        ib.update(None, torch.ones(6))
+    with pytest.raises(ValueError, match="expected \\(batch, 3\\)"):
+        ib.update(torch.ones(6, dtype=torch.int64), torch.ones(6))
+    with pytest.raises(ValueError, match="outside this index"):
+        ib.update(torch.tensor([[10**9, 0, 0]]), torch.ones(1))
+    assert np.isnan(ib.store.scores).all(), "a rejected update must not touch the store"
+
+
+def test_nonfinite_losses_are_counted_not_stored(dataset):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=2)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        ib.update(_batch(ib, 3), torch.tensor([1.0, float("nan"), float("inf")]))
+    assert ib.store.scores[0] == 1.0 and np.isnan(ib.store.scores[1:3]).all()
+    assert ib.stats()[0]["nonfinite"] == 2 and ib.stats()[0]["trained"] == 3
+
+
+def test_second_pass_without_set_epoch_warns(dataset, caplog):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=3)
+    pipeline = batched_pipeline(ib)
+    for _, meta in pipeline:
+        ib.update(meta, slot_loss(meta))
+    with caplog.at_level(logging.WARNING, logger="infobatch_stream"):
+        with pytest.warns(RuntimeWarning, match="read again without set_epoch"):
+            for _, meta in pipeline:
+                ib.update(meta, slot_loss(meta))
+    assert "without ib.set_epoch()" in caplog.text
+    assert ib.stats()[0]["repeated_passes"] == 1
+    ib.set_epoch(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _, meta in pipeline:
+            ib.update(meta, slot_loss(meta))
+
+
+def test_set_epoch_rejects_going_backwards(dataset):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=3)
+    ib.set_epoch(2)
+    ib.set_epoch(2)
+    with pytest.raises(ValueError, match="backwards"):
+        ib.set_epoch(1)
+
+
+def test_store_is_four_bytes_per_sample(dataset):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=2)
+    assert ib.store.nbytes == 4 * index.num_samples
