@@ -61,7 +61,6 @@ class InfoBatch:
                  delta: float = 0.875, seed: int = 0) -> None:
         self.index = index if isinstance(index, DatasetIndex) else DatasetIndex.load(index)
         self.config = policy.PruneConfig(num_epochs=num_epochs, prune_ratio=prune_ratio, delta=delta, seed=seed)
-        _ = self.config.ratio  # log the cap once, here
         self.store = ScoreStore.create(self.index.num_samples)
         self.control = EpochControl.create(self.index.num_shards)
         self._stats: dict[int, EpochStats] = {}

@@ -36,11 +36,13 @@ class PruneConfig:
             raise ValueError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
         if not 0.0 <= self.delta <= 1.0:
             raise ValueError(f"delta must be in [0, 1], got {self.delta}")
+        if self.prune_ratio > MAX_PRUNE_RATIO:
+            log.warning("prune_ratio %.3f capped at %.1f as in the official InfoBatch", self.prune_ratio, MAX_PRUNE_RATIO)
 
     @property
     def ratio(self) -> float:
         """The drop probability actually used: ``prune_ratio`` capped at 0.9."""
-        return capped_ratio(self.prune_ratio)
+        return min(float(self.prune_ratio), MAX_PRUNE_RATIO)
 
     @property
     def boost(self) -> float:
@@ -49,13 +51,6 @@ class PruneConfig:
 
     def prunes(self, epoch: int) -> bool:
         return prunes_in_epoch(epoch, self.num_epochs, self.delta)
-
-
-def capped_ratio(prune_ratio: float) -> float:
-    if prune_ratio > MAX_PRUNE_RATIO:
-        log.warning("prune_ratio %.3f capped at %.1f as in the official InfoBatch", prune_ratio, MAX_PRUNE_RATIO)
-        return MAX_PRUNE_RATIO
-    return float(prune_ratio)
 
 
 def prunes_in_epoch(epoch: int, num_epochs: int, delta: float) -> bool:
@@ -97,7 +92,9 @@ def well_learned(scores: np.ndarray, thresh: float) -> np.ndarray:
     if np.isnan(thresh):
         return np.zeros(scores.shape, dtype=bool)
     with np.errstate(invalid="ignore"):
-        return scores < thresh  # NaN < x is False
+        # Compare in float64: a Python-float threshold against float32 scores would be rounded
+        # to float32 first (NEP 50) and misjudge scores within half a float32 step of it.
+        return scores < np.float64(thresh)  # NaN < x is False
 
 
 def decide(scores: np.ndarray, slots: np.ndarray, thresh: float, epoch: int, config: PruneConfig,
@@ -108,6 +105,9 @@ def decide(scores: np.ndarray, slots: np.ndarray, thresh: float, epoch: int, con
     id are dropped together, which keeps every sample's marginal drop probability at ``r``.
     """
     slots = np.asarray(slots)
+    scores = np.asarray(scores)
+    if len(scores) != len(slots) or (decision_ids is not None and len(decision_ids) != len(slots)):
+        raise ValueError(f"decide(): {len(scores)} scores for {len(slots)} slots; pass one score and one id per slot")
     if not config.prunes(epoch) or config.ratio == 0.0:
         n = len(slots)
         return np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
