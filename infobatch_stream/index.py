@@ -78,9 +78,9 @@ def _scan_one(url: str) -> tuple[ShardSamples, float | None]:
         with open(local, "rb") as f:
             st = os.fstat(f.fileno())
             return scan_shard(f, url, filesize=st.st_size), st.st_mtime
-    from webdataset import gopen
+    from webdataset.gopen import gopen  # `from webdataset import gopen` is the function, not the module
 
-    stream = gopen.gopen(url, "rb")
+    stream = gopen(url, "rb")
     try:
         return scan_shard(stream, url), None
     finally:

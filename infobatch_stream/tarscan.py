@@ -56,7 +56,7 @@ class ShardSamples:
     """The samples of one shard as flat arrays (one row per sample, members concatenated)."""
 
     keys: list[str] = field(default_factory=list)
-    start: list[int] = field(default_factory=list)  # header offset of the first member
+    start: list[int] = field(default_factory=list)  # where the first member's entry starts (long-name/PAX headers included)
     end: list[int] = field(default_factory=list)  # end of the last member's padded body
     nmembers: list[int] = field(default_factory=list)
     suffixes: list[str] = field(default_factory=list)  # one per member
@@ -129,6 +129,8 @@ def _parse_pax(data: bytes, where: str) -> dict[str, str]:
             length = int(data[pos:space])
         except ValueError:
             raise TarFormatError(f"{where}: malformed PAX record length; rewrite the shard") from None
+        if length <= space - pos or pos + length > len(data):  # would loop forever or run past the end
+            raise TarFormatError(f"{where}: malformed PAX record length {length}; rewrite the shard")
         record = data[space + 1:pos + length - 1]
         key, _, value = record.partition(b"=")
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
@@ -154,8 +156,23 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
     entry_start: int | None = None  # offset of the first L/K/x header of the pending entry
     global_pax: dict[str, str] = {}
 
-    def read_exact(n: int, what: str) -> bytes:
+    def read_full(n: int) -> bytes:
+        # Pipes, sockets and HTTP bodies may return fewer bytes than asked before their end.
         data = fileobj.read(n)
+        if len(data) == n or not data:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < n:
+            more = fileobj.read(n - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def read_exact(n: int, what: str) -> bytes:
+        data = read_full(n)
         if len(data) != n:
             raise TarFormatError(
                 f"{shard}: truncated tar, {what} at byte {pos} needs {n} bytes but only {len(data)} remain; "
@@ -187,7 +204,7 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
         pos += n
 
     while True:
-        block = fileobj.read(BLOCK)
+        block = read_full(BLOCK)
         if entry_start is not None and block.count(0) == len(block):
             raise TarFormatError(
                 f"{shard}: truncated tar, the extended header at byte {entry_start} is not followed by a member "
@@ -211,6 +228,8 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
         pos += BLOCK
         name = _nts(block[0:100])
         size = _nti(block[124:136], where)
+        if size < 0:  # base-256 can say so; the scanner would seek backwards, possibly forever
+            raise TarFormatError(f"{where}: negative size {size}; the shard is corrupt: rewrite it")
         typ = block[156:157]
         prefix = _nts(block[345:500])
         if typ in (b"L", b"K", b"x", b"X") and entry_start is None:
@@ -251,6 +270,8 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
                 size = int(info["size"])
             except ValueError:
                 raise TarFormatError(f"{where}: bad PAX size {info['size']!r}; rewrite the shard") from None
+            if size < 0:
+                raise TarFormatError(f"{where}: bad PAX size {info['size']!r}; rewrite the shard")
         if entry_start is not None:
             header_offset = entry_start
         longname, pax, entry_start = None, {}, None

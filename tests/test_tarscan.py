@@ -8,8 +8,10 @@ Every shard here is a real tar written by ``webdataset.ShardWriter``, Python's `
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import subprocess
 import tarfile
 
@@ -252,7 +254,8 @@ def test_gnu_tar_shards(tmp_path, fmt, long_names, dot):
     assert keys[i:i + 3] == [prefix + "a", prefix + "a.d/z", prefix + "a"]
     assert prefix + "sub/dir/c" in keys
     assert prefix + "README" not in keys and not any("LICENSE" in k for k in keys)
-    assert not any("__index__" in k for k in keys)
+    # WebDataset's meta rules only look at names that start with "__": "./__index__/x.json" is a sample
+    assert any("__index__" in k for k in keys) == dot
     assert (prefix + "__meta__") in keys  # "__meta__.json" is a sample, "__meta__" is not
     if long_names:
         assert prefix + "deep/" + "x" * 110 + "/" + "y" * 90 + "/sample" in keys
@@ -267,7 +270,7 @@ def test_gnu_tar_shards(tmp_path, fmt, long_names, dot):
     if fmt == "ustar":
         assert any(len(t.name) > 100 for t in info)  # split over prefix + name
     if fmt == "v7":
-        assert any(raw[t.offset + 156:t.offset + 157] == b"\0" and t.isdir() for t in info)
+        assert all(len(t.name) < 100 and raw[t.offset + 257:t.offset + 262] != b"ustar" for t in info)
     j = s.keys.index(prefix + "b")
     first = sum(s.nmembers[:j])
     assert sorted(s.suffixes[first:first + s.nmembers[j]]) == ["jpg", "json", "txt"]
@@ -398,6 +401,21 @@ def rewrite_header(raw: bytearray, offset: int, field: slice, value: bytes, fix_
         raw[offset + 148:offset + 156] = b"%06o\0 " % sum(header)
 
 
+def test_v7_directory_as_regular_entry_with_slash():
+    """Old tars mark a directory as a '\\0' (regular) entry whose name ends in '/'."""
+    raw = bytearray(write_tar_bytes([("d", None), ("d/a.jpg", b"1"), ("d/a.cls", b"2")], tarfile.USTAR_FORMAT))
+    assert raw[0:2] == b"d/" and raw[156:157] == b"5"
+    rewrite_header(raw, 0, slice(156, 157), b"\0")
+    raw = bytes(raw)
+    assert tarfile.open(fileobj=io.BytesIO(raw)).getmembers()[0].isdir()
+    members = members_of(raw)
+    assert members[0].type == b"5" and not members[0].is_regular() and members[0].name == "d"
+    assert_members_match_tarfile(members, raw)
+    s = scan_bytes(raw)
+    assert s.keys == ["d/a"]
+    assert_samples_match_wds(s, raw, wds_samples_of_bytes(raw))
+
+
 def test_base256_size_field_is_read():
     raw = bytearray(write_tar_bytes([("a.jpg", payload(1000)), ("a.cls", b"12")], tarfile.GNU_FORMAT))
     rewrite_header(raw, 0, slice(124, 136), b"\x80" + (1000).to_bytes(11, "big"))
@@ -416,10 +434,9 @@ def test_pax_size_overrides_header_size():
     pax.mtime = 1_700_000_000
     buf = pax.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     assert b"size=" not in buf  # tarfile only writes it when needed; write one by hand
-    rec = b"size=700\n"
-    length = len(rec) + 4
-    rec = b"%d %s" % (length, rec)
-    assert len(rec) == length
+    rec = b" size=700\n"
+    rec = b"%d%s" % (len(rec) + 2, rec)
+    assert int(rec.split()[0]) == len(rec)
     hdr = tarfile.TarInfo("././@PaxHeader")
     hdr.type = tarfile.XHDTYPE
     hdr.size = len(rec)
@@ -547,6 +564,72 @@ def test_bad_numeric_field_names_the_header():
     rewrite_header(raw, 1024, slice(1024 + 124, 1024 + 136), b"0000000z000\0")
     with pytest.raises(TarFormatError, match="bad.tar: header at byte 1024: bad numeric field"):
         scan_shard(io.BytesIO(bytes(raw)), "bad.tar", filesize=len(raw))
+
+
+@contextlib.contextmanager
+def fails_instead_of_hanging(seconds: int = 5):
+    """Corrupt input must end in an error; turn an endless loop into a test failure."""
+
+    def on_alarm(signum, frame):
+        raise AssertionError(f"still running after {seconds} s: endless loop on corrupt input")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def pax_shard(record: bytes) -> bytes:
+    """A PAX extended header holding ``record``, then a member 'a.jpg' and the end of the archive."""
+    ext = tarfile.TarInfo("././@PaxHeader")
+    ext.type = tarfile.XHDTYPE
+    ext.size = len(record)
+    member = tarfile.TarInfo("a.jpg")
+    member.size = 3
+    return (ext.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + record + b"\0" * (BLOCK - len(record))
+            + member.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + b"abc" + b"\0" * (BLOCK - 3)
+            + b"\0" * (2 * BLOCK))
+
+
+def test_pax_records_are_parsed():
+    record = b" path=dir/renamed.sample.jpg\n"
+    record = b"%d%s" % (len(record) + 2, record)
+    assert int(record.split()[0]) == len(record) == 31
+    raw = pax_shard(record)
+    assert [t.name for t in tarfile.open(fileobj=io.BytesIO(raw))] == ["dir/renamed.sample.jpg"]
+    members = members_of(raw)
+    assert members[0].name == "dir/renamed.sample.jpg" and members[0].header_offset == 0
+    assert_members_match_tarfile(members, raw)
+
+
+@pytest.mark.parametrize("record", [b"0 path=x\n", b"-9 path=x\n", b"3 path=x\n", b"99 path=x\n",
+                                    b"x path=x\n", b"nospace"])
+def test_malformed_pax_records_raise(record):
+    with fails_instead_of_hanging():
+        with pytest.raises(TarFormatError, match=r"pax\.tar: header at byte 0: malformed PAX"):
+            scan_shard(io.BytesIO(pax_shard(record)), "pax.tar", filesize=len(pax_shard(record)))
+
+
+@pytest.mark.parametrize("size", [-512, -1024, -1])
+def test_negative_base256_size_raises(size):
+    raw = bytearray(write_tar_bytes([("a.jpg", payload(600)), ("b.jpg", payload(600))]))
+    second = 1536
+    rewrite_header(raw, second, slice(second + 124, second + 136), tarfile.itn(size, 12, tarfile.GNU_FORMAT))
+    assert tarfile.nti(bytes(raw[second + 124:second + 136])) == size
+    for stream in (io.BytesIO(bytes(raw)), NonSeekable(bytes(raw))):
+        with fails_instead_of_hanging():
+            with pytest.raises(TarFormatError, match=rf"neg\.tar: header at byte {second}: negative size"):
+                list(iter_members(stream, "neg.tar", filesize=len(raw) if stream.seekable() else None))
+
+
+def test_negative_pax_size_raises():
+    raw = pax_shard(b"13 size=-512\n")
+    with fails_instead_of_hanging():
+        with pytest.raises(TarFormatError, match="bad PAX size '-512'"):
+            members_of(raw)
 
 
 @pytest.mark.parametrize("second", ["a.jpg", "a.JPG"])
