@@ -2,7 +2,7 @@
 
 On disk it is a wids shard-list JSON (``shardlist`` of ``url``/``nsamples``/``filesize``, so wids
 users can read it) plus a sidecar folder of ``.npy`` arrays that are memory-mapped on load: a
-10,000-shard, 10M-sample index opens in milliseconds and costs memory only for the pages touched.
+10,000-shard, 10M-sample index opens in a fraction of a second and costs memory only for the pages touched.
 
 A sample's **slot** is ``shard_first[shard] + position in shard``; the score store is indexed by it.
 """
@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .tarscan import ShardSamples, scan_shard
+from .tarscan import ShardSamples, decompressed, scan_shard
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,20 @@ def _scan_one(url: str) -> tuple[ShardSamples, float | None]:
     if _is_local(local):
         with open(local, "rb") as f:
             st = os.fstat(f.fileno())
-            return scan_shard(f, url, filesize=st.st_size), st.st_mtime
+            stream, compression = decompressed(f)
+            if compression is None:
+                return scan_shard(stream, url, filesize=st.st_size), st.st_mtime
+            scan = scan_shard(stream, url)  # offsets are in the decompressed tar
+            scan.filesize = st.st_size  # what is on disk: stale-index checks compare it
+            return scan, st.st_mtime
     from webdataset.gopen import gopen  # `from webdataset import gopen` is the function, not the module
 
-    stream = gopen(url, "rb")
+    raw = gopen(url, "rb")
     try:
+        stream, _ = decompressed(raw)
         return scan_shard(stream, url), None
     finally:
-        stream.close()
+        raw.close()
 
 
 class DatasetIndex:
@@ -101,6 +107,8 @@ class DatasetIndex:
         np.cumsum(counts, out=self.shard_first[1:])
         self.fingerprint = fingerprint or self._compute_fingerprint()
         self._url_lookup: dict[str, int] | None = None
+        self._real_lookup: dict[str, int] | None = None
+        self._base_lookup: dict[str, int] = {}
         self._keys_cache: tuple[int, list[str]] | None = None
         if len(self._arrays["start"]) != self.num_samples:
             raise IndexMismatchError(
@@ -155,34 +163,58 @@ class DatasetIndex:
 
     # ---- URL matching ------------------------------------------------------------------------
     def shard_of_url(self, url: str) -> int:
-        """Find the shard a sample's ``__url__`` names, however the user spelled the path."""
+        """Find the shard a sample's ``__url__`` names, however the user spelled the path.
+
+        Tried in order: the URL as indexed or as an absolute path; the path with symlinks
+        resolved; the file named last in a ``pipe:`` command; a basename that is unique in the
+        index (shards moved elsewhere). The answer is cached per URL.
+        """
         if self._url_lookup is None:
             lookup: dict[str, int] = {}
-            basenames: dict[str, list[int]] = {}
             for i, s in enumerate(self.shards):
-                lookup[normalize_url(s.url)] = i
                 lookup[s.url] = i
-                basenames.setdefault(os.path.basename(s.url), []).append(i)
-            for name, ids in basenames.items():
-                if len(ids) == 1:
-                    lookup.setdefault("\0base:" + name, ids[0])
+                local = _strip_file_scheme(s.url)
+                if _is_local(local):
+                    lookup.setdefault(os.path.abspath(local), i)
             self._url_lookup = lookup
-        lookup = self._url_lookup
-        hit = lookup.get(url)
+        hit = self._url_lookup.get(url)
         if hit is None:
-            hit = lookup.get(normalize_url(url))
-        if hit is None and url.startswith("pipe:"):
-            last = url.split()[-1] if url.split() else url
-            hit = lookup.get(normalize_url(last), lookup.get("\0base:" + os.path.basename(last)))
-        if hit is None:
-            hit = lookup.get("\0base:" + os.path.basename(_strip_file_scheme(url)))
-        if hit is None:
-            first = ", ".join(s.url for s in self.shards[:3])
-            raise IndexMismatchError(
-                f"shard {url!r} is not in the index {self.path or '<memory>'} ({self.num_shards} shards, e.g. {first}); "
-                "index the shards you read with `infobatch-stream index` or read the shards you indexed"
-            )
+            hit = self._resolve_url(url)
+            self._url_lookup[url] = hit
         return hit
+
+    def _resolve_url(self, url: str) -> int:
+        lookup = self._url_lookup or {}
+        candidates = [url]
+        if url.startswith("pipe:") and url.split():
+            candidates.append(url.split()[-1])
+        for candidate in candidates:
+            local = _strip_file_scheme(candidate)
+            if _is_local(local) and os.path.abspath(local) in lookup:
+                return lookup[os.path.abspath(local)]
+        if self._real_lookup is None:
+            self._real_lookup, self._base_lookup = {}, {}
+            counts: dict[str, int] = {}
+            for i, s in enumerate(self.shards):
+                self._real_lookup[normalize_url(s.url)] = i
+                name = os.path.basename(_strip_file_scheme(s.url))
+                counts[name] = counts.get(name, 0) + 1
+                self._base_lookup[name] = i
+            self._base_lookup = {k: v for k, v in self._base_lookup.items() if counts[k] == 1}
+        for candidate in candidates:
+            hit = self._real_lookup.get(normalize_url(candidate))
+            if hit is not None:
+                return hit
+        for candidate in candidates:
+            hit = self._base_lookup.get(os.path.basename(_strip_file_scheme(candidate)))
+            if hit is not None:
+                log.info("shard %s matched the index entry %s by file name", url, self.shards[hit].url)
+                return hit
+        first = ", ".join(s.url for s in self.shards[:3])
+        raise IndexMismatchError(
+            f"shard {url!r} is not in the index {self.path or '<memory>'} ({self.num_shards} shards, e.g. {first}); "
+            "index the shards you read with `infobatch-stream index` or read the shards you indexed"
+        )
 
     # ---- identity ------------------------------------------------------------------------------
     def _compute_fingerprint(self) -> str:
@@ -274,6 +306,7 @@ class DatasetIndex:
         # Workers reopen a saved index by path instead of receiving its arrays through a pipe.
         state = self.__dict__.copy()
         state["_url_lookup"] = None
+        state["_real_lookup"] = None
         state["_keys_cache"] = None
         if self.path is not None:
             state["_arrays"] = None

@@ -11,6 +11,10 @@ suffix is lower-cased, and a sample is a run of *adjacent* members with the same
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
+import lzma
 import re
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
@@ -157,19 +161,7 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
     global_pax: dict[str, str] = {}
 
     def read_full(n: int) -> bytes:
-        # Pipes, sockets and HTTP bodies may return fewer bytes than asked before their end.
-        data = fileobj.read(n)
-        if len(data) == n or not data:
-            return data
-        parts = [data]
-        got = len(data)
-        while got < n:
-            more = fileobj.read(n - got)
-            if not more:
-                break
-            parts.append(more)
-            got += len(more)
-        return b"".join(parts)
+        return _read_full(fileobj, n)
 
     def read_exact(n: int, what: str) -> bytes:
         data = read_full(n)
@@ -363,3 +355,63 @@ def scan_shard(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) ->
         pass
     samples.filesize = counted.count
     return samples
+
+
+_COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
+
+
+def decompressed(raw: BinaryIO) -> tuple[BinaryIO, str | None]:
+    """Recognise gzip, bz2 and xz shards by their magic bytes and return a decompressing stream.
+
+    Offsets in the index of a compressed shard refer to the decompressed tar: such a shard can
+    only be read sequentially, as WebDataset's ``tarfile.open(mode="r|*")`` does.
+    """
+    if hasattr(raw, "peek"):
+        head = raw.peek(6)[:6]
+        stream: BinaryIO = raw
+    else:
+        head = _read_full(raw, 6)
+        stream = _Prefixed(head, raw)  # type: ignore[assignment]
+    for magic, kind in _COMPRESSION_MAGIC:
+        if head.startswith(magic):
+            if kind == "gzip":
+                return gzip.GzipFile(fileobj=stream, mode="rb"), kind  # type: ignore[return-value]
+            opener = bz2.BZ2File if kind == "bz2" else lzma.LZMAFile
+            return opener(stream), kind  # type: ignore[return-value]
+    return stream, None
+
+
+def _read_full(raw: BinaryIO, n: int) -> bytes:
+    """Read ``n`` bytes or up to the end: pipes, sockets and HTTP bodies return short reads."""
+    parts, got = [], 0
+    while got < n:
+        chunk = raw.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+class _Prefixed(io.RawIOBase):
+    """A stream with some already-read bytes put back in front (for streams that cannot peek)."""
+
+    def __init__(self, head: bytes, raw: BinaryIO) -> None:
+        self.head, self.raw = head, raw
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            if n is None or n < 0:
+                out, self.head = self.head + self.raw.read(), b""
+                return out
+            out, self.head = self.head[:n], self.head[n:]
+            return out
+        return self.raw.read(n)
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)

@@ -458,3 +458,24 @@ def test_from_scans_assembles_the_arrays():
     assert empty.num_samples == 0 and empty.keys(0) == [] and empty.slots(0) == (0, 0)
     with pytest.raises(IndexMismatchError, match="damaged"):
         DatasetIndex(ix.shards[:2], {**{n: ix.array(n) for n in _ARRAYS}}, ix.suffixes)
+
+
+def test_local_compressed_shards_are_indexed_through_decompression(dataset, index, tmp_path):
+    import bz2
+    import lzma
+
+    urls = dataset[1][:3]
+    packed = []
+    for opener, ext, u in zip((gzip.open, bz2.open, lzma.open), ("gz", "bz2", "xz"), urls):
+        path = str(tmp_path / f"{os.path.basename(u)}.{ext}")
+        with open(u, "rb") as src, opener(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        packed.append(path)
+    compressed = build_index(packed)
+    for shard, path in enumerate(packed):
+        assert compressed.keys(shard) == index.keys(shard)
+        assert compressed.shards[shard].filesize == os.path.getsize(path)  # on disk, for stale checks
+        lo, hi = compressed.slots(shard)
+        ilo, ihi = index.slots(shard)
+        np.testing.assert_array_equal(compressed.array("start")[lo:hi], index.array("start")[ilo:ihi])
+        assert [r["__key__"] for r in wds_samples(path)] == compressed.keys(shard)
