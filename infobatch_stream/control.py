@@ -2,7 +2,8 @@
 
 A small int64 block in shared memory: the epoch, its frozen threshold, a generation number that
 ``set_epoch`` bumps, one "pass started" mark per worker (to catch a second pass over the loader
-without ``set_epoch``), and the planned kept count of every shard (to skip empty shards).
+without ``set_epoch``), per-worker I/O counters, and the planned kept count of every shard (to
+skip empty shards).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from .shm import SharedArray
 MAX_WORKERS = 1024
 _GENERATION, _EPOCH, _THRESHOLD, _REPEATS = 0, 1, 2, 3
 _HEADER = 8
+IO_FIELDS = ("bytes_read", "bytes_skipped", "requests", "shards_read", "shards_skipped")
+_IO = len(IO_FIELDS)
 
 
 class EpochControl:
@@ -25,7 +28,7 @@ class EpochControl:
 
     @classmethod
     def create(cls, num_shards: int) -> "EpochControl":
-        shared = SharedArray.create(_HEADER + MAX_WORKERS + num_shards, np.int64, tag="control")
+        shared = SharedArray.create(_HEADER + MAX_WORKERS * (1 + _IO) + num_shards, np.int64, tag="control")
         shared.array[_HEADER:_HEADER + MAX_WORKERS] = -1
         return cls(shared, num_shards)
 
@@ -52,7 +55,22 @@ class EpochControl:
 
     @property
     def kept_per_shard(self) -> np.ndarray:
-        return self._a[_HEADER + MAX_WORKERS:]
+        return self._a[_HEADER + MAX_WORKERS * (1 + _IO):]
+
+    @property
+    def _io(self) -> np.ndarray:
+        return self._a[_HEADER + MAX_WORKERS:_HEADER + MAX_WORKERS * (1 + _IO)].reshape(MAX_WORKERS, _IO)
+
+    def add_io(self, worker: int, **counts: int) -> None:
+        """Add to this worker's I/O counters (each worker writes only its own row)."""
+        row = self._io[worker]
+        for name, value in counts.items():
+            row[IO_FIELDS.index(name)] += value
+
+    def io_totals(self) -> dict[str, int]:
+        """I/O of the current generation summed over workers."""
+        sums = self._io.sum(axis=0)
+        return {name: int(v) for name, v in zip(IO_FIELDS, sums)}
 
     def publish(self, epoch: int, threshold: float, kept_per_shard: np.ndarray) -> None:
         """Make a new epoch visible; the generation is written last so readers never see half."""
@@ -60,6 +78,7 @@ class EpochControl:
         a[_EPOCH] = epoch
         a[_THRESHOLD:_THRESHOLD + 1].view(np.float64)[0] = threshold
         a[_REPEATS] = 0
+        self._io[:] = 0
         self.kept_per_shard[:] = kept_per_shard
         a[_GENERATION] += 1
 

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .httpio import is_http, open_stream
 from .tarscan import ShardSamples, decompressed, scan_shard
 
 log = logging.getLogger(__name__)
@@ -70,25 +71,36 @@ class ShardInfo:
     nsamples: int
     filesize: int
     mtime: float | None
+    etag: str | None = None
 
 
-def _scan_one(url: str) -> tuple[ShardSamples, float | None]:
+def _scan_one(url: str) -> tuple[ShardSamples, float | None, str | None]:
     local = _strip_file_scheme(url)
     if _is_local(local):
         with open(local, "rb") as f:
             st = os.fstat(f.fileno())
             stream, compression = decompressed(f)
             if compression is None:
-                return scan_shard(stream, url, filesize=st.st_size), st.st_mtime
+                return scan_shard(stream, url, filesize=st.st_size), st.st_mtime, None
             scan = scan_shard(stream, url)  # offsets are in the decompressed tar
             scan.filesize = st.st_size  # what is on disk: stale-index checks compare it
-            return scan, st.st_mtime
+            return scan, st.st_mtime, None
+    if is_http(url):
+        response = open_stream(url)
+        try:
+            stream, compression = decompressed(response)  # type: ignore[arg-type]
+            scan = scan_shard(stream, url)
+            if compression is not None and response.length is not None:
+                scan.filesize = response.length
+            return scan, None, response.etag
+        finally:
+            response.close()
     from webdataset.gopen import gopen  # `from webdataset import gopen` is the function, not the module
 
     raw = gopen(url, "rb")
     try:
         stream, _ = decompressed(raw)
-        return scan_shard(stream, url), None
+        return scan_shard(stream, url), None, None
     finally:
         raw.close()
 
@@ -245,6 +257,8 @@ class DatasetIndex:
             entry = {"url": url, "nsamples": s.nsamples, "filesize": s.filesize}
             if s.mtime is not None:
                 entry["mtime"] = s.mtime
+            if s.etag is not None:
+                entry["etag"] = s.etag
             shardlist.append(entry)
         doc = {
             "__kind__": INDEX_KIND,
@@ -291,7 +305,8 @@ class DatasetIndex:
             local = _strip_file_scheme(url)
             if _is_local(local) and not os.path.isabs(local):
                 url = os.path.normpath(os.path.join(base, local))
-            shards.append(ShardInfo(url, int(entry["nsamples"]), int(entry.get("filesize", 0)), entry.get("mtime")))
+            shards.append(ShardInfo(url, int(entry["nsamples"]), int(entry.get("filesize", 0)), entry.get("mtime"),
+                                    entry.get("etag")))
         sidecar = os.path.join(base, ours["arrays"])
         arrays = {}
         for name in _ARRAYS:
@@ -323,14 +338,15 @@ def _sidecar(path: str) -> str:
     return stem + ".arrays"
 
 
-def from_scans(urls: Sequence[str], scans: Sequence[ShardSamples], mtimes: Sequence[float | None]) -> DatasetIndex:
+def from_scans(urls: Sequence[str], scans: Sequence[ShardSamples], mtimes: Sequence[float | None],
+               etags: Sequence[str | None] | None = None) -> DatasetIndex:
     """Assemble an index from per-shard scan results."""
     suffixes: dict[str, int] = {}
     key_parts, key_lengths, suffix_ids = [], [], []
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("start", "end", "nmembers", "data_offset", "size")}
     shards = []
-    for url, scan, mtime in zip(urls, scans, mtimes):
-        shards.append(ShardInfo(url, len(scan), scan.filesize, mtime))
+    for url, scan, mtime, etag in zip(urls, scans, mtimes, etags or [None] * len(urls)):
+        shards.append(ShardInfo(url, len(scan), scan.filesize, mtime, etag))
         for name, arr in scan.arrays().items():
             parts[name].append(arr)
         encoded = [k.encode("utf-8", "surrogateescape") for k in scan.keys]
@@ -369,7 +385,7 @@ def build_index(urls: str | Iterable[str], output: str | None = None, *, workers
     url_list = expand_urls(urls if isinstance(urls, str) else list(urls))
     if not url_list:
         raise ValueError("no shards to index: the URL pattern expanded to nothing")
-    results: list[tuple[ShardSamples, float | None]]
+    results: list[tuple[ShardSamples, float | None, str | None]]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -390,7 +406,7 @@ def build_index(urls: str | Iterable[str], output: str | None = None, *, workers
                 bar.update()
     if bar:
         bar.close()
-    index = from_scans(url_list, [r[0] for r in results], [r[1] for r in results])
+    index = from_scans(url_list, [r[0] for r in results], [r[1] for r in results], [r[2] for r in results])
     log.info("indexed %d shards, %d samples", index.num_shards, index.num_samples)
     if output is not None:
         index.save(output)

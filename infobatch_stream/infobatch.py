@@ -14,15 +14,17 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from webdataset.handlers import reraise_exception
 
 from . import policy
 from .control import EpochControl
 from .index import DatasetIndex
 from .meta import BOOSTED, EPOCH, SLOT, as_meta_array
+from .reader import ReaderStage
 from .stages import FilterStage, ShardSource, current_worker
 from .store import ScoreStore
 
@@ -44,6 +46,11 @@ class EpochStats:
     trained: int = 0  # per-sample losses update() received for this epoch
     nonfinite: int = 0  # of those, NaN or inf: not stored
     repeated_passes: int = 0  # passes started without set_epoch (each re-reads this epoch's plan)
+    bytes_read: int = 0  # by ib.tarfile_to_samples(), over all workers
+    bytes_skipped: int = 0  # shard bytes not read (pruned samples, unread tails, skipped shards)
+    requests: int = 0  # reads: seeks+reads on local files, Range requests over HTTP
+    shards_read: int = 0
+    shards_skipped: int = 0  # shards with nothing kept: never opened
 
 
 class InfoBatch:
@@ -55,12 +62,20 @@ class InfoBatch:
         prune_ratio: probability ``r`` of dropping a well-learned sample (capped at 0.9).
         delta: fraction of the epochs that prune.
         seed: seeds the per-epoch shard order and the drop decisions (no global RNG is touched).
+        granularity: ``"sample"``, or ``k``: blocks of ``k`` consecutive samples of a shard whose
+            well-learned members are dropped together. Each sample's drop probability and weight
+            are unchanged (still unbiased); pruned bytes come in longer runs, so fewer reads.
     """
 
     def __init__(self, index: DatasetIndex | str, num_epochs: int, prune_ratio: float = 0.5,
-                 delta: float = 0.875, seed: int = 0) -> None:
+                 delta: float = 0.875, seed: int = 0, granularity: str | int = "sample") -> None:
         self.index = index if isinstance(index, DatasetIndex) else DatasetIndex.load(index)
-        self.config = policy.PruneConfig(num_epochs=num_epochs, prune_ratio=prune_ratio, delta=delta, seed=seed)
+        if granularity == "sample":
+            granularity = 1
+        if isinstance(granularity, bool) or not isinstance(granularity, int):
+            raise ValueError(f"granularity must be 'sample' or a block size k >= 1, got {granularity!r}")
+        self.config = policy.PruneConfig(num_epochs=num_epochs, prune_ratio=prune_ratio, delta=delta, seed=seed,
+                                         block_size=granularity)
         self.store = ScoreStore.create(self.index.num_samples)
         self.control = EpochControl.create(self.index.num_shards)
         self._stats: dict[int, EpochStats] = {}
@@ -78,6 +93,16 @@ class InfoBatch:
         """Stage after ``tarfile_to_samples()``: drops pruned samples, tags kept ones with ``__ib__``."""
         return FilterStage(self)
 
+    def tarfile_to_samples(self, handler: Callable[[Exception], bool] = reraise_exception, *,
+                           merge_gap: int | None = None, verify: str = "size+mtime") -> ReaderStage:
+        """Drop-in for ``wds.tarfile_to_samples()`` + ``ib.filter()`` that reads only kept bytes.
+
+        ``merge_gap``: pruned bytes worth reading through rather than skipping (default 4 KiB
+        locally, 64 KiB over HTTP; see :mod:`infobatch_stream.reader`). ``verify``: compare each
+        shard's size and mtime/ETag (``"size+mtime"``) or only its size (``"size"``) with the index.
+        """
+        return ReaderStage(self, handler, merge_gap, verify)
+
     # ---- epochs --------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> EpochStats:
         """Freeze the threshold, plan the epoch and publish it to the loader workers.
@@ -93,6 +118,7 @@ class InfoBatch:
                 f"set_epoch({epoch}) goes backwards from epoch {self.epoch}; to rerun from an earlier point "
                 "load a checkpoint's state instead"
             )
+        self._collect_io()
         scores = self.store.scores
         thresh = policy.threshold(scores)
         kept_per_shard, learned, kept = self._plan(scores, thresh, epoch)
@@ -115,7 +141,8 @@ class InfoBatch:
         for lo in range(0, max(n, 1), _PLAN_CHUNK):
             hi = min(lo + _PLAN_CHUNK, n)
             chunk = np.asarray(scores[lo:hi])
-            keep, _ = policy.decide(chunk, np.arange(lo, hi), thresh, epoch, self.config)
+            slots = np.arange(lo, hi)
+            keep, _ = policy.decide(chunk, slots, thresh, epoch, self.config, self._decision_ids(slots))
             total_learned += int(np.count_nonzero(policy.well_learned(chunk, thresh)))
             csum = np.cumsum(keep, dtype=np.int64)
             inside = (bounds > lo) & (bounds <= hi)
@@ -131,7 +158,15 @@ class InfoBatch:
         read in this epoch, and its shard's decisions are taken when the shard is opened.
         """
         lo, hi = self.index.slots(shard)
-        return policy.decide(np.asarray(self.store.scores[lo:hi]), np.arange(lo, hi), thresh, epoch, self.config)
+        slots = np.arange(lo, hi)
+        ids = policy.decision_ids(slots, lo, self.config.block_size)
+        return policy.decide(np.asarray(self.store.scores[lo:hi]), slots, thresh, epoch, self.config, ids)
+
+    def _decision_ids(self, slots: np.ndarray) -> np.ndarray:
+        if self.config.block_size == 1:
+            return slots
+        first = self.index.shard_first[self.index.shard_of_slot(slots)]
+        return policy.decision_ids(slots, first, self.config.block_size)
 
     def begin_pass(self) -> tuple[int, float]:
         """Called by the filter when a pass starts in a worker: the epoch and threshold to use."""
@@ -217,8 +252,19 @@ class InfoBatch:
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per-epoch figures: threshold, seen, well_learned, pruned, kept, trained, nonfinite."""
+        """Per-epoch figures: threshold, seen, well_learned, pruned, kept, trained, nonfinite,
+        and the reader's I/O (bytes_read, bytes_skipped, requests, shards_read, shards_skipped)."""
+        self._collect_io()
         return [asdict(self._stats[e]) for e in sorted(self._stats)]
+
+    def _collect_io(self) -> None:
+        """Copy the workers' I/O counters of the current epoch into its stats."""
+        stats = self._stats.get(self.epoch)
+        if stats is None:
+            return
+        for name, value in self.control.io_totals().items():
+            setattr(stats, name, value)
+
 
     # ---- pickling for spawn workers --------------------------------------------------------------
     def __getstate__(self) -> dict:

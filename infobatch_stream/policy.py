@@ -28,6 +28,7 @@ class PruneConfig:
     prune_ratio: float = 0.5
     delta: float = 0.875
     seed: int = 0
+    block_size: int = 1  # samples of a shard dropped together (1 = per-sample decisions)
 
     def __post_init__(self) -> None:
         if self.num_epochs < 1:
@@ -36,6 +37,8 @@ class PruneConfig:
             raise ValueError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
         if not 0.0 <= self.delta <= 1.0:
             raise ValueError(f"delta must be in [0, 1], got {self.delta}")
+        if int(self.block_size) != self.block_size or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size}")
         if self.prune_ratio > MAX_PRUNE_RATIO:
             log.warning("prune_ratio %.3f capped at %.1f as in the official InfoBatch", self.prune_ratio, MAX_PRUNE_RATIO)
 
@@ -66,6 +69,16 @@ def threshold(scores: np.ndarray) -> float:
     if n == 0:
         return float("nan")
     return float(np.sum(scores[seen], dtype=np.float64) / n)
+
+
+def decision_ids(slots: np.ndarray, first_slot: np.ndarray | int, block_size: int) -> np.ndarray:
+    """What the drop coin is hashed on: the slot, or the block of ``block_size`` consecutive
+    samples of its shard (``first_slot``: the shard's first slot). Ids stay unique over the
+    dataset because a shard's block ids lie inside its own slot range."""
+    slots = np.asarray(slots, dtype=np.int64)
+    if block_size == 1:
+        return slots
+    return first_slot + (slots - first_slot) // block_size
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

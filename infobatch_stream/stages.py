@@ -49,12 +49,17 @@ class ShardSource(IterableDataset):
         self.skip_empty = skip_empty
 
     def __iter__(self) -> Iterator[dict[str, str]]:
-        control = self.ib.control
-        order = shard_order(self.ib.index.num_shards, self.ib.config.seed, control.epoch)
+        control, index = self.ib.control, self.ib.index
+        order = shard_order(index.num_shards, self.ib.config.seed, control.epoch)
+        rank, world_size, worker, num_workers = worker_info()
         if self.skip_empty:
-            order = order[np.asarray(control.kept_per_shard)[order] > 0]
-        urls = self.ib.index.urls
-        for shard in split_shards(order, *worker_info()):
+            empty = np.asarray(control.kept_per_shard)[order] == 0
+            if worker == 0 and empty.any():  # one worker per rank accounts for the skipped shards
+                control.add_io(current_worker(), shards_skipped=int(empty.sum()),
+                               bytes_skipped=sum(index.shards[s].filesize for s in order[empty].tolist()))
+            order = order[~empty]
+        urls = index.urls
+        for shard in split_shards(order, rank, world_size, worker, num_workers):
             yield {"url": urls[shard]}
 
 

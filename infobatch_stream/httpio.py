@@ -1,0 +1,111 @@
+"""HTTP(S) reads for shards: Range requests on a kept-alive connection, or a plain stream.
+
+One connection per (process, scheme, host) is reused across ranges and shards, so a pruned
+shard costs one request per kept run, not one TCP handshake per sample.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_connections: dict[tuple[int, str, str], http.client.HTTPConnection] = {}
+
+
+class HTTPShardError(IOError):
+    """A shard URL answered with an error; the message names the URL and the status."""
+
+
+@dataclass
+class RangeResponse:
+    data: bytes
+    total: int | None  # full size of the resource, from Content-Range
+    etag: str | None
+
+
+def is_http(url: str) -> bool:
+    return url.startswith("http://") or url.startswith("https://")
+
+
+def _connection(scheme: str, netloc: str, timeout: float) -> http.client.HTTPConnection:
+    key = (os.getpid(), scheme, netloc)
+    conn = _connections.get(key)
+    if conn is None:
+        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        conn = cls(netloc, timeout=timeout)
+        _connections[key] = conn
+    return conn
+
+
+def _request(url: str, headers: dict[str, str], timeout: float) -> http.client.HTTPResponse:
+    """GET on the cached connection, reconnecting once if the server closed it."""
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    for attempt in (0, 1):
+        conn = _connection(parts.scheme, parts.netloc, timeout)
+        try:
+            conn.request("GET", path or "/", headers=headers)
+            return conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, http.client.CannotSendRequest):
+            conn.close()
+            _connections.pop((os.getpid(), parts.scheme, parts.netloc), None)
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def get_range(url: str, start: int, end: int, timeout: float = 60.0) -> RangeResponse:
+    """Bytes ``[start, end)`` of ``url`` with one Range request."""
+    resp = _request(url, {"Range": f"bytes={start}-{end - 1}"}, timeout)
+    body = resp.read()
+    if resp.status == 206:
+        match = _CONTENT_RANGE.match(resp.getheader("Content-Range", ""))
+        total = int(match.group(3)) if match and match.group(3) != "*" else None
+        if len(body) != end - start:
+            raise HTTPShardError(f"{url}: asked for bytes {start}-{end - 1}, got {len(body)} bytes; the shard changed or "
+                                 "the server is broken: re-index it")
+        return RangeResponse(body, total, resp.getheader("ETag"))
+    if resp.status == 200:
+        # The server ignores Range: the whole body came back; cut the range out of it.
+        return RangeResponse(body[start:end], len(body), resp.getheader("ETag"))
+    if resp.status == 416:
+        raise HTTPShardError(f"{url}: bytes {start}-{end - 1} are past the end of the shard (HTTP 416); "
+                             "the shard is shorter than the index says: re-index it")
+    raise HTTPShardError(f"{url}: HTTP {resp.status} {resp.reason}")
+
+
+class _ResponseStream:
+    """A whole-body GET as a read-only stream that keeps the ETag and size it came with."""
+
+    def __init__(self, resp: http.client.HTTPResponse) -> None:
+        self.resp = resp
+        self.etag = resp.getheader("ETag")
+        length = resp.getheader("Content-Length")
+        self.length = int(length) if length is not None else None
+
+    def read(self, n: int = -1) -> bytes:
+        return self.resp.read(None if n is None or n < 0 else n)
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.resp.close()
+
+
+def open_stream(url: str, timeout: float = 60.0) -> _ResponseStream:
+    """GET the whole shard as a stream (for indexing and for servers without Range)."""
+    parts = urlsplit(url)
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = cls(parts.netloc, timeout=timeout)  # a fresh connection: the body may be abandoned early
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    conn.request("GET", path or "/")
+    resp = conn.getresponse()
+    if resp.status != 200:
+        conn.close()
+        raise HTTPShardError(f"{url}: HTTP {resp.status} {resp.reason}")
+    return _ResponseStream(resp)
