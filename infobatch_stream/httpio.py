@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -25,6 +26,7 @@ class RangeResponse:
     data: bytes
     total: int | None  # full size of the resource, from Content-Range
     etag: str | None
+    whole: bytes | None = None  # the full body, when the server ignored Range (HTTP 200)
 
 
 def is_http(url: str) -> bool:
@@ -37,6 +39,8 @@ def _connection(scheme: str, netloc: str, timeout: float) -> http.client.HTTPCon
     if conn is None:
         cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
         conn = cls(netloc, timeout=timeout)
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests, sent at once
         _connections[key] = conn
     return conn
 
@@ -50,7 +54,8 @@ def _request(url: str, headers: dict[str, str], timeout: float) -> http.client.H
         try:
             conn.request("GET", path or "/", headers=headers)
             return conn.getresponse()
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, http.client.CannotSendRequest):
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                http.client.CannotSendRequest, http.client.ResponseNotReady):
             conn.close()
             _connections.pop((os.getpid(), parts.scheme, parts.netloc), None)
             if attempt:
@@ -71,7 +76,7 @@ def get_range(url: str, start: int, end: int, timeout: float = 60.0) -> RangeRes
         return RangeResponse(body, total, resp.getheader("ETag"))
     if resp.status == 200:
         # The server ignores Range: the whole body came back; cut the range out of it.
-        return RangeResponse(body[start:end], len(body), resp.getheader("ETag"))
+        return RangeResponse(body[start:end], len(body), resp.getheader("ETag"), whole=body)
     if resp.status == 416:
         raise HTTPShardError(f"{url}: bytes {start}-{end - 1} are past the end of the shard (HTTP 416); "
                              "the shard is shorter than the index says: re-index it")
