@@ -8,11 +8,16 @@ import os
 import sys
 
 from .demo import DemoConfig, run_demo
-from .index import build_index
+from .index import IndexMismatchError, build_index, expand_urls
+from .reader import StaleIndexError
+from .tarscan import TarFormatError
+
+_USER_ERRORS = (TarFormatError, IndexMismatchError, StaleIndexError, FileNotFoundError, ValueError)
 
 
 def _index(args: argparse.Namespace) -> int:
-    index = build_index(args.shards, args.output, workers=args.workers, progress=not args.quiet)
+    urls = [url for pattern in args.shards for url in expand_urls(pattern)]
+    index = build_index(urls, args.output, workers=args.workers, progress=not args.quiet)
     print(f"indexed {index.num_shards} shards, {index.num_samples} samples -> {os.path.abspath(args.output)}")
     return 0
 
@@ -92,10 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    # Pattern expansion for `index`: one argument may be a brace pattern.
-    if args.command == "index" and len(args.shards) == 1:
-        args.shards = args.shards[0]
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _USER_ERRORS as exc:
+        if args.verbose:
+            raise
+        print(f"infobatch-stream {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

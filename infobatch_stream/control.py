@@ -83,13 +83,15 @@ class EpochControl:
         a[_GENERATION] += 1
 
     def begin_pass(self, worker: int) -> bool:
-        """Mark that ``worker`` starts reading; True if it already read in this generation."""
+        """Mark that ``worker`` starts reading; True if it already read in this generation.
+
+        Only worker 0 (present in every pass) counts repeats, so the count is in passes."""
         if not 0 <= worker < MAX_WORKERS:
             raise ValueError(f"worker id {worker} exceeds the {MAX_WORKERS} supported loader workers")
         slot = _HEADER + worker
         generation = self.generation
         repeated = int(self._a[slot]) == generation
         self._a[slot] = generation
-        if repeated:
+        if repeated and worker == 0:
             self._a[_REPEATS] += 1
         return repeated

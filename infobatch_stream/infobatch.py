@@ -45,12 +45,24 @@ class EpochStats:
     kept: int
     trained: int = 0  # per-sample losses update() received for this epoch
     nonfinite: int = 0  # of those, NaN or inf: not stored
-    repeated_passes: int = 0  # passes started without set_epoch (each re-reads this epoch's plan)
+    repeated_passes: int = 0  # passes over the loader started without set_epoch (replaying this plan)
     bytes_read: int = 0  # by ib.tarfile_to_samples(), over all workers
     bytes_skipped: int = 0  # shard bytes not read (pruned samples, unread tails, skipped shards)
     requests: int = 0  # reads: seeks+reads on local files, Range requests over HTTP
     shards_read: int = 0
     shards_skipped: int = 0  # shards with nothing kept: never opened
+
+
+def _warn_if_distributed(ib: "InfoBatch") -> None:
+    """Several ranks each hold their own store: until scores are exchanged they plan differently."""
+    from .stages import worker_info
+
+    _, world_size, _, _ = worker_info()
+    if world_size > 1:
+        ib._warn_once("distributed", -1,
+                      f"InfoBatch runs in a job of {world_size} ranks, but this version keeps one score store per "
+                      "rank and does not exchange scores: ranks plan different epochs and may run different "
+                      "numbers of steps. Multi-rank training is not supported yet")
 
 
 class InfoBatch:
@@ -115,9 +127,14 @@ class InfoBatch:
             raise ValueError(f"set_epoch({epoch}): epochs start at 0")
         if epoch < self.epoch:
             raise ValueError(
-                f"set_epoch({epoch}) goes backwards from epoch {self.epoch}; to rerun from an earlier point "
-                "load a checkpoint's state instead"
+                f"set_epoch({epoch}) goes backwards from epoch {self.epoch}: the scores already hold later "
+                "epochs' losses; create a new InfoBatch to start the run over"
             )
+        if epoch >= self.config.num_epochs:
+            self._warn_once("past_end", epoch,
+                            f"set_epoch({epoch}) is past num_epochs={self.config.num_epochs}: it streams the full "
+                            "data like the final epochs; pass the real number of epochs to InfoBatch")
+        _warn_if_distributed(self)
         self._collect_io()
         scores = self.store.scores
         thresh = policy.threshold(scores)
@@ -172,7 +189,8 @@ class InfoBatch:
         """Called by the filter when a pass starts in a worker: the epoch and threshold to use."""
         control = self.control
         epoch = control.epoch
-        if control.begin_pass(current_worker()):
+        worker = current_worker()
+        if control.begin_pass(worker) and worker == 0:
             log.warning(
                 "a new pass over the loader started without ib.set_epoch(): it replays epoch %d's plan; "
                 "call ib.set_epoch(epoch) before each pass", epoch)

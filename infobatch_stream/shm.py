@@ -8,6 +8,7 @@ unlinks ``multiprocessing.shared_memory`` segments when an attaching process exi
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
@@ -27,42 +28,45 @@ def shm_dir() -> str:
     return tempfile.gettempdir()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale(directory: str | None = None) -> int:
-    """Delete segments left by processes that died without cleaning up; returns how many."""
+    """Delete segments whose creating process is gone; returns how many.
+
+    The creator holds a shared ``flock`` on its segment for as long as it (or a forked child)
+    lives, and the kernel drops it even on SIGKILL. A segment nobody locks is stale. Unlike a
+    pid check this is safe when ``/dev/shm`` is shared between PID namespaces (containers).
+    """
     directory = directory or shm_dir()
     removed = 0
     for name in os.listdir(directory):
         if not name.startswith(_PREFIX):
             continue
+        path = os.path.join(directory, name)
         try:
-            pid = int(name[len(_PREFIX):].split("-", 1)[0])
-        except ValueError:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
             continue
-        if not _pid_alive(pid):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its owner is alive
+        else:
             try:
-                os.unlink(os.path.join(directory, name))
+                os.unlink(path)
                 removed += 1
             except OSError:
                 pass
+        finally:
+            os.close(fd)
     return removed
 
 
-def _unlink_if_owner(path: str, owner: int) -> None:
+def _unlink_if_owner(path: str, owner: int, lock_fd: int) -> None:
     if os.getpid() == owner:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
+        os.close(lock_fd)
 
 
 class SharedArray:
@@ -82,10 +86,11 @@ class SharedArray:
         pid = os.getpid()
         path = os.path.join(directory, f"{_PREFIX}{pid}-{secrets.token_hex(6)}.{tag}")
         nbytes = max(int(length), 1) * np.dtype(dtype).itemsize
-        with open(path, "wb") as f:
-            f.truncate(nbytes)
+        lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_SH)  # held while the owner lives: see remove_stale
+        os.ftruncate(lock_fd, nbytes)
         shared = cls(path, length, dtype, owner=pid)
-        weakref.finalize(shared, _unlink_if_owner, path, pid)
+        weakref.finalize(shared, _unlink_if_owner, path, pid, lock_fd)
         if fill != 0:
             shared.array[:] = fill
         log.debug("created shared array %s (%d bytes)", path, nbytes)

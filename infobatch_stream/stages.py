@@ -99,13 +99,14 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[d
     index = ib.index
     cursor: _ShardCursor | None = None
     for sample in src:
-        url = sample.get("__url__")
-        key = sample.get("__key__")
-        if url is None or key is None:
+        if not isinstance(sample, dict) or "__url__" not in sample or "__key__" not in sample:
+            fields = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
             raise ValueError(
                 "ib.filter() needs samples with '__url__' and '__key__': place it right after "
-                f"tarfile_to_samples() and before decoding or to_tuple (got fields {sorted(sample)})"
+                f"tarfile_to_samples() and before decoding or to_tuple (got {fields})"
             )
+        url = sample["__url__"]
+        key = sample["__key__"]
         if cursor is None or url != cursor.url:
             shard = index.shard_of_url(url)
             lo, _ = index.slots(shard)

@@ -76,3 +76,15 @@ def _index(urls: list[str], folder) -> str:
     path = str(folder / "index.json")
     build_index(urls, path)
     return path
+
+
+def test_index_command_expands_every_pattern_and_reports_missing_shards(tmp_path):
+    write_shards(str(tmp_path / "shards"), num_shards=4, per_shard=3, prefix="data")
+    done = run_cli("index", "shards/data-{000..001}.tar", "shards/data-{002..003}.tar", "-o", "two.json", "-q",
+                   cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "indexed 4 shards, 12 samples" in done.stdout
+    missing = run_cli("index", "shards/nope.tar", "-o", "x.json", "-q", cwd=str(tmp_path))
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [
+        "infobatch-stream index: error: [Errno 2] No such file or directory: 'shards/nope.tar'"]

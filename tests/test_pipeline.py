@@ -251,3 +251,21 @@ def test_store_is_four_bytes_per_sample(dataset):
     _, index = dataset
     ib = InfoBatch(index, num_epochs=2)
     assert ib.store.nbytes == 4 * index.num_samples
+
+
+def test_filter_in_the_wrong_place_says_where_it_goes(dataset):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=2)
+    with pytest.raises(ValueError, match="right after tarfile_to_samples"):
+        list(ib.filter()(iter([("png-bytes", "cls")])))
+
+
+def test_epoch_past_the_end_and_several_ranks_warn(dataset, monkeypatch):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=2)
+    with pytest.warns(RuntimeWarning, match="past num_epochs=2"):
+        ib.set_epoch(2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.warns(RuntimeWarning, match="2 ranks.*not supported yet"):
+        InfoBatch(index, num_epochs=2)
