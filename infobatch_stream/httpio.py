@@ -86,8 +86,9 @@ def get_range(url: str, start: int, end: int, timeout: float = 60.0) -> RangeRes
 class _ResponseStream:
     """A whole-body GET as a read-only stream that keeps the ETag and size it came with."""
 
-    def __init__(self, resp: http.client.HTTPResponse) -> None:
+    def __init__(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection | None = None) -> None:
         self.resp = resp
+        self.conn = conn  # a connection of its own: closed with the stream
         self.etag = resp.getheader("ETag")
         length = resp.getheader("Content-Length")
         self.length = int(length) if length is not None else None
@@ -100,6 +101,8 @@ class _ResponseStream:
 
     def close(self) -> None:
         self.resp.close()
+        if self.conn is not None:
+            self.conn.close()
 
 
 def open_stream(url: str, timeout: float = 60.0) -> _ResponseStream:
@@ -113,4 +116,4 @@ def open_stream(url: str, timeout: float = 60.0) -> _ResponseStream:
     if resp.status != 200:
         conn.close()
         raise HTTPShardError(f"{url}: HTTP {resp.status} {resp.reason}")
-    return _ResponseStream(resp)
+    return _ResponseStream(resp, conn)

@@ -72,19 +72,20 @@ class ShardInfo:
     filesize: int
     mtime: float | None
     etag: str | None = None
+    compression: str | None = None  # gzip, bz2 or xz: offsets refer to the decompressed tar
 
 
-def _scan_one(url: str) -> tuple[ShardSamples, float | None, str | None]:
+def _scan_one(url: str) -> tuple[ShardSamples, float | None, str | None, str | None]:
     local = _strip_file_scheme(url)
     if _is_local(local):
         with open(local, "rb") as f:
             st = os.fstat(f.fileno())
             stream, compression = decompressed(f)
             if compression is None:
-                return scan_shard(stream, url, filesize=st.st_size), st.st_mtime, None
+                return scan_shard(stream, url, filesize=st.st_size), st.st_mtime, None, None
             scan = scan_shard(stream, url)  # offsets are in the decompressed tar
             scan.filesize = st.st_size  # what is on disk: stale-index checks compare it
-            return scan, st.st_mtime, None
+            return scan, st.st_mtime, None, compression
     if is_http(url):
         response = open_stream(url)
         try:
@@ -92,15 +93,15 @@ def _scan_one(url: str) -> tuple[ShardSamples, float | None, str | None]:
             scan = scan_shard(stream, url)
             if compression is not None and response.length is not None:
                 scan.filesize = response.length
-            return scan, None, response.etag
+            return scan, None, response.etag, compression
         finally:
             response.close()
     from webdataset.gopen import gopen  # `from webdataset import gopen` is the function, not the module
 
     raw = gopen(url, "rb")
     try:
-        stream, _ = decompressed(raw)
-        return scan_shard(stream, url), None, None
+        stream, compression = decompressed(raw)
+        return scan_shard(stream, url), None, None, compression
     finally:
         raw.close()
 
@@ -259,6 +260,8 @@ class DatasetIndex:
                 entry["mtime"] = s.mtime
             if s.etag is not None:
                 entry["etag"] = s.etag
+            if s.compression is not None:
+                entry["compression"] = s.compression
             shardlist.append(entry)
         doc = {
             "__kind__": INDEX_KIND,
@@ -306,7 +309,7 @@ class DatasetIndex:
             if _is_local(local) and not os.path.isabs(local):
                 url = os.path.normpath(os.path.join(base, local))
             shards.append(ShardInfo(url, int(entry["nsamples"]), int(entry.get("filesize", 0)), entry.get("mtime"),
-                                    entry.get("etag")))
+                                    entry.get("etag"), entry.get("compression")))
         sidecar = os.path.join(base, ours["arrays"])
         arrays = {}
         for name in _ARRAYS:
@@ -339,14 +342,16 @@ def _sidecar(path: str) -> str:
 
 
 def from_scans(urls: Sequence[str], scans: Sequence[ShardSamples], mtimes: Sequence[float | None],
-               etags: Sequence[str | None] | None = None) -> DatasetIndex:
+               etags: Sequence[str | None] | None = None,
+               compressions: Sequence[str | None] | None = None) -> DatasetIndex:
     """Assemble an index from per-shard scan results."""
     suffixes: dict[str, int] = {}
     key_parts, key_lengths, suffix_ids = [], [], []
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("start", "end", "nmembers", "data_offset", "size")}
     shards = []
-    for url, scan, mtime, etag in zip(urls, scans, mtimes, etags or [None] * len(urls)):
-        shards.append(ShardInfo(url, len(scan), scan.filesize, mtime, etag))
+    for url, scan, mtime, etag, compression in zip(urls, scans, mtimes, etags or [None] * len(urls),
+                                                   compressions or [None] * len(urls)):
+        shards.append(ShardInfo(url, len(scan), scan.filesize, mtime, etag, compression))
         for name, arr in scan.arrays().items():
             parts[name].append(arr)
         encoded = [k.encode("utf-8", "surrogateescape") for k in scan.keys]
@@ -385,7 +390,7 @@ def build_index(urls: str | Iterable[str], output: str | None = None, *, workers
     url_list = expand_urls(urls if isinstance(urls, str) else list(urls))
     if not url_list:
         raise ValueError("no shards to index: the URL pattern expanded to nothing")
-    results: list[tuple[ShardSamples, float | None, str | None]]
+    results: list[tuple[ShardSamples, float | None, str | None, str | None]]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -406,7 +411,7 @@ def build_index(urls: str | Iterable[str], output: str | None = None, *, workers
                 bar.update()
     if bar:
         bar.close()
-    index = from_scans(url_list, [r[0] for r in results], [r[1] for r in results], [r[2] for r in results])
+    index = from_scans(url_list, *(list(column) for column in zip(*results)))
     log.info("indexed %d shards, %d samples", index.num_shards, index.num_samples)
     if output is not None:
         index.save(output)

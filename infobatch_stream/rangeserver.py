@@ -26,10 +26,10 @@ class _Counters:
         self.bytes = 0
         self.requests = 0
 
-    def add(self, nbytes: int) -> None:
+    def add(self, nbytes: int, requests: int = 1) -> None:
         with self.lock:
             self.bytes += nbytes
-            self.requests += 1
+            self.requests += requests
 
 
 def make_handler(root: str, counters: _Counters, *, ranges: bool = True) -> type[BaseHTTPRequestHandler]:
@@ -92,6 +92,9 @@ def make_handler(root: str, counters: _Counters, *, ranges: bool = True) -> type
             self.send_header("ETag", f'"{size:x}-{st.st_mtime_ns:x}"')
             self.send_header("Accept-Ranges", "bytes" if ranges else "none")
             self.end_headers()
+            # Counted before the body goes out: a client that has read the whole body and then asks
+            # /__stats__ must see it (counting after the last write raced with that request).
+            counters.add(end - start)
             sent = 0
             with open(path, "rb") as f:
                 f.seek(start)
@@ -106,7 +109,8 @@ def make_handler(root: str, counters: _Counters, *, ranges: bool = True) -> type
                         remaining -= len(chunk)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client abandoned the body (a reader that stops early)
-            counters.add(sent)
+            if sent != end - start:
+                counters.add(sent - (end - start), requests=0)  # only what went out
 
     return Handler
 

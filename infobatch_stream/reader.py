@@ -33,7 +33,7 @@ from . import httpio
 from .index import ShardInfo, _is_local, _strip_file_scheme
 from .meta import META_KEY, make_meta
 from .stages import current_worker
-from .tarscan import _read_full, decompressed
+from .tarscan import BLOCK, _checksum_ok, _read_full, decompressed
 
 if TYPE_CHECKING:
     from .infobatch import InfoBatch
@@ -148,10 +148,16 @@ def _sequential_reader(stream: BinaryIO, counter: _Counter) -> Callable[[int, in
 
 
 def _http_reader(url: str, info: ShardInfo, verify: str, counter: _Counter) -> Callable[[int, int], bytes]:
+    whole: bytes | None = None  # the full body, once a server that ignores Range sent it
+
     def read(a: int, b: int) -> bytes:
+        nonlocal whole
+        if whole is not None:
+            return whole[a:b]
         resp = httpio.get_range(url, a, b)
         counter.requests += 1
-        counter.bytes_read += len(resp.data)
+        counter.bytes_read += len(resp.data if resp.whole is None else resp.whole)
+        whole = resp.whole
         if resp.total is not None and info.filesize and resp.total != info.filesize:
             raise StaleIndexError(f"shard {url} is {resp.total} bytes on the server, the index says {info.filesize}; "
                                   "re-run `infobatch-stream index`")
@@ -162,11 +168,28 @@ def _http_reader(url: str, info: ShardInfo, verify: str, counter: _Counter) -> C
     return read
 
 
+def _http_stream_reader(url: str, info: ShardInfo, verify: str, counter: _Counter) -> tuple[Callable[[int, int], bytes], Callable[[], None]]:
+    """A compressed shard over HTTP: the index's offsets are in the decompressed tar, so stream it."""
+    raw = httpio.open_stream(url)
+    problem = None
+    if raw.length is not None and info.filesize and raw.length != info.filesize:
+        problem = f"it is {raw.length} bytes on the server, the index says {info.filesize}"
+    elif verify == "size+mtime" and info.etag and raw.etag and raw.etag != info.etag:
+        problem = f"it has ETag {raw.etag}, the index recorded {info.etag}"
+    if problem:
+        raw.close()
+        raise StaleIndexError(f"shard {url} changed since it was indexed: {problem}; re-run `infobatch-stream index`")
+    stream, _ = decompressed(raw)  # type: ignore[arg-type]
+    return _sequential_reader(stream, counter), raw.close
+
+
 def _open(url: str, info: ShardInfo, verify: str, counter: _Counter) -> tuple[Callable[[int, int], bytes], Callable[[], None]]:
     local = _strip_file_scheme(url)
     if _is_local(local):
         return _local_reader(local, info, verify, counter)
     if httpio.is_http(url):
+        if info.compression is not None:
+            return _http_stream_reader(url, info, verify, counter)
         return _http_reader(url, info, verify, counter), lambda: None
     from webdataset.gopen import gopen
 
@@ -183,13 +206,13 @@ def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float,
     worker = current_worker()
     kept = np.flatnonzero(keep)
     if len(kept) == 0:
-        ib.control.add_io(worker, shards_skipped=1)
+        ib.control.add_io(worker, shards_skipped=1, bytes_skipped=index.shards[shard].filesize)
         return
     lo, hi = index.slots(shard)
     start, end = index.byte_ranges(shard)
     if merge_gap is None:
         merge_gap = HTTP_MERGE_GAP if httpio.is_http(url) else LOCAL_MERGE_GAP
-    ranges = plan_ranges(start, end, kept, merge_gap)
+    ranges = plan_ranges(start, end, kept, merge_gap, MAX_RANGE_BYTES)
     member_first = np.asarray(index.array("member_first")[lo:hi + 1])
     m0 = int(member_first[0])
     offsets = np.asarray(index.array("data_offset")[m0:member_first[-1]]).tolist()
@@ -203,6 +226,11 @@ def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float,
     try:
         for r in ranges:
             buf = read(r.start, r.end)
+            if not _checksum_ok(buf[:BLOCK]):
+                raise StaleIndexError(
+                    f"shard {url}: no tar header at byte {r.start}, where the index puts sample "
+                    f"{keys[kept_list[r.first]]!r}; the shard changed since it was indexed: "
+                    "re-run `infobatch-stream index`")
             for pos in kept_list[r.first:r.stop]:
                 sample: dict[str, Any] = {"__key__": keys[pos], "__url__": url}
                 for j in range(member_first[pos], member_first[pos + 1]):
