@@ -23,7 +23,7 @@ from webdataset.handlers import reraise_exception
 from . import policy
 from .control import EpochControl
 from .index import DatasetIndex
-from .meta import BOOSTED, EPOCH, SLOT, as_meta_array
+from .meta import BOOSTED, EPOCH, SLOT, TAG, as_meta_array, index_tag
 from .reader import ReaderStage
 from .stages import FilterStage, ShardSource, current_worker
 from .store import ScoreStore
@@ -88,6 +88,7 @@ class InfoBatch:
             raise ValueError(f"granularity must be 'sample' or a block size k >= 1, got {granularity!r}")
         self.config = policy.PruneConfig(num_epochs=num_epochs, prune_ratio=prune_ratio, delta=delta, seed=seed,
                                          block_size=granularity)
+        self.tag = index_tag(self.index.fingerprint)
         self.store = ScoreStore.create(self.index.num_samples)
         self.control = EpochControl.create(self.index.num_shards)
         self._stats: dict[int, EpochStats] = {}
@@ -227,10 +228,11 @@ class InfoBatch:
                 "of exactly the batch whose '__ib__' field you pass"
             )
         slots, epochs, boosted = arr[:, SLOT], arr[:, EPOCH], arr[:, BOOSTED].astype(bool)
-        if len(slots) and (slots.min() < 0 or slots.max() >= self.index.num_samples):
+        if len(slots) and (np.any(arr[:, TAG] != self.tag) or slots.min() < 0 or slots.max() >= self.index.num_samples):
             raise ValueError(
-                f"update() got slot {int(slots.max())} outside this index's {self.index.num_samples} samples: "
-                "the batch was filtered by another InfoBatch or index"
+                "update() got metadata from another index (its index tag or slots do not match this "
+                f"InfoBatch's {self.index.num_samples}-sample index {self.index.path or '<memory>'}): pass the "
+                "'__ib__' field of batches read through this InfoBatch's stages"
             )
         values = loss.detach().to(dtype=torch.float32, device="cpu").numpy()
         finite = np.isfinite(values)

@@ -236,7 +236,7 @@ def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float,
                 for j in range(member_first[pos], member_first[pos + 1]):
                     a = offsets[j] - r.start
                     sample[suffix_of[j]] = buf[a:a + sizes[j]]
-                sample[META_KEY] = make_meta(lo + pos, epoch, boosted_list[pos])
+                sample[META_KEY] = make_meta(lo + pos, epoch, boosted_list[pos], ib.tag)
                 yield sample
     finally:
         close()

@@ -97,6 +97,7 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[d
     """Drop the epoch's pruned samples and tag kept ones with ``__ib__`` = (slot, epoch, boosted)."""
     epoch, thresh = ib.begin_pass()
     index = ib.index
+    tag = ib.tag
     cursor: _ShardCursor | None = None
     for sample in src:
         if not isinstance(sample, dict) or "__url__" not in sample or "__key__" not in sample:
@@ -114,7 +115,7 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[d
             cursor = _ShardCursor(url, shard, lo, index.keys(shard), keep, boosted)
         pos = cursor.position(key)
         if cursor.keep[pos]:
-            sample[META_KEY] = make_meta(cursor.first_slot + pos, epoch, bool(cursor.boosted[pos]))
+            sample[META_KEY] = make_meta(cursor.first_slot + pos, epoch, bool(cursor.boosted[pos]), tag)
             yield sample
 
 

@@ -127,11 +127,11 @@ def test_metadata_survives_default_collate(dataset):
                                 wds.to_tuple("cls", META_KEY))
     batch = next(iter(DataLoader(pipeline, batch_size=8, num_workers=0)))
     meta = batch[1]
-    assert isinstance(meta, torch.Tensor) and meta.dtype == torch.int64 and meta.shape == (8, 3)
+    assert isinstance(meta, torch.Tensor) and meta.dtype == torch.int64 and meta.shape == (8, 4)
     dict_pipeline = wds.DataPipeline(ib.shards(), wds.tarfile_to_samples(), ib.filter(), wds.decode())
     ib.set_epoch(0)
     batch = next(iter(DataLoader(dict_pipeline, batch_size=4, num_workers=0)))
-    assert batch[META_KEY].shape == (4, 3)
+    assert batch[META_KEY].shape == (4, 4)
     ib.update(batch[META_KEY], torch.ones(4))
 
 
@@ -172,7 +172,7 @@ def test_empty_shards_are_not_opened(tmp_path):
 
 
 def _batch(ib: InfoBatch, n: int = 6, epoch: int = 0) -> torch.Tensor:
-    return torch.tensor([[i, epoch, i % 2] for i in range(n)], dtype=torch.int64)
+    return torch.tensor([[i, epoch, i % 2, ib.tag] for i in range(n)], dtype=torch.int64)
 
 
 def test_update_returns_weighted_mean_without_touching_the_loss(dataset):
@@ -203,10 +203,12 @@ def test_update_rejects_bad_input(dataset):
         ib.update(meta, torch.ones(5))
     with pytest.raises(ValueError, match="no metadata"):
         ib.update(None, torch.ones(6))
-    with pytest.raises(ValueError, match="expected \\(batch, 3\\)"):
+    with pytest.raises(ValueError, match="expected \\(batch, 4\\)"):
         ib.update(torch.ones(6, dtype=torch.int64), torch.ones(6))
-    with pytest.raises(ValueError, match="outside this index"):
-        ib.update(torch.tensor([[10**9, 0, 0]]), torch.ones(1))
+    with pytest.raises(ValueError, match="another index"):
+        ib.update(torch.tensor([[10**9, 0, 0, ib.tag]]), torch.ones(1))
+    with pytest.raises(ValueError, match="another index"):
+        ib.update(torch.tensor([[1, 0, 0, ib.tag + 1]]), torch.ones(1))
     assert np.isnan(ib.store.scores).all(), "a rejected update must not touch the store"
 
 
@@ -269,3 +271,15 @@ def test_epoch_past_the_end_and_several_ranks_warn(dataset, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.warns(RuntimeWarning, match="2 ranks.*not supported yet"):
         InfoBatch(index, num_epochs=2)
+
+
+def test_metadata_from_another_index_is_rejected(dataset, tmp_path):
+    _, index = dataset
+    _, small = make_index(str(tmp_path), num_shards=2, per_shard=5)
+    big_ib, small_ib = InfoBatch(index, num_epochs=2), InfoBatch(small, num_epochs=2)
+    metas = np.stack([s[META_KEY] for s in wds.DataPipeline(big_ib.shards(), big_ib.tarfile_to_samples())])
+    metas = metas[metas[:, 0] < small.num_samples]  # slots in range: only the tag tells them apart
+    assert len(metas) == small.num_samples
+    with pytest.raises(ValueError, match="another index"):
+        small_ib.update(metas, torch.ones(len(metas)))
+    assert np.isnan(small_ib.store.scores).all()
