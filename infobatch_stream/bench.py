@@ -168,65 +168,72 @@ def run_bench(out: str = "bench_out", profiles: tuple[str, ...] = ("imagenet", "
     return results
 
 
+BLOCK = 8  # the block size of the granularity row
+
+
 def _bench_source(profile: str, source: str, urls: list[str], index: DatasetIndex, server: _Server | None,
                   repeats: int, well_learned: float, progress: bool) -> list[Result]:
-    setups = {}
-    for pruned_target, share in ((0.0, 0.0), (0.4, well_learned)):
-        ib = InfoBatch(index, num_epochs=10, prune_ratio=0.5, delta=1.0)
+    # setup label -> (InfoBatch, pipelines, kept bytes, kept samples); (a) of "0%" is the full epoch
+    setups: dict[str, tuple[InfoBatch, dict[str, Callable[[], Any]], int, int]] = {}
+    for label, share, block in (("0%", 0.0, 1), ("40%", well_learned, 1), (f"40% k={BLOCK}", well_learned, BLOCK)):
+        ib = InfoBatch(index, num_epochs=10, prune_ratio=0.5, delta=1.0, granularity=block)
         if share:
             _prune_scores(ib, share)
         ib.set_epoch(1)
-        setups[pruned_target] = (ib, _pipelines(urls, ib), *_kept_bytes(ib))
-    times: dict[tuple[float, str], list[float]] = {}
-    nbytes: dict[tuple[float, str], int] = {}
-    nreq: dict[tuple[float, str], int] = {}
-    counts: dict[tuple[float, str], int] = {}
-    cells = [(p, name) for p in setups for name in setups[p][1]]
+        pipes = _pipelines(urls, ib)
+        if block > 1:  # only the reader differs: blocks of k pruned together
+            pipes = {f"(c) ib reader, blocks of {block}": pipes["(c) ib reader"]}
+        setups[label] = (ib, pipes, *_kept_bytes(ib))
+    times: dict[tuple[str, str], list[float]] = {}
+    nbytes: dict[tuple[str, str], int] = {}
+    nreq: dict[tuple[str, str], int] = {}
+    counts: dict[tuple[str, str], int] = {}
+    cells = [(label, name) for label in setups for name in setups[label][1]]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=repeats * len(cells), desc=f"{profile}/{source}", unit="pass", leave=False)
-    for name, make in setups[0.0][1].items():  # warm the page cache, the server and the imports
-        setups[0.0][0].set_epoch(1)
+    for name, make in setups["0%"][1].items():  # warm the page cache, the server and the imports
+        setups["0%"][0].set_epoch(1)
         sum(1 for _ in make())
     for rep in range(repeats):
         order = cells if rep % 2 == 0 else cells[::-1]  # alternate to spread drift evenly
-        for pruned, name in order:
-            ib, pipes = setups[pruned][0], setups[pruned][1]
+        for cell in order:
+            ib, pipes = setups[cell[0]][0], setups[cell[0]][1]
             ib.set_epoch(1)  # a fresh pass of the same epoch: same plan, counters reset
             if server:
                 server.reset()
             start = time.perf_counter()
-            n = sum(1 for _ in pipes[name]())
-            elapsed = time.perf_counter() - start
-            times.setdefault((pruned, name), []).append(elapsed)
-            counts[(pruned, name)] = n
+            n = sum(1 for _ in pipes[cell[1]]())
+            times.setdefault(cell, []).append(time.perf_counter() - start)
+            counts[cell] = n
             if server:
                 served = server.stats()
-                nbytes[(pruned, name)], nreq[(pruned, name)] = served["bytes"], served["requests"]
-            elif name.startswith("(c)"):
+                nbytes[cell], nreq[cell] = served["bytes"], served["requests"]
+            elif cell[1].startswith("(c)"):
                 io = ib.stats()[-1]
-                nbytes[(pruned, name)], nreq[(pruned, name)] = io["bytes_read"], io["requests"]
+                nbytes[cell], nreq[cell] = io["bytes_read"], io["requests"]
             else:
-                nbytes[(pruned, name)] = sum(s.filesize for s in index.shards)  # tarfile streams every byte
-                nreq[(pruned, name)] = index.num_shards
+                nbytes[cell] = sum(s.filesize for s in index.shards)  # tarfile streams every byte
+                nreq[cell] = index.num_shards
             if bar:
                 bar.update()
     if bar:
         bar.close()
     out = []
-    full = statistics.median(times[(0.0, "(a) wds")])
+    full = statistics.median(times[("0%", "(a) wds")])
     total = index.num_samples
-    for pruned, name in cells:
-        ib, _, kept_bytes, kept = setups[pruned]
-        secs = statistics.median(times[(pruned, name)])
-        plain = statistics.median(times[(pruned, "(a) wds")])
-        n = counts[(pruned, name)]
+    for cell in cells:
+        label, name = cell
+        _, _, kept_bytes, kept = setups[label]
+        plain_cell = (label if (label, "(a) wds") in times else "40%", "(a) wds")
+        secs = statistics.median(times[cell])
+        plain = statistics.median(times[plain_cell])
+        n = counts[cell]
         ideal = (n / total) * full
-        out.append(Result(profile, source, round(1 - kept / total, 4), name, n, secs, n / secs, nbytes[(pruned, name)],
-                          kept_bytes, full, secs / ideal, (n / secs) / (counts[(pruned, "(a) wds")] / plain),
-                          nreq[(pruned, name)]))
+        out.append(Result(profile, source, round(1 - kept / total, 4), name, n, secs, n / secs, nbytes[cell],
+                          kept_bytes, full, secs / ideal, (n / secs) / (counts[plain_cell] / plain), nreq[cell]))
     return out
 
 

@@ -2,7 +2,8 @@
 
 scikit-learn ships the 8x8 digits images, so nothing is downloaded. Both runs use the same
 WebDataset pipeline, model, optimiser, learning-rate schedule and multi-worker DataLoader; the
-InfoBatch run swaps the shard source, adds ``ib.filter()`` and passes the loss through ``update``.
+InfoBatch run swaps the shard source and the tar reader (``ib.tarfile_to_samples()``) and passes
+the loss through ``update``.
 """
 
 from __future__ import annotations
@@ -115,8 +116,7 @@ def plain_pipeline(urls: list[str], cfg: DemoConfig) -> wds.DataPipeline:
 def infobatch_pipeline(ib: InfoBatch, cfg: DemoConfig) -> wds.DataPipeline:
     return wds.DataPipeline(
         ib.shards(),
-        wds.tarfile_to_samples(),
-        ib.filter(),
+        ib.tarfile_to_samples(),  # wds.tarfile_to_samples() + ib.filter(), reading only kept bytes
         *_tail(cfg.batch_size, ("__ib__",), cfg.seed),
     )
 
