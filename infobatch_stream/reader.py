@@ -86,25 +86,66 @@ class _Counter:
         self.requests = 0
 
 
+def _check_fresh(url: str, info: ShardInfo, verify: str, size: int | None, mtime: float | None = None,
+                 etag: str | None = None) -> None:
+    """Refuse a shard that differs from what the index recorded: its offsets would be wrong."""
+    problem = None
+    if size is not None and info.filesize and size != info.filesize:
+        problem = f"its size is {size} bytes, the index says {info.filesize}"
+    elif verify == "size+mtime" and mtime is not None and info.mtime is not None and mtime != info.mtime:
+        problem = f"its mtime is {mtime}, the index says {info.mtime} (shards copied with new mtimes: verify='size')"
+    elif verify == "size+mtime" and etag and info.etag and etag != info.etag:
+        problem = f"its ETag is {etag}, the index recorded {info.etag}"
+    if problem:
+        raise StaleIndexError(f"shard {url} changed since it was indexed: {problem}; re-run `infobatch-stream index`")
+
+
+class _CountingStream:
+    """Counts the bytes taken from a raw stream (before any decompression)."""
+
+    def __init__(self, raw: BinaryIO, counter: _Counter) -> None:
+        self.raw, self.counter = raw, counter
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.counter.bytes_read += len(data)
+        return data
+
+
+def _sequential_reader(raw: BinaryIO, compressed: bool, counter: _Counter) -> Callable[[int, int], bytes]:
+    """Serve ascending ranges from a stream that cannot seek by reading and discarding gaps."""
+    counter.requests += 1
+    stream = _CountingStream(raw, counter)
+    if compressed:
+        stream, _ = decompressed(stream)  # type: ignore[arg-type,assignment]
+    pos = 0
+
+    def read(a: int, b: int) -> bytes:
+        nonlocal pos
+        while pos < a:
+            chunk = stream.read(min(a - pos, 1 << 20))
+            if not chunk:
+                raise StaleIndexError(f"stream ended at byte {pos}, the index expects more; re-index the shard")
+            pos += len(chunk)
+        data = _read_full(stream, b - a)  # type: ignore[arg-type]
+        pos += len(data)
+        if len(data) != b - a:
+            raise StaleIndexError(f"stream ended at byte {pos}, the index expects {b}; re-index the shard")
+        return data
+
+    return read
+
+
 def _local_reader(path: str, info: ShardInfo, verify: str, counter: _Counter) -> tuple[Callable[[int, int], bytes], Callable[[], None]]:
     f = open(path, "rb", buffering=0)
-    st = os.fstat(f.fileno())
-    problem = None
-    if st.st_size != info.filesize:
-        problem = f"its size is {st.st_size} bytes, the index says {info.filesize}"
-    elif verify == "size+mtime" and info.mtime is not None and st.st_mtime != info.mtime:
-        problem = f"its mtime is {st.st_mtime}, the index says {info.mtime} (copied shards: pass verify='size')"
-    if problem:
+    try:
+        st = os.fstat(f.fileno())
+        _check_fresh(path, info, verify, st.st_size, st.st_mtime)
+        if info.compression is not None:
+            return _sequential_reader(f, True, counter), f.close
+    except BaseException:
         f.close()
-        raise StaleIndexError(f"shard {path} changed since it was indexed: {problem}; re-run `infobatch-stream index`")
-    if _is_compressed(f):
-        stream, _ = decompressed(f)
-
-        def close() -> None:
-            stream.close()
-            f.close()
-
-        return _sequential_reader(stream, counter), close
+        raise
 
     def read(a: int, b: int) -> bytes:
         f.seek(a)
@@ -118,35 +159,6 @@ def _local_reader(path: str, info: ShardInfo, verify: str, counter: _Counter) ->
     return read, f.close
 
 
-def _is_compressed(f: BinaryIO) -> bool:
-    head = f.read(6)
-    f.seek(0)
-    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
-
-
-def _sequential_reader(stream: BinaryIO, counter: _Counter) -> Callable[[int, int], bytes]:
-    """Serve ascending ranges from a stream that cannot seek by reading and discarding gaps."""
-    pos = 0
-
-    def read(a: int, b: int) -> bytes:
-        nonlocal pos
-        while pos < a:
-            chunk = stream.read(min(a - pos, 1 << 20))
-            if not chunk:
-                raise StaleIndexError(f"stream ended at byte {pos}, the index expects more; re-index the shard")
-            pos += len(chunk)
-            counter.bytes_read += len(chunk)
-        data = _read_full(stream, b - a)
-        pos += len(data)
-        counter.bytes_read += len(data)
-        if len(data) != b - a:
-            raise StaleIndexError(f"stream ended at byte {pos}, the index expects {b}; re-index the shard")
-        return data
-
-    counter.requests += 1
-    return read
-
-
 def _http_reader(url: str, info: ShardInfo, verify: str, counter: _Counter) -> Callable[[int, int], bytes]:
     whole: bytes | None = None  # the full body, once a server that ignores Range sent it
 
@@ -158,44 +170,38 @@ def _http_reader(url: str, info: ShardInfo, verify: str, counter: _Counter) -> C
         counter.requests += 1
         counter.bytes_read += len(resp.data if resp.whole is None else resp.whole)
         whole = resp.whole
-        if resp.total is not None and info.filesize and resp.total != info.filesize:
-            raise StaleIndexError(f"shard {url} is {resp.total} bytes on the server, the index says {info.filesize}; "
-                                  "re-run `infobatch-stream index`")
-        if verify == "size+mtime" and info.etag and resp.etag and resp.etag != info.etag:
-            raise StaleIndexError(f"shard {url} has ETag {resp.etag}, the index recorded {info.etag}; re-index it")
+        _check_fresh(url, info, verify, resp.total, etag=resp.etag)
         return resp.data
 
     return read
 
 
-def _http_stream_reader(url: str, info: ShardInfo, verify: str, counter: _Counter) -> tuple[Callable[[int, int], bytes], Callable[[], None]]:
-    """A compressed shard over HTTP: the index's offsets are in the decompressed tar, so stream it."""
-    raw = httpio.open_stream(url)
-    problem = None
-    if raw.length is not None and info.filesize and raw.length != info.filesize:
-        problem = f"it is {raw.length} bytes on the server, the index says {info.filesize}"
-    elif verify == "size+mtime" and info.etag and raw.etag and raw.etag != info.etag:
-        problem = f"it has ETag {raw.etag}, the index recorded {info.etag}"
-    if problem:
-        raw.close()
-        raise StaleIndexError(f"shard {url} changed since it was indexed: {problem}; re-run `infobatch-stream index`")
-    stream, _ = decompressed(raw)  # type: ignore[arg-type]
-    return _sequential_reader(stream, counter), raw.close
+def _close_stream(raw: Any) -> None:
+    """Close a stream the reader may abandon before its end: a ``pipe:`` child then dies of
+    SIGPIPE, which is expected here, not an error (a truncated stream was caught while reading)."""
+    if hasattr(raw, "ignore_errors"):
+        raw.ignore_errors = True
+    raw.close()
 
 
 def _open(url: str, info: ShardInfo, verify: str, counter: _Counter) -> tuple[Callable[[int, int], bytes], Callable[[], None]]:
     local = _strip_file_scheme(url)
     if _is_local(local):
         return _local_reader(local, info, verify, counter)
-    if httpio.is_http(url):
-        if info.compression is not None:
-            return _http_stream_reader(url, info, verify, counter)
+    if httpio.is_http(url) and info.compression is None:
         return _http_reader(url, info, verify, counter), lambda: None
+    if httpio.is_http(url):  # compressed: offsets are in the decompressed tar, so stream it
+        response = httpio.open_stream(url)
+        try:
+            _check_fresh(url, info, verify, response.length, etag=response.etag)
+        except BaseException:
+            response.close()
+            raise
+        return _sequential_reader(response, True, counter), response.close  # type: ignore[arg-type]
     from webdataset.gopen import gopen
 
     raw = gopen(url, "rb")
-    stream, _ = decompressed(raw)
-    return _sequential_reader(stream, counter), raw.close
+    return _sequential_reader(raw, info.compression is not None, counter), lambda: _close_stream(raw)
 
 
 def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float, *,
@@ -239,10 +245,12 @@ def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float,
                 sample[META_KEY] = make_meta(lo + pos, epoch, boosted_list[pos], ib.tag)
                 yield sample
     finally:
-        close()
-        filesize = index.shards[shard].filesize
-        ib.control.add_io(worker, bytes_read=counter.bytes_read, requests=counter.requests, shards_read=1,
-                          bytes_skipped=max(filesize - counter.bytes_read, 0))
+        try:
+            close()
+        finally:
+            filesize = index.shards[shard].filesize
+            ib.control.add_io(worker, bytes_read=counter.bytes_read, requests=counter.requests, shards_read=1,
+                              bytes_skipped=max(filesize - counter.bytes_read, 0))
 
 
 def read_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch", *,
