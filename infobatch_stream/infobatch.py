@@ -21,7 +21,7 @@ import torch
 from webdataset.handlers import reraise_exception
 
 from . import policy
-from .control import EpochControl
+from .control import EpochControl, EpochPlan
 from .index import DatasetIndex
 from .meta import BOOSTED, EPOCH, SLOT, TAG, as_meta_array, index_tag
 from .reader import ReaderStage
@@ -91,6 +91,7 @@ class InfoBatch:
         self.tag = index_tag(self.index.fingerprint)
         self.store = ScoreStore.create(self.index.num_samples)
         self.control = EpochControl.create(self.index.num_shards)
+        self.plan = EpochPlan.create(self.index.num_samples)
         self._stats: dict[int, EpochStats] = {}
         self._warned: set[tuple[str, int]] = set()
         self.epoch = -1
@@ -136,12 +137,20 @@ class InfoBatch:
                             f"set_epoch({epoch}) is past num_epochs={self.config.num_epochs}: it streams the full "
                             "data like the final epochs; pass the real number of epochs to InfoBatch")
         _warn_if_distributed(self)
+        current = self._stats.get(epoch)
+        if epoch == self.epoch and current is not None and current.trained > 0:
+            log.info("set_epoch(%d) again after training in it: keeping its frozen plan", epoch)
+            return current
         self._collect_io()
         scores = self.store.scores
-        thresh = policy.threshold(scores)
+        total_sum, seen = 0.0, 0
+        for lo in range(0, len(scores), _PLAN_CHUNK):  # chunked: no full-size temporaries
+            chunk_sum, chunk_seen = policy.seen_sum_count(scores[lo:lo + _PLAN_CHUNK])
+            total_sum, seen = total_sum + chunk_sum, seen + chunk_seen
+        thresh = total_sum / seen if seen else float("nan")
         kept_per_shard, learned, kept = self._plan(scores, thresh, epoch)
         total = self.index.num_samples
-        stats = EpochStats(epoch=epoch, threshold=None if np.isnan(thresh) else thresh, total=total, seen=self.store.num_seen(),
+        stats = EpochStats(epoch=epoch, threshold=None if np.isnan(thresh) else thresh, total=total, seen=seen,
                            well_learned=learned, pruned=total - kept, kept=kept)
         self._stats[epoch] = stats
         self.control.publish(epoch, thresh, kept_per_shard)
@@ -151,31 +160,37 @@ class InfoBatch:
         return stats
 
     def _plan(self, scores: np.ndarray, thresh: float, epoch: int) -> tuple[np.ndarray, int, int]:
-        """Kept count per shard, well-learned and kept totals, in chunks to bound memory."""
+        """Decide every slot in chunks, write the shared plan, return kept per shard and totals."""
         bounds = self.index.shard_first
         kept_before = np.zeros(len(bounds), dtype=np.int64)  # kept samples in slots [0, bound)
-        total_kept, total_learned, running = 0, 0, 0
+        total_learned, running = 0, 0
         n = len(scores)
-        for lo in range(0, max(n, 1), _PLAN_CHUNK):
+        for lo in range(0, max(n, 1), _PLAN_CHUNK):  # _PLAN_CHUNK is a multiple of 8: byte-aligned plan writes
             hi = min(lo + _PLAN_CHUNK, n)
             chunk = np.asarray(scores[lo:hi])
             slots = np.arange(lo, hi)
-            keep, _ = policy.decide(chunk, slots, thresh, epoch, self.config, self._decision_ids(slots))
-            total_learned += int(np.count_nonzero(policy.well_learned(chunk, thresh)))
+            learned = policy.well_learned(chunk, thresh)
+            keep, boosted = policy.decide(chunk, slots, thresh, epoch, self.config, self._decision_ids(slots), learned)
+            self.plan.write(lo, keep, boosted)
+            total_learned += int(np.count_nonzero(learned))
             csum = np.cumsum(keep, dtype=np.int64)
             inside = (bounds > lo) & (bounds <= hi)
             kept_before[inside] = running + csum[bounds[inside] - lo - 1]
             running += int(csum[-1]) if len(csum) else 0
-        total_kept = running
-        return np.diff(kept_before), total_learned, total_kept
+        return np.diff(kept_before), total_learned, running
 
     def decide_shard(self, shard: int, epoch: int, thresh: float) -> tuple[np.ndarray, np.ndarray]:
-        """Keep and boosted masks of one shard, vectorised over its slice of the live store.
+        """Keep and boosted masks of one shard.
 
-        Equal to the plan frozen at ``set_epoch``: a sample's score changes only after it was
-        read in this epoch, and its shard's decisions are taken when the shard is opened.
+        For the published epoch they come from the plan frozen by ``set_epoch`` (so a shard
+        opened twice gets the same samples); for any other ``(epoch, thresh)`` they are computed
+        from the store's slice, vectorised.
         """
         lo, hi = self.index.slots(shard)
+        control = self.control
+        published = control.threshold
+        if epoch == control.epoch and (thresh == published or (np.isnan(thresh) and np.isnan(published))):
+            return self.plan.read(lo, hi)
         slots = np.arange(lo, hi)
         ids = policy.decision_ids(slots, lo, self.config.block_size)
         return policy.decide(np.asarray(self.store.scores[lo:hi]), slots, thresh, epoch, self.config, ids)
@@ -258,9 +273,7 @@ class InfoBatch:
                 self._warn_once("nonfinite", epoch,
                                 f"epoch {epoch}: {bad} non-finite per-sample losses were not stored as scores; "
                                 "see ib.stats()['nonfinite'] for the running count")
-        repeats = self.control.repeats
-        if repeats and self.epoch in self._stats:
-            self._stats[self.epoch].repeated_passes = repeats
+        if self.control.repeats and self.epoch in self._stats:
             self._warn_once("repeat", self.epoch,
                             f"epoch {self.epoch} is being read again without set_epoch(): the same samples are "
                             "kept as in its first pass; call ib.set_epoch(epoch) before each pass")
@@ -284,6 +297,7 @@ class InfoBatch:
             return
         for name, value in self.control.io_totals().items():
             setattr(stats, name, value)
+        stats.repeated_passes = self.control.repeats
 
 
     # ---- pickling for spawn workers --------------------------------------------------------------

@@ -63,12 +63,8 @@ def prunes_in_epoch(epoch: int, num_epochs: int, delta: float) -> bool:
 
 def threshold(scores: np.ndarray) -> float:
     """Mean of the seen (non-NaN) scores, accumulated in float64; NaN when nothing is seen yet."""
-    scores = np.asarray(scores)
-    seen = ~np.isnan(scores)
-    n = int(np.count_nonzero(seen))
-    if n == 0:
-        return float("nan")
-    return float(np.sum(scores[seen], dtype=np.float64) / n)
+    total, n = seen_sum_count(scores)
+    return total / n if n else float("nan")
 
 
 def decision_ids(slots: np.ndarray, first_slot: np.ndarray | int, block_size: int) -> np.ndarray:
@@ -111,11 +107,12 @@ def well_learned(scores: np.ndarray, thresh: float) -> np.ndarray:
 
 
 def decide(scores: np.ndarray, slots: np.ndarray, thresh: float, epoch: int, config: PruneConfig,
-           decision_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+           decision_ids: np.ndarray | None = None, learned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Keep mask and boosted mask (kept and well-learned: weight ``1/(1-r)``) for some slots.
 
     ``decision_ids`` (default: the slots) are what the drop coin is hashed on; samples sharing an
     id are dropped together, which keeps every sample's marginal drop probability at ``r``.
+    ``learned`` may pass ``well_learned(scores, thresh)`` when the caller already has it.
     """
     slots = np.asarray(slots)
     scores = np.asarray(scores)
@@ -124,10 +121,20 @@ def decide(scores: np.ndarray, slots: np.ndarray, thresh: float, epoch: int, con
     if not config.prunes(epoch) or config.ratio == 0.0:
         n = len(slots)
         return np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
-    learned = well_learned(scores, thresh)
-    ids = slots if decision_ids is None else decision_ids
-    dropped = learned & (uniform(config.seed, epoch, ids) < config.ratio)
+    if learned is None:
+        learned = well_learned(scores, thresh)
+    ids = slots if decision_ids is None else np.asarray(decision_ids)
+    candidates = np.flatnonzero(learned)  # only well-learned samples need a coin
+    dropped = np.zeros(len(slots), dtype=bool)
+    dropped[candidates] = uniform(config.seed, epoch, ids[candidates]) < config.ratio
     return ~dropped, learned & ~dropped
+
+
+def seen_sum_count(scores: np.ndarray) -> tuple[float, int]:
+    """Sum (float64) and count of the seen scores of a chunk: ``threshold`` in pieces."""
+    scores = np.asarray(scores)
+    seen = ~np.isnan(scores)
+    return float(np.sum(scores, where=seen, dtype=np.float64)), int(np.count_nonzero(seen))
 
 
 def weights(boosted: np.ndarray, config: PruneConfig) -> np.ndarray:

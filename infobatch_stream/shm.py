@@ -72,11 +72,10 @@ def _unlink_if_owner(path: str, owner: int, lock_fd: int) -> None:
 class SharedArray:
     """A fixed-size 1-D numpy array in shared memory; the creating process owns and removes it."""
 
-    def __init__(self, path: str, length: int, dtype: np.dtype | str, *, owner: int | None = None) -> None:
+    def __init__(self, path: str, length: int, dtype: np.dtype | str) -> None:
         self.path = path
         self.length = int(length)
         self.dtype = np.dtype(dtype)
-        self.owner = owner
         self.array = np.memmap(path, dtype=self.dtype, mode="r+", shape=(max(self.length, 1),))[: self.length]
 
     @classmethod
@@ -84,12 +83,28 @@ class SharedArray:
         directory = shm_dir()
         remove_stale(directory)
         pid = os.getpid()
-        path = os.path.join(directory, f"{_PREFIX}{pid}-{secrets.token_hex(6)}.{tag}")
+        token = secrets.token_hex(6)
+        path = os.path.join(directory, f"{_PREFIX}{pid}-{token}.{tag}")
+        staging = os.path.join(directory, f".staging-{pid}-{token}")  # invisible to remove_stale
         nbytes = max(int(length), 1) * np.dtype(dtype).itemsize
-        lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(lock_fd, fcntl.LOCK_SH)  # held while the owner lives: see remove_stale
-        os.ftruncate(lock_fd, nbytes)
-        shared = cls(path, length, dtype, owner=pid)
+        lock_fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_SH)  # held while the owner lives: see remove_stale
+            try:
+                os.posix_fallocate(lock_fd, 0, nbytes)  # reserve now: a sparse file would SIGBUS later
+            except OSError as e:
+                raise OSError(
+                    e.errno, f"cannot reserve {nbytes / 2**20:.1f} MiB for a shared {tag} array in {directory} "
+                    f"({e.strerror}); give it more room (e.g. docker --shm-size) or free space there") from None
+            os.rename(staging, path)  # appears under its real name already locked
+        except BaseException:
+            os.close(lock_fd)
+            try:
+                os.unlink(staging)
+            except FileNotFoundError:
+                pass
+            raise
+        shared = cls(path, length, dtype)
         weakref.finalize(shared, _unlink_if_owner, path, pid, lock_fd)
         if fill != 0:
             shared.array[:] = fill

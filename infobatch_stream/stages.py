@@ -67,7 +67,7 @@ class _ShardCursor:
     """Maps the samples of one shard, arriving in tar order, to positions in the index."""
 
     def __init__(self, url: str, shard: int, first_slot: int, keys: list[str],
-                 keep: np.ndarray, boosted: np.ndarray) -> None:
+                 keep: list[bool], boosted: list[bool]) -> None:
         self.url, self.shard, self.first_slot = url, shard, first_slot
         self.keys, self.keep, self.boosted = keys, keep, boosted
         self.next = 0
@@ -112,10 +112,10 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[d
             shard = index.shard_of_url(url)
             lo, _ = index.slots(shard)
             keep, boosted = ib.decide_shard(shard, epoch, thresh)
-            cursor = _ShardCursor(url, shard, lo, index.keys(shard), keep, boosted)
+            cursor = _ShardCursor(url, shard, lo, index.keys(shard), keep.tolist(), boosted.tolist())
         pos = cursor.position(key)
         if cursor.keep[pos]:
-            sample[META_KEY] = make_meta(cursor.first_slot + pos, epoch, bool(cursor.boosted[pos]), tag)
+            sample[META_KEY] = make_meta(cursor.first_slot + pos, epoch, cursor.boosted[pos], tag)
             yield sample
 
 

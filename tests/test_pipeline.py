@@ -283,3 +283,36 @@ def test_metadata_from_another_index_is_rejected(dataset, tmp_path):
     with pytest.raises(ValueError, match="another index"):
         small_ib.update(metas, torch.ones(len(metas)))
     assert np.isnan(small_ib.store.scores).all()
+
+
+def test_a_shard_read_twice_in_an_epoch_gives_the_same_samples(dataset):
+    """The plan is frozen at set_epoch: updates in between do not move it."""
+    urls, index = dataset
+    ib = InfoBatch(index, num_epochs=4, prune_ratio=0.5, delta=1.0, seed=3)
+    for meta in (s[META_KEY] for s in wds.DataPipeline(ib.shards(), ib.tarfile_to_samples())):
+        ib.update(meta, slot_loss(meta[None]))
+    ib.set_epoch(1)
+    twice = wds.DataPipeline(wds.SimpleShardList([urls[0], urls[1], urls[0]]), ib.tarfile_to_samples())
+    seen = []
+    for sample in twice:
+        seen.append(int(sample[META_KEY][0]))
+        ib.update(sample[META_KEY], torch.rand(1) * 10)  # scores move a lot in between
+    first = [s for s in seen if s < index.slots(0)[1]]
+    assert first[: len(first) // 2] == first[len(first) // 2:]
+    stats = ib.stats()[1]
+    ib.set_epoch(1)  # again, after training in it: the frozen plan and its stats stay
+    assert ib.stats()[1]["kept"] == stats["kept"] and ib.stats()[1]["trained"] == stats["trained"]
+
+
+def test_plan_bits_roundtrip_at_unaligned_shard_bounds():
+    from infobatch_stream.control import EpochPlan
+
+    rng = np.random.default_rng(0)
+    plan = EpochPlan.create(101)
+    keep, boosted = rng.random(101) < 0.5, rng.random(101) < 0.3
+    plan.write(0, keep[:64], boosted[:64])
+    plan.write(64, keep[64:], boosted[64:])
+    for lo, hi in [(0, 101), (3, 17), (63, 65), (100, 101), (7, 7)]:
+        got_keep, got_boosted = plan.read(lo, hi)
+        assert np.array_equal(got_keep, keep[lo:hi]) and np.array_equal(got_boosted, boosted[lo:hi])
+    assert plan.nbytes == 2 * 13

@@ -54,3 +54,19 @@ def test_the_owner_removes_its_segment_when_collected():
 
     gc.collect()
     assert not os.path.exists(path)
+
+
+def test_a_store_larger_than_shared_memory_is_a_clear_error(tmp_path, monkeypatch):
+    import pytest
+
+    from infobatch_stream import shm
+
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tmp_path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        monkeypatch.setattr(shm, "shm_dir", lambda: str(tmp_path))
+        with pytest.raises(OSError, match="cannot reserve 4.0 MiB.*shm-size"):
+            SharedArray.create(1 << 20, "float32", fill=np.nan)
+        assert os.listdir(tmp_path) == []
+    finally:
+        subprocess.run(["umount", str(tmp_path)], check=False)
