@@ -22,15 +22,14 @@ _IO = len(IO_FIELDS)
 class EpochControl:
     """Shared epoch state; cheap to pickle (a path) and read from any worker."""
 
-    def __init__(self, shared: SharedArray, num_shards: int) -> None:
+    def __init__(self, shared: SharedArray) -> None:
         self._shared = shared
-        self.num_shards = num_shards
 
     @classmethod
     def create(cls, num_shards: int) -> "EpochControl":
         shared = SharedArray.create(_HEADER + MAX_WORKERS * (1 + _IO) + num_shards, np.int64, tag="control")
         shared.array[_HEADER:_HEADER + MAX_WORKERS] = -1
-        return cls(shared, num_shards)
+        return cls(shared)
 
     @property
     def _a(self) -> np.ndarray:
@@ -73,7 +72,9 @@ class EpochControl:
         return {name: int(v) for name, v in zip(IO_FIELDS, sums)}
 
     def publish(self, epoch: int, threshold: float, kept_per_shard: np.ndarray) -> None:
-        """Make a new epoch visible; the generation is written last so readers never see half."""
+        """Make a new epoch visible to workers that start a pass after this returns.
+
+        The generation (bumped last) identifies the epoch for the repeated-pass marks."""
         a = self._a
         a[_EPOCH] = epoch
         a[_THRESHOLD:_THRESHOLD + 1].view(np.float64)[0] = threshold

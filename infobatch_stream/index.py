@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -196,6 +197,19 @@ class DatasetIndex:
             self._url_lookup[url] = hit
         return hit
 
+    def _check_same_file(self, candidate: str, shard: int) -> None:
+        """A file-name match must at least have the indexed size: same-named shards of another
+        split (train/ vs val/) would otherwise get this index's slots."""
+        local = _strip_file_scheme(candidate)
+        indexed = self.shards[shard]
+        if not _is_local(_strip_file_scheme(indexed.url)) or indexed.compression is not None:
+            return  # streamed when indexed: its recorded size is not a file size to compare
+        expected = indexed.filesize
+        if _is_local(local) and os.path.exists(local) and expected and os.path.getsize(local) != expected:
+            raise IndexMismatchError(
+                f"shard {candidate} has the file name of the indexed {self.shards[shard].url} but is "
+                f"{os.path.getsize(local)} bytes, not {expected}: it is another shard; index it or read the indexed one")
+
     def _resolve_url(self, url: str) -> int:
         lookup = self._url_lookup or {}
         candidates = [url]
@@ -221,7 +235,11 @@ class DatasetIndex:
         for candidate in candidates:
             hit = self._base_lookup.get(os.path.basename(_strip_file_scheme(candidate)))
             if hit is not None:
-                log.info("shard %s matched the index entry %s by file name", url, self.shards[hit].url)
+                self._check_same_file(candidate, hit)
+                message = (f"shard {url} is not at an indexed path; matched the index entry {self.shards[hit].url} "
+                           "by its file name (a moved copy of the same shard)")
+                log.warning(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=4)
                 return hit
         first = ", ".join(s.url for s in self.shards[:3])
         raise IndexMismatchError(

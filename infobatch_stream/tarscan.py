@@ -115,8 +115,10 @@ def _checksum_ok(block: bytes) -> bool:
     except ValueError:
         return False
     unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
-    signed = sum(np.frombuffer(block[:148] + block[156:], dtype=np.int8).tolist()) + 8 * 32
-    return expected in (unsigned, signed)
+    if expected == unsigned:
+        return True
+    signed = sum(np.frombuffer(block[:148] + block[156:], dtype=np.int8).tolist()) + 8 * 32  # old tar writers
+    return expected == signed
 
 
 def _parse_pax(data: bytes, where: str) -> dict[str, str]:

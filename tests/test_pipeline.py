@@ -316,3 +316,11 @@ def test_plan_bits_roundtrip_at_unaligned_shard_bounds():
         got_keep, got_boosted = plan.read(lo, hi)
         assert np.array_equal(got_keep, keep[lo:hi]) and np.array_equal(got_boosted, boosted[lo:hi])
     assert plan.nbytes == 2 * 13
+
+
+def test_a_same_named_shard_of_another_split_is_refused(tmp_path):
+    _, index = make_index(str(tmp_path / "train"), num_shards=2, per_shard=5)
+    val_urls, _ = make_index(str(tmp_path / "val"), num_shards=2, per_shard=3)  # same file names
+    ib = InfoBatch(index, num_epochs=2)
+    with pytest.raises(IndexMismatchError, match="is another shard"):
+        list(wds.DataPipeline(wds.SimpleShardList(val_urls), wds.tarfile_to_samples(), ib.filter()))
