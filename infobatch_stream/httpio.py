@@ -11,10 +11,13 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _connections: dict[tuple[int, str, str], http.client.HTTPConnection] = {}
+_resolved: dict[str, str] = {}  # shard URL -> where its redirects led (per process)
+_REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
 
 
 class HTTPShardError(IOError):
@@ -63,9 +66,27 @@ def _request(url: str, headers: dict[str, str], timeout: float) -> http.client.H
     raise AssertionError("unreachable")
 
 
+def _follow(url: str, headers: dict[str, str], timeout: float) -> http.client.HTTPResponse:
+    """GET ``url`` following redirects (hubs and object stores redirect to signed URLs); the
+    final URL is remembered so later ranges of the same shard go straight there."""
+    target = _resolved.get(url, url)
+    for _ in range(MAX_REDIRECTS + 1):
+        resp = _request(target, headers, timeout)
+        if resp.status not in _REDIRECTS:
+            if target != url:
+                _resolved[url] = target
+            return resp
+        location = resp.getheader("Location")
+        resp.read()
+        if not location:
+            raise HTTPShardError(f"{url}: HTTP {resp.status} redirect without a Location header")
+        target = urljoin(target, location)
+    raise HTTPShardError(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+
 def get_range(url: str, start: int, end: int, timeout: float = 60.0) -> RangeResponse:
     """Bytes ``[start, end)`` of ``url`` with one Range request."""
-    resp = _request(url, {"Range": f"bytes={start}-{end - 1}"}, timeout)
+    resp = _follow(url, {"Range": f"bytes={start}-{end - 1}"}, timeout)
     body = resp.read()
     if resp.status == 206:
         match = _CONTENT_RANGE.match(resp.getheader("Content-Range", ""))
@@ -106,14 +127,25 @@ class _ResponseStream:
 
 
 def open_stream(url: str, timeout: float = 60.0) -> _ResponseStream:
-    """GET the whole shard as a stream (for indexing and for servers without Range)."""
-    parts = urlsplit(url)
-    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(parts.netloc, timeout=timeout)  # a fresh connection: the body may be abandoned early
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    conn.request("GET", path or "/")
-    resp = conn.getresponse()
-    if resp.status != 200:
-        conn.close()
-        raise HTTPShardError(f"{url}: HTTP {resp.status} {resp.reason}")
-    return _ResponseStream(resp, conn)
+    """GET the whole shard as a stream (for indexing and for servers without Range), following
+    redirects. It uses a fresh connection: the body may be abandoned before its end."""
+    target = _resolved.get(url, url)
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urlsplit(target)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(parts.netloc, timeout=timeout)
+        try:
+            conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+            resp = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+        if resp.status in _REDIRECTS and resp.getheader("Location"):
+            target = urljoin(target, resp.getheader("Location"))
+            conn.close()
+            continue
+        if resp.status != 200:
+            conn.close()
+            raise HTTPShardError(f"{url}: HTTP {resp.status} {resp.reason}")
+        return _ResponseStream(resp, conn)
+    raise HTTPShardError(f"{url}: more than {MAX_REDIRECTS} redirects")

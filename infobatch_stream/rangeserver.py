@@ -3,6 +3,7 @@
 It stands in for an object store on 127.0.0.1: ``GET`` with ``Range: bytes=a-b`` answers 206,
 every response carries an ``ETag``, and ``/__stats__`` reports the body bytes and requests served
 so that benchmarks measure what crossed the wire, not what the client believes it asked for.
+``/__redirect__/PATH`` answers 302 to ``/PATH``, as hubs and object stores redirect to signed URLs.
 
 Run: ``python -m infobatch_stream.rangeserver DIR`` (prints the URL it serves on).
 """
@@ -63,6 +64,12 @@ def make_handler(root: str, counters: _Counters, *, ranges: bool = True) -> type
                 with counters.lock:
                     counters.bytes = counters.requests = 0
                 return self._json({})
+            if self.path.startswith("/__redirect__/"):  # like a hub answering with a signed URL
+                self.send_response(302)
+                self.send_header("Location", self.path[len("/__redirect__"):])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             path = os.path.realpath(os.path.join(root, self.path.split("?", 1)[0].lstrip("/")))
             if not path.startswith(root + os.sep) or not os.path.isfile(path):
                 self.send_error(404)

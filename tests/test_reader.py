@@ -400,6 +400,14 @@ def test_identity_http_without_range_support(corpus):
         srv.stop()
 
 
+def test_identity_http_through_redirects(corpus, server):
+    """Hub-style URLs that redirect: indexed and read after following the 302 (cached per shard)."""
+    urls = [f"{server.url}/__redirect__/{rel}" for rel in corpus.plain]
+    index = build_index(urls)
+    runs = check_identity(index, urls, merge_gap=0)
+    check_range_io(runs)
+
+
 def test_identity_pipe(corpus):
     urls = [f"pipe:cat {p}" for p in corpus.paths(corpus.plain)]
     index = build_index(urls)
