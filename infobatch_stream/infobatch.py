@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from webdataset.handlers import reraise_exception
 
-from . import policy
+from . import distributed, policy
 from .control import EpochControl, EpochPlan
 from .index import DatasetIndex
 from .meta import BOOSTED, EPOCH, SLOT, TAG, as_meta_array, index_tag
@@ -54,15 +54,15 @@ class EpochStats:
 
 
 def _warn_if_distributed(ib: "InfoBatch") -> None:
-    """Several ranks each hold their own store: until scores are exchanged they plan differently."""
+    """Scores are exchanged, but shards are not yet balanced by kept counts across ranks."""
     from .stages import worker_info
 
     _, world_size, _, _ = worker_info()
     if world_size > 1:
         ib._warn_once("distributed", -1,
-                      f"InfoBatch runs in a job of {world_size} ranks, but this version keeps one score store per "
-                      "rank and does not exchange scores: ranks plan different epochs and may run different "
-                      "numbers of steps. Multi-rank training is not supported yet")
+                      f"InfoBatch runs in a job of {world_size} ranks: scores are exchanged at set_epoch so every rank "
+                      "plans the same epoch, but shards are still split round-robin, so ranks may yield different "
+                      "numbers of batches and a DDP all-reduce can wait forever. Balanced ranks are not supported yet")
 
 
 class InfoBatch:
@@ -94,6 +94,7 @@ class InfoBatch:
         self.plan = EpochPlan.create(self.index.num_samples)
         self._stats: dict[int, EpochStats] = {}
         self._warned: set[tuple[str, int]] = set()
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # this rank's updates since the last exchange
         self.epoch = -1
         self.set_epoch(0)
 
@@ -142,6 +143,7 @@ class InfoBatch:
             log.info("set_epoch(%d) again after training in it: keeping its frozen plan", epoch)
             return current
         self._collect_io()
+        self.sync_scores()
         scores = self.store.scores
         total_sum, seen = 0.0, 0
         for lo in range(0, len(scores), _PLAN_CHUNK):  # chunked: no full-size temporaries
@@ -252,9 +254,28 @@ class InfoBatch:
         values = loss.detach().to(dtype=torch.float32, device="cpu").numpy()
         finite = np.isfinite(values)
         self.store.record(slots[finite], values[finite])
+        if distributed.world()[1] > 1:
+            self._pending.append((slots[finite].copy(), values[finite].copy()))
         self._count(epochs, finite)
         weights = torch.from_numpy(policy.weights(boosted, self.config)).to(device=loss.device, dtype=loss.dtype)
         return (loss * weights).mean()
+
+    def sync_scores(self) -> int:
+        """Exchange this rank's recorded updates with every other rank (a collective: call it on
+        all ranks; ``set_epoch`` does). Updates are applied in rank order, so all stores end
+        identical. Returns the number of updates applied; 0 without a process group."""
+        if distributed.world()[1] == 1:
+            self._pending.clear()
+            return 0
+        if self._pending:
+            slots = np.concatenate([s for s, _ in self._pending])
+            values = np.concatenate([v for _, v in self._pending])
+        else:
+            slots, values = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        self._pending.clear()
+        all_slots, all_values = distributed.all_gather_updates(slots, values)
+        self.store.record(all_slots, all_values)
+        return len(all_slots)
 
     def _count(self, epochs: np.ndarray, finite: np.ndarray) -> None:
         for epoch in np.unique(epochs).tolist():
@@ -305,4 +326,5 @@ class InfoBatch:
         state = self.__dict__.copy()
         state["_stats"] = {}
         state["_warned"] = set()
+        state["_pending"] = []
         return state
