@@ -61,3 +61,12 @@ def all_gather_updates(slots: np.ndarray, values: np.ndarray, chunk: int = CHUNK
     if not flat_s:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
     return np.concatenate(flat_s), np.concatenate(flat_v)
+
+
+def any_rank(flag: bool) -> bool:
+    """True if ``flag`` is true on any rank (a collective), so all ranks take the same branch."""
+    if world()[1] == 1:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int64, device=_device())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())

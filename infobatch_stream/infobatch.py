@@ -139,9 +139,10 @@ class InfoBatch:
                             "data like the final epochs; pass the real number of epochs to InfoBatch")
         _warn_if_distributed(self)
         current = self._stats.get(epoch)
-        if epoch == self.epoch and current is not None and current.trained > 0:
+        trained_here = epoch == self.epoch and current is not None and current.trained > 0
+        if distributed.any_rank(trained_here):  # same branch on every rank: the rest is collective
             log.info("set_epoch(%d) again after training in it: keeping its frozen plan", epoch)
-            return current
+            return self._stats[epoch]
         self._collect_io()
         self.sync_scores()
         scores = self.store.scores
