@@ -32,3 +32,17 @@ def slot_loss(meta: torch.Tensor) -> torch.Tensor:
     """A fixed pseudo-loss per slot in [0, 1): half the samples fall below the mean."""
     slots = torch.as_tensor(meta)[:, 0].to(torch.int64)
     return ((slots * 2654435761) % 1000).to(torch.float32) / 1000.0
+
+
+def train_epochs(ib, loader, epochs: int) -> list[list[int]]:
+    """``set_epoch``, one pass with the fixed per-slot loss, per epoch; the slots trained in each."""
+    per_epoch = []
+    for epoch in range(epochs):
+        ib.set_epoch(epoch)
+        slots: list[int] = []
+        for batch in loader:
+            meta = batch[-1]
+            ib.update(meta, slot_loss(meta))
+            slots.extend(torch.as_tensor(meta)[:, 0].tolist())
+        per_epoch.append(slots)
+    return per_epoch

@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from _data import make_index, slot_loss
+from _data import make_index, slot_loss, train_epochs
 from infobatch_stream import META_KEY, IndexMismatchError, InfoBatch
 from infobatch_stream.stages import shard_order, split_shards
 
@@ -36,15 +36,7 @@ def train_slots(ib: InfoBatch, num_workers: int, epochs: int = EPOCHS, persisten
     loader = DataLoader(batched_pipeline(ib), batch_size=None, num_workers=num_workers,
                         persistent_workers=persistent and num_workers > 0,
                         multiprocessing_context=context if num_workers > 0 else None)
-    per_epoch = []
-    for epoch in range(epochs):
-        ib.set_epoch(epoch)
-        slots: list[int] = []
-        for _, meta in loader:
-            ib.update(meta, slot_loss(meta))
-            slots.extend(torch.as_tensor(meta)[:, 0].tolist())
-        per_epoch.append(slots)
-    return per_epoch
+    return train_epochs(ib, loader, epochs)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from _data import make_index, slot_loss
+from _data import make_index, slot_loss, train_epochs
 from infobatch_stream import META_KEY, DatasetIndex, InfoBatch, build_index, policy
 from infobatch_stream import reader as reader_mod
 from infobatch_stream.httpio import HTTPShardError
@@ -639,16 +639,10 @@ def _train_with_loader(index: DatasetIndex, num_workers: int, epochs: int = 3) -
     loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers,
                         multiprocessing_context="fork" if num_workers else None,
                         persistent_workers=num_workers > 0)
-    slots = []
-    for epoch in range(epochs):
-        ib.set_epoch(epoch)
-        seen: list[int] = []
-        for _, meta in loader:
-            ib.update(meta, slot_loss(meta))
-            seen.extend(torch.as_tensor(meta)[:, 0].tolist())
-        assert len(seen) == ib.epoch_size
-        slots.append(sorted(seen))
-    return slots, ib.stats()
+    slots = train_epochs(ib, loader, epochs)
+    stats = ib.stats()
+    assert [len(s) for s in slots] == [s["kept"] for s in stats]  # each epoch yields its planned size
+    return [sorted(s) for s in slots], stats
 
 
 def test_two_fork_workers_match_the_main_process(local_index):
