@@ -1,9 +1,9 @@
 """What the training process publishes to its loader workers when an epoch starts.
 
-A small int64 block in shared memory: the epoch, its frozen threshold, a generation number that
-``set_epoch`` bumps, one "pass started" mark per worker (to catch a second pass over the loader
-without ``set_epoch``), per-worker I/O counters, and the planned kept count of every shard (to
-skip empty shards).
+A small int64 block in shared memory: the epoch, its frozen threshold, the rank and world size,
+a generation number that ``set_epoch`` bumps, one "pass started" mark per worker (to catch a
+second pass over the loader without ``set_epoch``), per-worker I/O counters, and the planned kept
+count of every shard (to split the epoch evenly and skip empty shards).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import numpy as np
 from .shm import SharedArray
 
 MAX_WORKERS = 1024
-_GENERATION, _EPOCH, _THRESHOLD, _REPEATS = 0, 1, 2, 3
+_GENERATION, _EPOCH, _THRESHOLD, _REPEATS, _RANK, _WORLD = 0, 1, 2, 3, 4, 5
 _HEADER = 8
+_SUMMARY = 4  # epoch, threshold, seen, well-learned; then kept per shard
 IO_FIELDS = ("bytes_read", "bytes_skipped", "requests", "shards_read", "shards_skipped")
 _IO = len(IO_FIELDS)
 
@@ -29,6 +30,7 @@ class EpochControl:
     def create(cls, num_shards: int) -> "EpochControl":
         shared = SharedArray.create(_HEADER + MAX_WORKERS * (1 + _IO) + num_shards, np.int64, tag="control")
         shared.array[_HEADER:_HEADER + MAX_WORKERS] = -1
+        shared.array[_WORLD] = 1
         return cls(shared)
 
     @property
@@ -46,6 +48,15 @@ class EpochControl:
     @property
     def threshold(self) -> float:
         return float(self._a[_THRESHOLD:_THRESHOLD + 1].view(np.float64)[0])
+
+    @property
+    def rank(self) -> int:
+        """The training process's rank when it published the epoch (workers may have no process group)."""
+        return int(self._a[_RANK])
+
+    @property
+    def world_size(self) -> int:
+        return int(self._a[_WORLD])
 
     @property
     def repeats(self) -> int:
@@ -71,12 +82,14 @@ class EpochControl:
         sums = self._io.sum(axis=0)
         return {name: int(v) for name, v in zip(IO_FIELDS, sums)}
 
-    def publish(self, epoch: int, threshold: float, kept_per_shard: np.ndarray) -> None:
+    def publish(self, epoch: int, threshold: float, kept_per_shard: np.ndarray, rank: int = 0,
+                world_size: int = 1) -> None:
         """Make a new epoch visible to workers that start a pass after this returns.
 
         The generation (bumped last) identifies the epoch for the repeated-pass marks."""
         a = self._a
         a[_EPOCH] = epoch
+        a[_RANK], a[_WORLD] = rank, world_size
         a[_THRESHOLD:_THRESHOLD + 1].view(np.float64)[0] = threshold
         a[_REPEATS] = 0
         self._io[:] = 0
@@ -99,21 +112,29 @@ class EpochControl:
 
 
 class EpochPlan:
-    """The published epoch's keep and boosted decisions, two bits per slot in shared memory.
+    """The published epoch's decisions: keep and boosted bits per slot, and its summary.
 
     Frozen by ``set_epoch``: a shard opened twice in an epoch (a repeated pass, a shard listed
     twice) gets the same samples however the scores moved since, and a restored checkpoint can
-    republish it as it was. 0.25 bytes per sample next to the store's 4.
+    republish it as it was. 0.25 bytes per sample next to the store's 4. The summary (threshold,
+    seen, well-learned and per-shard kept counts) lets the other local ranks of a node that share
+    one plan publish the epoch without planning it again.
     """
 
-    def __init__(self, shared: SharedArray, num_slots: int) -> None:
-        self._shared = shared
+    def __init__(self, bits: SharedArray, summary: SharedArray, num_slots: int) -> None:
+        self._shared = bits
+        self._summary = summary
         self.num_slots = num_slots
         self._nbytes = (num_slots + 7) // 8
 
     @classmethod
-    def create(cls, num_slots: int) -> "EpochPlan":
-        return cls(SharedArray.create(2 * ((num_slots + 7) // 8), np.uint8, tag="plan"), num_slots)
+    def create(cls, num_slots: int, num_shards: int) -> "EpochPlan":
+        bits = SharedArray.create(2 * ((num_slots + 7) // 8), np.uint8, tag="plan")
+        return cls(bits, SharedArray.create(_SUMMARY + num_shards, np.int64, tag="summary"), num_slots)
+
+    @property
+    def shared(self) -> list[SharedArray]:
+        return [self._shared, self._summary]
 
     def write(self, lo: int, keep: np.ndarray, boosted: np.ndarray) -> None:
         """Store decisions for slots ``[lo, lo + len(keep))``; ``lo`` must be a multiple of 8."""
@@ -130,6 +151,17 @@ class EpochPlan:
         keep = np.unpackbits(a[b0:b1])[skip:skip + hi - lo].astype(bool)
         boosted = np.unpackbits(a[self._nbytes + b0:self._nbytes + b1])[skip:skip + hi - lo].astype(bool)
         return keep, boosted
+
+    def write_summary(self, epoch: int, threshold: float, seen: int, learned: int, kept_per_shard: np.ndarray) -> None:
+        a = self._summary.array
+        a[0], a[2], a[3] = epoch, seen, learned
+        a[1:2].view(np.float64)[0] = threshold
+        a[_SUMMARY:] = kept_per_shard
+
+    def read_summary(self) -> tuple[int, float, int, int, np.ndarray]:
+        """``(epoch, threshold, seen, well_learned, kept_per_shard)`` as last written."""
+        a = self._summary.array
+        return int(a[0]), float(a[1:2].view(np.float64)[0]), int(a[2]), int(a[3]), np.array(a[_SUMMARY:])
 
     @property
     def nbytes(self) -> int:

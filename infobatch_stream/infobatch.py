@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ import torch
 from webdataset.handlers import reraise_exception
 
 from . import distributed, policy
+from .balance import num_batches, samples_per_rank
 from .control import EpochControl, EpochPlan
 from .index import DatasetIndex
 from .meta import BOOSTED, EPOCH, SLOT, TAG, as_meta_array, index_tag
@@ -51,18 +53,9 @@ class EpochStats:
     requests: int = 0  # reads: seeks+reads on local files, Range requests over HTTP
     shards_read: int = 0
     shards_skipped: int = 0  # shards with nothing kept: never opened
-
-
-def _warn_if_distributed(ib: "InfoBatch") -> None:
-    """Scores are exchanged, but shards are not yet balanced by kept counts across ranks."""
-    from .stages import worker_info
-
-    _, world_size, _, _ = worker_info()
-    if world_size > 1:
-        ib._warn_once("distributed", -1,
-                      f"InfoBatch runs in a job of {world_size} ranks: scores are exchanged at set_epoch so every rank "
-                      "plans the same epoch, but shards are still split round-robin, so ranks may yield different "
-                      "numbers of batches and a DDP all-reduce can wait forever. Balanced ranks are not supported yet")
+    per_rank: int = 0  # samples each rank yields (all ranks equal)
+    padded: int = 0  # remainder="pad": samples read twice so every rank gets per_rank
+    dropped: int = 0  # remainder="drop": kept samples no rank reads
 
 
 class InfoBatch:
@@ -77,10 +70,22 @@ class InfoBatch:
         granularity: ``"sample"``, or ``k``: blocks of ``k`` consecutive samples of a shard whose
             well-learned members are dropped together. Each sample's drop probability and weight
             are unchanged (still unbiased); pruned bytes come in longer runs, so fewer reads.
+        remainder: when the epoch's kept count does not divide by the world size, ``"pad"``
+            (the last ranks read a few samples twice) or ``"drop"`` (a few are not read).
+        sync_every: with several ranks, also exchange scores every this many ``update()`` calls
+            (not only at ``set_epoch``): bounds the pending updates and spreads the exchange.
+            Every rank must then call ``update()`` equally often (balanced ranks do).
+        share_store: let the local ranks of a node share one store and plan (the default); False
+            gives every rank its own copy, as ranks on separate nodes have.
+
+    With ``torch.distributed`` initialised, create it on every rank (it is a collective): the
+    local ranks of a node share one store, every rank plans the same epoch, and every rank gets
+    the same number of samples.
     """
 
     def __init__(self, index: DatasetIndex | str, num_epochs: int, prune_ratio: float = 0.5,
-                 delta: float = 0.875, seed: int = 0, granularity: str | int = "sample") -> None:
+                 delta: float = 0.875, seed: int = 0, granularity: str | int = "sample",
+                 remainder: str = "pad", sync_every: int | None = None, share_store: bool = True) -> None:
         self.index = index if isinstance(index, DatasetIndex) else DatasetIndex.load(index)
         if granularity == "sample":
             granularity = 1
@@ -88,21 +93,33 @@ class InfoBatch:
             raise ValueError(f"granularity must be 'sample' or a block size k >= 1, got {granularity!r}")
         self.config = policy.PruneConfig(num_epochs=num_epochs, prune_ratio=prune_ratio, delta=delta, seed=seed,
                                          block_size=granularity)
+        samples_per_rank(0, 1, remainder)  # validates it
+        if sync_every is not None and (isinstance(sync_every, bool) or int(sync_every) < 1):
+            raise ValueError(f"sync_every must be None or a number of update() calls >= 1, got {sync_every!r}")
+        self.remainder = remainder
+        self.sync_every = sync_every
         self.tag = index_tag(self.index.fingerprint)
-        self.store = ScoreStore.create(self.index.num_samples)
-        self.control = EpochControl.create(self.index.num_shards)
-        self.plan = EpochPlan.create(self.index.num_samples)
+        n, num_shards = self.index.num_samples, self.index.num_shards
+        def create() -> list:
+            return [ScoreStore.create(n).shared, *EpochPlan.create(n, num_shards).shared]
+
+        shared, self._writer = distributed.share_per_node(create) if share_store else (create(), True)
+        self.store = ScoreStore(shared[0])
+        self.plan = EpochPlan(shared[1], shared[2], n)
+        self.control = EpochControl.create(num_shards)
         self._stats: dict[int, EpochStats] = {}
         self._warned: set[tuple[str, int]] = set()
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # this rank's updates since the last exchange
+        self._updates = 0  # update() calls, for sync_every
+        self._announced_parts: dict[str, deque] = {}  # per process: ib.shards() -> ib.filter()
         self.epoch = -1
         self.set_epoch(0)
 
     # ---- pipeline stages -----------------------------------------------------------------------
-    def shards(self, *, skip_empty: bool = True) -> ShardSource:
-        """Source stage: this epoch's shards in an order drawn from ``(seed, epoch)``, split over
-        ranks and workers; shards with nothing kept are left out."""
-        return ShardSource(self, skip_empty=skip_empty)
+    def shards(self) -> ShardSource:
+        """Source stage: this epoch's shards in an order drawn from ``(seed, epoch)``; the kept
+        samples split evenly over ranks and workers; shards with nothing kept are left out."""
+        return ShardSource(self)
 
     def filter(self) -> FilterStage:
         """Stage after ``tarfile_to_samples()``: drops pruned samples, tags kept ones with ``__ib__``."""
@@ -137,7 +154,6 @@ class InfoBatch:
             self._warn_once("past_end", epoch,
                             f"set_epoch({epoch}) is past num_epochs={self.config.num_epochs}: it streams the full "
                             "data like the final epochs; pass the real number of epochs to InfoBatch")
-        _warn_if_distributed(self)
         current = self._stats.get(epoch)
         trained_here = epoch == self.epoch and current is not None and current.trained > 0
         if distributed.any_rank(trained_here):  # same branch on every rank: the rest is collective
@@ -145,22 +161,35 @@ class InfoBatch:
             return self._stats[epoch]
         self._collect_io()
         self.sync_scores()
+        if self._writer:  # the other local ranks share this rank's plan
+            self._plan_epoch(epoch)
+        distributed.barrier()
+        planned, thresh, seen, learned, kept_per_shard = self.plan.read_summary()
+        assert planned == epoch, f"the shared plan holds epoch {planned}, not {epoch}"
+        rank, world_size = distributed.world()
+        total, kept = self.index.num_samples, int(kept_per_shard.sum())
+        per_rank = samples_per_rank(kept, world_size, self.remainder)
+        stats = EpochStats(epoch=epoch, threshold=None if np.isnan(thresh) else thresh, total=total, seen=seen,
+                           well_learned=learned, pruned=total - kept, kept=kept, per_rank=per_rank,
+                           padded=max(per_rank * world_size - kept, 0), dropped=max(kept - per_rank * world_size, 0))
+        self._stats[epoch] = stats
+        self.control.publish(epoch, thresh, kept_per_shard, rank, world_size)
+        self._announced_parts.clear()
+        self.epoch = epoch
+        log.info("epoch %d: threshold %.4g, %d seen, %d well-learned, %d pruned, %d kept of %d, %d per rank",
+                 epoch, thresh, stats.seen, learned, stats.pruned, kept, total, per_rank)
+        return stats
+
+    def _plan_epoch(self, epoch: int) -> None:
+        """Freeze the threshold, decide every slot, write the shared plan and its summary."""
         scores = self.store.scores
         total_sum, seen = 0.0, 0
         for lo in range(0, len(scores), _PLAN_CHUNK):  # chunked: no full-size temporaries
             chunk_sum, chunk_seen = policy.seen_sum_count(scores[lo:lo + _PLAN_CHUNK])
             total_sum, seen = total_sum + chunk_sum, seen + chunk_seen
         thresh = total_sum / seen if seen else float("nan")
-        kept_per_shard, learned, kept = self._plan(scores, thresh, epoch)
-        total = self.index.num_samples
-        stats = EpochStats(epoch=epoch, threshold=None if np.isnan(thresh) else thresh, total=total, seen=seen,
-                           well_learned=learned, pruned=total - kept, kept=kept)
-        self._stats[epoch] = stats
-        self.control.publish(epoch, thresh, kept_per_shard)
-        self.epoch = epoch
-        log.info("epoch %d: threshold %.4g, %d seen, %d well-learned, %d pruned, %d kept of %d",
-                 epoch, thresh, stats.seen, learned, stats.pruned, kept, total)
-        return stats
+        kept_per_shard, learned, _ = self._plan(scores, thresh, epoch)
+        self.plan.write_summary(epoch, thresh, seen, learned, kept_per_shard)
 
     def _plan(self, scores: np.ndarray, thresh: float, epoch: int) -> tuple[np.ndarray, int, int]:
         """Decide every slot in chunks, write the shared plan, return kept per shard and totals."""
@@ -217,8 +246,18 @@ class InfoBatch:
 
     @property
     def epoch_size(self) -> int:
-        """Samples the current epoch yields over all shards (for step-based LR schedules)."""
+        """Samples the current epoch keeps over all shards."""
         return self._stats[self.epoch].kept
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples this rank's loader yields in the current epoch (the same on every rank)."""
+        return self._stats[self.epoch].per_rank
+
+    def num_batches(self, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> int:
+        """Batches this rank's loader yields in the current epoch when each of its ``num_workers``
+        workers batches its own samples (``DataLoader(batch_size=...)`` or ``wds.batched``)."""
+        return num_batches(self.samples_per_rank, batch_size, num_workers, drop_last)
 
     # ---- training side -------------------------------------------------------------------------
     def update(self, meta: Any, loss: torch.Tensor) -> torch.Tensor:
@@ -254,17 +293,21 @@ class InfoBatch:
             )
         values = loss.detach().to(dtype=torch.float32, device="cpu").numpy()
         finite = np.isfinite(values)
-        self.store.record(slots[finite], values[finite])
-        if distributed.world()[1] > 1:
+        if distributed.world()[1] > 1:  # the store changes only when ranks exchange: all stay identical
             self._pending.append((slots[finite].copy(), values[finite].copy()))
+            self._updates += 1
+            if self.sync_every and self._updates % self.sync_every == 0:
+                self.sync_scores()
+        else:
+            self.store.record(slots[finite], values[finite])
         self._count(epochs, finite)
         weights = torch.from_numpy(policy.weights(boosted, self.config)).to(device=loss.device, dtype=loss.dtype)
         return (loss * weights).mean()
 
     def sync_scores(self) -> int:
         """Exchange this rank's recorded updates with every other rank (a collective: call it on
-        all ranks; ``set_epoch`` does). Updates are applied in rank order, so all stores end
-        identical. Returns the number of updates applied; 0 without a process group."""
+        all ranks; ``set_epoch`` does). Every store applies them in the same order, so all end
+        identical. Returns the number of updates exchanged; 0 without a process group."""
         if distributed.world()[1] == 1:
             self._pending.clear()
             return 0
@@ -274,9 +317,8 @@ class InfoBatch:
         else:
             slots, values = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         self._pending.clear()
-        all_slots, all_values = distributed.all_gather_updates(slots, values)
-        self.store.record(all_slots, all_values)
-        return len(all_slots)
+        apply = self.store.record if self._writer else (lambda s, v: None)
+        return distributed.exchange_updates(slots, values, apply)
 
     def _count(self, epochs: np.ndarray, finite: np.ndarray) -> None:
         for epoch in np.unique(epochs).tolist():
@@ -328,4 +370,5 @@ class InfoBatch:
         state["_stats"] = {}
         state["_warned"] = set()
         state["_pending"] = []
+        state["_announced_parts"] = {}
         return state

@@ -32,7 +32,7 @@ from webdataset.handlers import reraise_exception
 from . import httpio
 from .index import ShardInfo, _is_local, _strip_file_scheme
 from .meta import META_KEY, make_meta
-from .stages import current_worker
+from .stages import PART_KEY, current_worker
 from .tarscan import BLOCK, _checksum_ok, _read_full, decompressed
 
 if TYPE_CHECKING:
@@ -204,18 +204,36 @@ def _open(url: str, info: ShardInfo, verify: str, counter: _Counter) -> tuple[Ca
     return _sequential_reader(raw, info.compression is not None, counter), lambda: _close_stream(raw)
 
 
+def _region(info: ShardInfo, end: np.ndarray, kept: np.ndarray, first: int, stop: int) -> int:
+    """Bytes of the shard this part answers for: from the end of the previous part's last kept
+    sample (or the file's start) to the end of its own last one (or the file's end). The parts of
+    a shard split over workers thus share its bytes out exactly, for the skipped-bytes count."""
+    if first == 0 and stop == len(kept):
+        return info.filesize
+    if info.compression is not None:  # offsets are in the decompressed tar: share by samples
+        return info.filesize * (stop - first) // len(kept)
+    a = 0 if first == 0 else int(end[kept[first - 1]])
+    b = info.filesize if stop == len(kept) else int(end[kept[stop - 1]])
+    return b - a
+
+
 def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float, *,
-               merge_gap: int | None = None, verify: str = "size+mtime") -> Iterator[dict[str, Any]]:
-    """The kept samples of one shard, cut from the byte ranges that hold them."""
+               merge_gap: int | None = None, verify: str = "size+mtime",
+               part: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
+    """The kept samples of one shard (or only its kept samples ``[first, stop)`` given ``part``),
+    cut from the byte ranges that hold them."""
     index = ib.index
     keep, boosted = ib.decide_shard(shard, epoch, thresh)
     worker = current_worker()
     kept = np.flatnonzero(keep)
-    if len(kept) == 0:
+    first, stop = part if part is not None else (0, len(kept))
+    if stop <= first:
         ib.control.add_io(worker, shards_skipped=1, bytes_skipped=index.shards[shard].filesize)
         return
     lo, hi = index.slots(shard)
     start, end = index.byte_ranges(shard)
+    region = _region(index.shards[shard], end, kept, first, stop)
+    kept = kept[first:stop]
     if merge_gap is None:
         merge_gap = HTTP_MERGE_GAP if httpio.is_http(url) else LOCAL_MERGE_GAP
     ranges = plan_ranges(start, end, kept, merge_gap, MAX_RANGE_BYTES)
@@ -248,9 +266,8 @@ def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float,
         try:
             close()
         finally:
-            filesize = index.shards[shard].filesize
             ib.control.add_io(worker, bytes_read=counter.bytes_read, requests=counter.requests, shards_read=1,
-                              bytes_skipped=max(filesize - counter.bytes_read, 0))
+                              bytes_skipped=max(region - counter.bytes_read, 0))
 
 
 def read_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch", *,
@@ -268,7 +285,8 @@ def read_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch", *,
         url = item["url"]
         try:
             shard = ib.index.shard_of_url(url)
-            yield from read_shard(ib, url, shard, epoch, thresh, merge_gap=merge_gap, verify=verify)
+            yield from read_shard(ib, url, shard, epoch, thresh, merge_gap=merge_gap, verify=verify,
+                                  part=item.get(PART_KEY))
         except Exception as exn:  # noqa: BLE001 - handed to the user's handler, as WebDataset does
             exn.args = exn.args + (url,)
             if handler(exn):

@@ -7,24 +7,20 @@ they read the epoch, threshold and scores from shared memory when a pass starts.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .balance import Part, assign, within_part
 from .meta import META_KEY, make_meta
 
 if TYPE_CHECKING:
     from .infobatch import InfoBatch
 
 log = logging.getLogger(__name__)
-
-
-def worker_info() -> tuple[int, int, int, int]:
-    """``(rank, world_size, worker, num_workers)`` with WebDataset's conventions."""
-    from webdataset.utils import pytorch_worker_info
-
-    return pytorch_worker_info()
+PART_KEY = "__ib_part__"  # on the source's items: the kept range of the shard this worker reads
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
@@ -33,34 +29,51 @@ def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(num_shards)
 
 
-def split_shards(order: np.ndarray, rank: int, world_size: int, worker: int, num_workers: int) -> np.ndarray:
-    """Round-robin over ranks, then over a rank's workers, as WebDataset's splitters do."""
-    return order[rank::world_size][worker::num_workers]
+def loader_worker() -> tuple[int, int]:
+    """``(worker, num_workers)`` of the DataLoader worker running this code; ``(0, 1)`` outside one."""
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def epoch_parts(ib: "InfoBatch") -> list[Part]:
+    """This rank's and worker's share of the published epoch (see :mod:`infobatch_stream.balance`).
+
+    The rank and world size come from the control block, written by the training process when
+    it published the epoch: a spawned loader worker has no process group to ask."""
+    control = ib.control
+    order = shard_order(ib.index.num_shards, ib.config.seed, control.epoch)
+    worker, num_workers = loader_worker()
+    return assign(order, np.asarray(control.kept_per_shard), control.rank, control.world_size, worker, num_workers,
+                  ib.remainder)
 
 
 class ShardSource(IterableDataset):
     """First pipeline stage: yields ``{"url": ...}`` for this rank's and worker's shards of the epoch.
 
-    Shards with nothing kept in the epoch are left out, so they are never opened.
+    Each rank gets the same number of kept samples (cut inside a shard where needed: the item
+    then carries the kept range, and ``ib.filter()`` in the same worker is told too). Shards with
+    nothing kept are left out, so they are never opened.
     """
 
-    def __init__(self, ib: "InfoBatch", *, skip_empty: bool = True) -> None:
+    def __init__(self, ib: "InfoBatch") -> None:
         self.ib = ib
-        self.skip_empty = skip_empty
 
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        control, index = self.ib.control, self.ib.index
-        order = shard_order(index.num_shards, self.ib.config.seed, control.epoch)
-        rank, world_size, worker, num_workers = worker_info()
-        if self.skip_empty:
-            empty = np.asarray(control.kept_per_shard)[order] == 0
-            if worker == 0 and empty.any():  # one worker per rank accounts for the skipped shards
-                control.add_io(current_worker(), shards_skipped=int(empty.sum()),
-                               bytes_skipped=sum(index.shards[s].filesize for s in order[empty].tolist()))
-            order = order[~empty]
-        urls = index.urls
-        for shard in split_shards(order, rank, world_size, worker, num_workers):
-            yield {"url": urls[shard]}
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ib = self.ib
+        parts = epoch_parts(ib)
+        announced = ib._announced_parts
+        announced.clear()  # a new pass: forget parts of an abandoned one
+        empty = [p.shard for p in parts if p.first == p.stop]
+        if empty:
+            ib.control.add_io(current_worker(), shards_skipped=len(empty),
+                              bytes_skipped=sum(ib.index.shards[s].filesize for s in empty))
+        urls = ib.index.urls
+        for part in parts:
+            if part.first == part.stop:
+                continue
+            url = urls[part.shard]
+            announced.setdefault(url, deque()).append(part)
+            yield {"url": url, PART_KEY: (part.first, part.stop)}
 
 
 class _ShardCursor:
@@ -92,12 +105,17 @@ class _ShardCursor:
         self.next = pos + 1
         return pos
 
+    def restarted(self, key: str) -> bool:
+        """The whole shard went by and its first sample comes again: the shard was reopened."""
+        return self.next == len(self.keys) and len(self.keys) > 0 and key == self.keys[0]
+
 
 def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[dict[str, Any]]:
     """Drop the epoch's pruned samples and tag kept ones with ``__ib__`` = (slot, epoch, boosted)."""
     epoch, thresh = ib.begin_pass()
     index = ib.index
     tag = ib.tag
+    announced = ib._announced_parts
     cursor: _ShardCursor | None = None
     for sample in src:
         if not isinstance(sample, dict) or "__url__" not in sample or "__key__" not in sample:
@@ -108,10 +126,13 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[d
             )
         url = sample["__url__"]
         key = sample["__key__"]
-        if cursor is None or url != cursor.url:
+        if cursor is None or url != cursor.url or cursor.restarted(key):
             shard = index.shard_of_url(url)
             lo, _ = index.slots(shard)
             keep, boosted = ib.decide_shard(shard, epoch, thresh)
+            queued = announced.get(url)
+            if queued:  # ib.shards() gave this worker only part of the shard's kept samples
+                keep = within_part(keep, queued.popleft())
             cursor = _ShardCursor(url, shard, lo, index.keys(shard), keep.tolist(), boosted.tolist())
         pos = cursor.position(key)
         if cursor.keep[pos]:

@@ -22,6 +22,10 @@ class ScoreStore:
         return cls(SharedArray.create(num_slots, np.float32, fill=np.nan, tag="scores"))
 
     @property
+    def shared(self) -> SharedArray:
+        return self._shared
+
+    @property
     def scores(self) -> np.ndarray:
         """The live shared array (writes go straight to every process)."""
         return self._shared.array

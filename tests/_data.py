@@ -46,3 +46,17 @@ def train_epochs(ib, loader, epochs: int) -> list[list[int]]:
             slots.extend(torch.as_tensor(meta)[:, 0].tolist())
         per_epoch.append(slots)
     return per_epoch
+
+
+def write_sized_shards(folder: str, sizes: list[int], prefix: str = "sized") -> list[str]:
+    """One shard per entry of ``sizes`` with that many samples (keys unique over the dataset)."""
+    os.makedirs(folder, exist_ok=True)
+    urls, i = [], 0
+    for shard, size in enumerate(sizes):
+        url = os.path.join(folder, f"{prefix}-{shard:03d}.tar")
+        with wds.TarWriter(url) as sink:
+            for _ in range(size):
+                sink.write({"__key__": f"sample{i:06d}", "cls": str(i % 10).encode()})
+                i += 1
+        urls.append(url)
+    return urls

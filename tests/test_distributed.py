@@ -1,21 +1,40 @@
-"""Real torch.distributed process groups (Gloo on 127.0.0.1): ranks exchange scores and agree."""
+"""Real torch.distributed process groups (Gloo on 127.0.0.1).
+
+Two groups are started (2 and 4 ranks); each rank runs several scenarios and writes what it saw;
+the tests below compare that with a single-process reference. A hung collective fails the test
+after TIMEOUT seconds instead of blocking the run.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import time
+from collections import Counter
+from datetime import timedelta
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import webdataset as wds
+from torch.utils.data import DataLoader
 
-from _data import make_index, slot_loss
-from infobatch_stream import META_KEY, InfoBatch
+from _data import make_index, slot_loss, write_sized_shards
+from infobatch_stream import META_KEY, InfoBatch, build_index
 from infobatch_stream.distributed import all_gather_updates
+from infobatch_stream.stages import shard_order
 
 EPOCHS = 3
+BATCH = 8
+TIMEOUT = 120
+SKEWED = [11, 110, 11, 110, 11, 11, 110, 11]  # kept counts differ by 10x; 385 samples: an odd total
+CONFIG = dict(num_epochs=EPOCHS, prune_ratio=0.5, delta=1.0, seed=7)
+
+
+# ---- running a group -------------------------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -24,52 +43,209 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(ib: InfoBatch, epochs: int) -> list[list[int]]:
-    per_epoch = []
-    for epoch in range(epochs):
-        ib.set_epoch(epoch)
-        slots = []
-        for sample in wds.DataPipeline(ib.shards(), ib.tarfile_to_samples()):
-            meta = sample[META_KEY][None]
-            ib.update(meta, slot_loss(meta) + epoch)  # scores move every epoch
-            slots.append(int(meta[0, 0]))
-        per_epoch.append(slots)
-    return per_epoch
-
-
-def _rank_main(rank: int, world_size: int, port: int, index_path: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+def _rank_entry(rank: int, world_size: int, port: int, scenario: str, args: tuple, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=TIMEOUT))
     try:
-        # the chunked variable-size gather: rank r sends r * 3 + 1 updates in chunks of 2
-        slots, values = all_gather_updates(np.arange(rank * 3 + 1) + 100 * rank,
-                                           np.full(rank * 3 + 1, rank, dtype=np.float32), chunk=2)
-        ib = InfoBatch(index_path, num_epochs=EPOCHS, prune_ratio=0.5, delta=1.0, seed=7)
-        trained = _train(ib, EPOCHS)
-        ib.set_epoch(EPOCHS - 1)  # no-op plan-wise after training, but it is what a loop would call
-        ib.sync_scores()
-        np.savez(os.path.join(out, f"rank{rank}.npz"), scores=np.asarray(ib.store.scores), gathered_slots=slots,
-                 gathered_values=values, **{f"epoch{e}": np.asarray(s, dtype=np.int64) for e, s in enumerate(trained)},
-                 kept=np.asarray([s["kept"] for s in ib.stats()]))
+        result = SCENARIOS[scenario](*args)
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
     finally:
         dist.destroy_process_group()
 
 
-def test_ranks_exchange_scores_and_plan_the_same_epochs(tmp_path):
-    _, index = make_index(str(tmp_path / "shards"), num_shards=8, per_shard=20)
-    reference = InfoBatch(index, num_epochs=EPOCHS, prune_ratio=0.5, delta=1.0, seed=7)
-    ref_slots = _train(reference, EPOCHS)
-    world_size = 2
-    mp.spawn(_rank_main, args=(world_size, _free_port(), index.path, str(tmp_path)), nprocs=world_size, join=True)
-    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(world_size)]
-    expected_slots = np.concatenate([np.arange(r * 3 + 1) + 100 * r for r in range(world_size)])
-    for got in ranks:
-        assert np.array_equal(got["gathered_slots"], expected_slots)
-        assert np.array_equal(got["gathered_values"], np.repeat(np.arange(world_size), [1, 4]).astype(np.float32))
-        np.testing.assert_array_equal(got["scores"], np.asarray(reference.store.scores))
-        assert got["kept"].tolist() == [s["kept"] for s in reference.stats()]
+def run_group(world_size: int, scenario: str, args: tuple, out: str) -> list[dict]:
+    """Start ``world_size`` spawned ranks running ``scenario``; their results, by rank."""
+    os.makedirs(out, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, scenario, args, out))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + TIMEOUT
+    for p in procs:
+        p.join(max(deadline - time.monotonic(), 0))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} still running after {TIMEOUT} s: a collective hung"
+    assert [p.exitcode for p in procs] == [0] * world_size, "a rank failed (its traceback is above)"
+    results = []
+    for r in range(world_size):
+        with open(os.path.join(out, f"rank{r}.json")) as f:
+            results.append(json.load(f))
+    return results
+
+
+# ---- what a rank does ------------------------------------------------------------------------------
+
+
+def _pipeline(ib: InfoBatch, path: str, shuffle: int = 0) -> wds.DataPipeline:
+    reading = [ib.tarfile_to_samples()] if path == "reader" else [wds.tarfile_to_samples(), ib.filter()]
+    stages = [ib.shards(), *reading] + ([wds.shuffle(shuffle)] if shuffle else []) + [wds.to_tuple(META_KEY)]
+    return wds.DataPipeline(*stages)
+
+
+def _loader(ib: InfoBatch, path: str, num_workers: int, shuffle: int = 0) -> DataLoader:
+    return DataLoader(_pipeline(ib, path, shuffle), batch_size=BATCH, num_workers=num_workers,
+                      multiprocessing_context="fork" if num_workers else None, persistent_workers=num_workers > 0)
+
+
+def _train(ib: InfoBatch, loader: DataLoader, epochs: int = EPOCHS, step=None) -> dict:
+    """Train with the fixed per-slot loss (+ epoch); what each epoch read and planned."""
+    out: dict = {"slots": [], "batches": [], "expected_batches": [], "per_rank": [], "padded": [], "dropped": [],
+                 "seen_before_exchange": []}
+    for epoch in range(epochs):
+        out["seen_before_exchange"].append(int(np.count_nonzero(~np.isnan(ib.store.scores))))
+        stats = ib.set_epoch(epoch)
+        slots, batches = [], 0
+        for (meta,) in loader:
+            loss = slot_loss(meta) + epoch
+            if step is None:
+                ib.update(meta, loss)
+            else:
+                step(meta, loss)
+            slots += meta[:, 0].tolist()
+            batches += 1
+        out["slots"].append(slots)
+        out["batches"].append(batches)
+        out["expected_batches"].append(ib.num_batches(BATCH, loader.num_workers))
+        for name in ("per_rank", "padded", "dropped"):
+            out[name].append(getattr(stats, name))
+        out.setdefault("kept_per_shard", []).append(np.asarray(ib.control.kept_per_shard).tolist())
+    ib.sync_scores()  # the last epoch's updates
+    out["scores"] = np.asarray(ib.store.scores).tolist()
+    out["store"] = ib.store.shared.path
+    out["writer"] = ib._writer
+    return out
+
+
+def _matrix(index_path: str, configs: list, share_store: bool, sync_every: int | None) -> dict:
+    result = {}
+    for num_workers, path in configs:
+        ib = InfoBatch(index_path, **CONFIG, share_store=share_store, sync_every=sync_every)
+        result[f"{num_workers}-{path}"] = _train(ib, _loader(ib, path, num_workers))
+    return result
+
+
+def _ddp_skewed(index_path: str) -> dict:
+    """A real DDP model over shards whose kept counts differ by 10x, 2 persistent workers."""
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(1, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ib = InfoBatch(index_path, **CONFIG)
+
+    def step(meta, target):
+        out = model(meta[:, :1].float() / 400).squeeze(1)
+        loss = ib.update(meta, (out - target) ** 2)
+        opt.zero_grad()
+        loss.backward()  # DDP all-reduces here: a rank with fewer batches would leave the other waiting
+        opt.step()
+
+    result = _train(ib, _loader(ib, "reader", 2, shuffle=50), step=step)
+    result["weight"] = model.module.weight.detach().tolist()
+    return result
+
+
+def _two_rank_scenarios(index_path: str, skewed_path: str) -> dict:
+    rank = dist.get_rank()
+    # the chunked variable-size gather: rank r sends r * 3 + 1 updates in chunks of 2
+    slots, values = all_gather_updates(np.arange(rank * 3 + 1) + 100 * rank,
+                                       np.full(rank * 3 + 1, rank, dtype=np.float32), chunk=2)
+    result = {"gathered_slots": slots.tolist(), "gathered_values": values.tolist()}
+    result["matrix"] = _matrix(index_path, [(0, "reader"), (2, "filter")], share_store=True, sync_every=3)
+    result["ddp"] = _ddp_skewed(skewed_path)
+    ib = InfoBatch(skewed_path, **CONFIG, remainder="drop")
+    result["drop"] = _train(ib, _loader(ib, "reader", 2), epochs=1)
+    return result
+
+
+def _four_rank_scenarios(index_path: str) -> dict:
+    return {"matrix": _matrix(index_path, [(0, "filter"), (2, "reader")], share_store=False, sync_every=None)}
+
+
+SCENARIOS = {"two": _two_rank_scenarios, "four": _four_rank_scenarios}
+
+
+# ---- the tests -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    _, index = make_index(str(root / "even"), num_shards=10, per_shard=23)
+    skewed = build_index(write_sized_shards(str(root / "skewed"), SKEWED), str(root / "skewed" / "index.json"))
+    ib = InfoBatch(index, **CONFIG)
+    reference = _train(ib, _loader(ib, "reader", 0))
+    reference["kept"] = [s["kept"] for s in ib.stats()]
+    assert ib.stats()[1]["pruned"] > 0
+    ib = InfoBatch(skewed, **CONFIG)
+    skewed_reference = _train(ib, _loader(ib, "reader", 0), epochs=1)
+    two = run_group(2, "two", (index.path, skewed.path), str(root / "two"))
+    four = run_group(4, "four", (index.path,), str(root / "four"))
+    return {"reference": reference, "skewed_reference": skewed_reference, 2: two, 4: four}
+
+
+def test_chunked_variable_size_gather(data):
+    for got in data[2]:
+        assert got["gathered_slots"] == [0, 100, 101, 102, 103]
+        assert got["gathered_values"] == [0.0, 1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("world_size,config", [(2, "0-reader"), (2, "2-filter"), (4, "0-filter"), (4, "2-reader")])
+def test_same_global_slots_whatever_the_world_size(data, world_size, config):
+    """Every kept slot is read once over all ranks; the only extras are the documented padding."""
+    reference = data["reference"]
+    ranks = [r["matrix"][config] for r in data[world_size]]
     for epoch in range(EPOCHS):
-        per_rank = [ranks[r][f"epoch{epoch}"] for r in range(world_size)]
-        union = np.concatenate(per_rank)
-        assert len(np.unique(union)) == len(union), "a slot was trained on two ranks"
-        assert sorted(union.tolist()) == sorted(ref_slots[epoch]), f"epoch {epoch}: ranks trained another set"
-    assert reference.stats()[1]["pruned"] > 0
+        per_rank = ranks[0]["per_rank"][epoch]
+        kept = reference["kept"][epoch]
+        assert per_rank == -(-kept // world_size)
+        union = [s for r in ranks for s in r["slots"][epoch]]
+        assert [len(r["slots"][epoch]) for r in ranks] == [per_rank] * world_size, "unequal shares"
+        assert set(union) == set(reference["slots"][epoch]), f"epoch {epoch}: another set of slots"
+        repeats = sum(c - 1 for c in Counter(union).values())
+        assert repeats == ranks[0]["padded"][epoch] == world_size * per_rank - kept < world_size
+        batches = [r["batches"][epoch] for r in ranks]
+        assert batches == [ranks[0]["expected_batches"][epoch]] * world_size, "unequal batch counts"
+    for r in ranks:  # every rank ends with the single-process store
+        np.testing.assert_array_equal(np.asarray(r["scores"]), np.asarray(reference["scores"]))
+
+
+def test_local_ranks_share_one_store(data):
+    shared = [r["matrix"]["0-reader"] for r in data[2]]
+    assert shared[0]["store"] == shared[1]["store"]
+    assert [s["writer"] for s in shared] == [True, False]
+    separate = [r["matrix"]["0-filter"] for r in data[4]]
+    assert len({s["store"] for s in separate}) == 4 and all(s["writer"] for s in separate)
+
+
+def test_sync_every_exchanges_during_the_epoch(data):
+    for config in ("0-reader", "2-filter"):
+        got = data[2][0]["matrix"][config]
+        # with sync_every=3 the store holds scores before set_epoch exchanges; without it, not
+        assert got["seen_before_exchange"][1] > 0
+    assert data[4][0]["matrix"]["0-filter"]["seen_before_exchange"][1] == 0
+
+
+def test_ddp_over_skewed_shards_takes_equal_steps(data):
+    ranks = [r["ddp"] for r in data[2]]
+    naive = []  # what WebDataset's round-robin split of the shards would have given each rank
+    for epoch, kept in enumerate(ranks[0]["kept_per_shard"]):
+        order = shard_order(len(kept), CONFIG["seed"], epoch)
+        naive.append([int(np.asarray(kept)[order[r::2]].sum()) for r in range(2)])
+    assert any(abs(a - b) >= BATCH for a, b in naive), f"the shards are not skewed enough to matter: {naive}"
+    for epoch in range(EPOCHS):
+        assert ranks[0]["batches"][epoch] == ranks[1]["batches"][epoch] == ranks[0]["expected_batches"][epoch]
+    assert ranks[0]["weight"] == ranks[1]["weight"]
+
+
+def test_drop_remainder_reads_each_sample_at_most_once(data):
+    ranks = [r["drop"] for r in data[2]]
+    reference = data["skewed_reference"]["slots"][0]
+    union = [s for r in ranks for s in r["slots"][0]]
+    assert len(union) == len(set(union)) == 2 * ranks[0]["per_rank"][0] == len(reference) - 1
+    assert ranks[0]["dropped"][0] == 1 and set(union) < set(reference)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from _data import make_index, slot_loss, train_epochs
 from infobatch_stream import META_KEY, IndexMismatchError, InfoBatch
-from infobatch_stream.stages import shard_order, split_shards
+from infobatch_stream.stages import shard_order
 
 EPOCHS = 4
 
@@ -138,13 +138,11 @@ def test_unknown_key_and_shard_are_named(dataset, tmp_path):
         list(ib.filter()(iter([{"png": b""}])))
 
 
-def test_shard_order_and_split():
+def test_shard_order_changes_every_epoch():
     orders = [shard_order(20, seed=5, epoch=e) for e in range(3)]
     assert all(sorted(o) == list(range(20)) for o in orders)
     assert not np.array_equal(orders[0], orders[1])
     assert np.array_equal(orders[2], shard_order(20, seed=5, epoch=2))
-    parts = [split_shards(orders[0], r, 2, w, 3) for r in range(2) for w in range(3)]
-    assert sorted(np.concatenate(parts).tolist()) == list(range(20))
 
 
 def test_empty_shards_are_not_opened(tmp_path):
@@ -254,15 +252,11 @@ def test_filter_in_the_wrong_place_says_where_it_goes(dataset):
         list(ib.filter()(iter([("png-bytes", "cls")])))
 
 
-def test_epoch_past_the_end_and_several_ranks_warn(dataset, monkeypatch):
+def test_epoch_past_the_end_warns(dataset):
     _, index = dataset
     ib = InfoBatch(index, num_epochs=2)
     with pytest.warns(RuntimeWarning, match="past num_epochs=2"):
         ib.set_epoch(2)
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.warns(RuntimeWarning, match="2 ranks.*not supported yet"):
-        InfoBatch(index, num_epochs=2)
 
 
 def test_metadata_from_another_index_is_rejected(dataset, tmp_path):
@@ -300,7 +294,7 @@ def test_plan_bits_roundtrip_at_unaligned_shard_bounds():
     from infobatch_stream.control import EpochPlan
 
     rng = np.random.default_rng(0)
-    plan = EpochPlan.create(101)
+    plan = EpochPlan.create(101, num_shards=3)
     keep, boosted = rng.random(101) < 0.5, rng.random(101) < 0.3
     plan.write(0, keep[:64], boosted[:64])
     plan.write(64, keep[64:], boosted[64:])

@@ -652,9 +652,10 @@ def test_two_fork_workers_match_the_main_process(local_index):
     assert slots2 == slots0
     assert any(s["pruned"] for s in stats0)
     for s0, s2 in zip(stats0, stats2):
-        for name in ("kept", "pruned", "trained", "bytes_read", "bytes_skipped", "requests", "shards_read",
-                     "shards_skipped"):
+        for name in ("kept", "pruned", "trained", "bytes_read", "bytes_skipped", "shards_skipped"):
             assert s2[name] == s0[name], (s0["epoch"], name)
+        for name in ("requests", "shards_read"):  # the two workers' cut may fall inside a shard: both open it
+            assert s0[name] <= s2[name] <= s0[name] + 1, (s0["epoch"], name)
         assert s0["bytes_read"] > 0 and s0["shards_read"] > 0
 
 
