@@ -24,7 +24,8 @@ import torch
 from .shm import SharedArray
 
 log = logging.getLogger(__name__)
-CHUNK = 1 << 20  # updates per rank per all_gather round: 12 MiB per rank in flight
+CHUNK = 1 << 20  # at most this many updates per rank per all_gather round (12 MiB sent) ...
+ROUND_BYTES = 64 << 20  # ... and at most this much received per round, whatever the world size
 _ENTRY = 12  # bytes per update: int64 slot + float32 loss
 
 
@@ -54,7 +55,7 @@ def _unpack(buf: np.ndarray, length: int, n: int) -> tuple[np.ndarray, np.ndarra
 
 
 def exchange_updates(slots: np.ndarray, values: np.ndarray, apply: Callable[[np.ndarray, np.ndarray], None],
-                     chunk: int = CHUNK) -> int:
+                     chunk: int | None = None) -> int:
     """All ranks' updates, handed to ``apply(slots, values)`` chunk by chunk (a collective).
 
     Every rank sees the same sequence of calls: chunk 0 of rank 0, 1, ..., then chunk 1 of each
@@ -62,6 +63,8 @@ def exchange_updates(slots: np.ndarray, values: np.ndarray, apply: Callable[[np.
     """
     dist = torch.distributed
     _, size = world()
+    if chunk is None:
+        chunk = max(min(CHUNK, ROUND_BYTES // (_ENTRY * size)), 1)
     device = _device()
     count = torch.tensor([len(slots)], dtype=torch.int64, device=device)
     counts = [torch.zeros_like(count) for _ in range(size)]
@@ -80,7 +83,7 @@ def exchange_updates(slots: np.ndarray, values: np.ndarray, apply: Callable[[np.
     return sum(sizes)
 
 
-def all_gather_updates(slots: np.ndarray, values: np.ndarray, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
+def all_gather_updates(slots: np.ndarray, values: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every rank's updates, concatenated in the order :func:`exchange_updates` applies them."""
     parts: list[tuple[np.ndarray, np.ndarray]] = []
     exchange_updates(slots, values, lambda s, v: parts.append((s.copy(), v.copy())), chunk)
