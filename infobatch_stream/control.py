@@ -15,7 +15,6 @@ from .shm import SharedArray
 MAX_WORKERS = 1024
 _GENERATION, _EPOCH, _THRESHOLD, _REPEATS, _RANK, _WORLD = 0, 1, 2, 3, 4, 5
 _HEADER = 8
-_SUMMARY = 4  # epoch, threshold, seen, well-learned; then kept per shard
 IO_FIELDS = ("bytes_read", "bytes_skipped", "requests", "shards_read", "shards_skipped")
 _IO = len(IO_FIELDS)
 
@@ -112,29 +111,26 @@ class EpochControl:
 
 
 class EpochPlan:
-    """The published epoch's decisions: keep and boosted bits per slot, and its summary.
+    """The published epoch's keep and boosted decisions, two bits per slot in shared memory.
 
     Frozen by ``set_epoch``: a shard opened twice in an epoch (a repeated pass, a shard listed
     twice) gets the same samples however the scores moved since, and a restored checkpoint can
-    republish it as it was. 0.25 bytes per sample next to the store's 4. The summary (threshold,
-    seen, well-learned and per-shard kept counts) lets the other local ranks of a node that share
-    one plan publish the epoch without planning it again.
+    republish it as it was. 0.25 bytes per sample next to the store's 4. Layout: the keep bits of
+    all slots, then the boosted bits.
     """
 
-    def __init__(self, bits: SharedArray, summary: SharedArray, num_slots: int) -> None:
-        self._shared = bits
-        self._summary = summary
+    def __init__(self, shared: SharedArray, num_slots: int) -> None:
+        self._shared = shared
         self.num_slots = num_slots
         self._nbytes = (num_slots + 7) // 8
 
     @classmethod
-    def create(cls, num_slots: int, num_shards: int) -> "EpochPlan":
-        bits = SharedArray.create(2 * ((num_slots + 7) // 8), np.uint8, tag="plan")
-        return cls(bits, SharedArray.create(_SUMMARY + num_shards, np.int64, tag="summary"), num_slots)
+    def create(cls, num_slots: int) -> "EpochPlan":
+        return cls(SharedArray.create(2 * ((num_slots + 7) // 8), np.uint8, tag="plan"), num_slots)
 
     @property
-    def shared(self) -> list[SharedArray]:
-        return [self._shared, self._summary]
+    def shared(self) -> SharedArray:
+        return self._shared
 
     def write(self, lo: int, keep: np.ndarray, boosted: np.ndarray) -> None:
         """Store decisions for slots ``[lo, lo + len(keep))``; ``lo`` must be a multiple of 8."""
@@ -152,16 +148,23 @@ class EpochPlan:
         boosted = np.unpackbits(a[self._nbytes + b0:self._nbytes + b1])[skip:skip + hi - lo].astype(bool)
         return keep, boosted
 
-    def write_summary(self, epoch: int, threshold: float, seen: int, learned: int, kept_per_shard: np.ndarray) -> None:
-        a = self._summary.array
-        a[0], a[2], a[3] = epoch, seen, learned
-        a[1:2].view(np.float64)[0] = threshold
-        a[_SUMMARY:] = kept_per_shard
+    def packed(self, lo: int, hi: int) -> np.ndarray:
+        """The bytes of slots ``[lo, hi)`` (``lo`` a multiple of 8): keep bytes, then boosted bytes."""
+        a = self._shared.array
+        b0, b1 = lo // 8, (hi + 7) // 8
+        return np.concatenate([a[b0:b1], a[self._nbytes + b0:self._nbytes + b1]])
 
-    def read_summary(self) -> tuple[int, float, int, int, np.ndarray]:
-        """``(epoch, threshold, seen, well_learned, kept_per_shard)`` as last written."""
-        a = self._summary.array
-        return int(a[0]), float(a[1:2].view(np.float64)[0]), int(a[2]), int(a[3]), np.array(a[_SUMMARY:])
+    def write_packed(self, lo: int, hi: int, offset: int, chunk: np.ndarray) -> None:
+        """Write bytes ``[offset, offset + len(chunk))`` of what :meth:`packed` gave for ``[lo, hi)``."""
+        a = self._shared.array
+        b0, width = lo // 8, (hi + 7) // 8 - lo // 8
+        end = offset + len(chunk)
+        if offset < width:  # keep bytes
+            k = min(end, width)
+            a[b0 + offset:b0 + k] = chunk[:k - offset]
+        if end > width:  # boosted bytes
+            start = max(offset, width)
+            a[self._nbytes + b0 + start - width:self._nbytes + b0 + end - width] = chunk[start - offset:]
 
     @property
     def nbytes(self) -> int:

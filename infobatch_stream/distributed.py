@@ -7,8 +7,12 @@ update in one buffer (packing indices into a loss tensor, as the official code d
 indices above 2048 in fp16). The variable-size all_gather runs in chunks and each chunk is
 applied as it arrives, so memory stays bounded whatever the epoch's size.
 
+Planning: each rank plans a slice of the slots and the ranks combine their figures with
+all_reduce (and, across nodes, their plan bits with the same chunked gather), so planning costs
+``N / W`` per rank.
+
 Node sharing: the local ranks of a node attach to one shared-memory store and plan created by
-the node's lowest rank, which alone writes them.
+the node's lowest rank, which alone applies the exchanged updates.
 """
 
 from __future__ import annotations
@@ -24,9 +28,7 @@ import torch
 from .shm import SharedArray
 
 log = logging.getLogger(__name__)
-CHUNK = 1 << 20  # at most this many updates per rank per all_gather round (12 MiB sent) ...
-ROUND_BYTES = 64 << 20  # ... and at most this much received per round, whatever the world size
-_ENTRY = 12  # bytes per update: int64 slot + float32 loss
+ROUND_BYTES = 64 << 20  # received per all_gather round, whatever the world size
 
 
 def world() -> tuple[int, int]:
@@ -42,54 +44,70 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _pack(slots: np.ndarray, values: np.ndarray, length: int) -> torch.Tensor:
-    buf = np.zeros(length * _ENTRY, dtype=np.uint8)
-    n = len(slots)
-    buf[:n * 8] = np.ascontiguousarray(slots, dtype=np.int64).view(np.uint8)
-    buf[length * 8:length * 8 + n * 4] = np.ascontiguousarray(values, dtype=np.float32).view(np.uint8)
-    return torch.from_numpy(buf)
+UPDATE = np.dtype([("slot", "<i8"), ("loss", "<f4")])  # 12 bytes, no padding
 
 
-def _unpack(buf: np.ndarray, length: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    return buf[:n * 8].view(np.int64), buf[length * 8:length * 8 + n * 4].view(np.float32)
+def all_gather_bytes(data: np.ndarray, apply: Callable[[int, int, np.ndarray], None], item: int = 1,
+                     round_bytes: int = ROUND_BYTES) -> list[int]:
+    """Every rank's ``data`` (uint8, any length), handed to ``apply(rank, offset, chunk)`` round
+    by round (a collective). Chunks hold whole items of ``item`` bytes; at most ``round_bytes``
+    arrive per round whatever the world size, so memory stays bounded. Every rank sees the same
+    sequence of calls: round 0 of rank 0, 1, ..., then round 1 of each rank, and so on.
+    Returns every rank's length in bytes."""
+    dist = torch.distributed
+    _, size = world()
+    device = _device()
+    length = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    lengths = [torch.zeros_like(length) for _ in range(size)]
+    dist.all_gather(lengths, length)
+    sizes = [int(t.item()) for t in lengths]
+    step = max(round_bytes // size // item, 1) * item
+    for start in range(0, max(sizes), step):
+        width = min(step, max(sizes) - start)
+        send = np.zeros(width, dtype=np.uint8)
+        mine = data[start:start + width]
+        send[:len(mine)] = mine
+        got = [torch.empty(width, dtype=torch.uint8, device=device) for _ in range(size)]
+        dist.all_gather(got, torch.from_numpy(send).to(device))
+        for r in range(size):
+            n = max(0, min(width, sizes[r] - start))
+            if n:
+                apply(r, start, got[r][:n].cpu().numpy())
+    return sizes
 
 
 def exchange_updates(slots: np.ndarray, values: np.ndarray, apply: Callable[[np.ndarray, np.ndarray], None],
-                     chunk: int | None = None) -> int:
-    """All ranks' updates, handed to ``apply(slots, values)`` chunk by chunk (a collective).
+                     round_bytes: int = ROUND_BYTES) -> int:
+    """All ranks' (slot, loss) updates, handed to ``apply(slots, values)`` in pieces (a
+    collective). Every rank sees the same sequence of pieces and a rank's own updates keep
+    their order. Returns the number of updates."""
+    packed = np.empty(len(slots), dtype=UPDATE)
+    packed["slot"], packed["loss"] = slots, values
 
-    Every rank sees the same sequence of calls: chunk 0 of rank 0, 1, ..., then chunk 1 of each
-    rank, and so on; a rank's own updates keep their order. Returns the number of updates.
-    """
-    dist = torch.distributed
-    _, size = world()
-    if chunk is None:
-        chunk = max(min(CHUNK, ROUND_BYTES // (_ENTRY * size)), 1)
-    device = _device()
-    count = torch.tensor([len(slots)], dtype=torch.int64, device=device)
-    counts = [torch.zeros_like(count) for _ in range(size)]
-    dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
-    for start in range(0, max(sizes), chunk):
-        length = min(chunk, max(sizes) - start)
-        mine = slice(start, min(start + length, len(slots)))
-        send = _pack(slots[mine], values[mine], length).to(device)
-        got = [torch.empty_like(send) for _ in range(size)]
-        dist.all_gather(got, send)
-        for r in range(size):
-            n = max(0, min(length, sizes[r] - start))
-            if n:
-                apply(*_unpack(got[r].cpu().numpy(), length, n))
-    return sum(sizes)
+    def unpack(rank: int, offset: int, chunk: np.ndarray) -> None:
+        updates = chunk.view(UPDATE)
+        apply(updates["slot"], updates["loss"])
+
+    sizes = all_gather_bytes(packed.view(np.uint8), unpack, UPDATE.itemsize, round_bytes)
+    return sum(sizes) // UPDATE.itemsize
 
 
-def all_gather_updates(slots: np.ndarray, values: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def all_gather_updates(slots: np.ndarray, values: np.ndarray, round_bytes: int = ROUND_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Every rank's updates, concatenated in the order :func:`exchange_updates` applies them."""
     parts: list[tuple[np.ndarray, np.ndarray]] = []
-    exchange_updates(slots, values, lambda s, v: parts.append((s.copy(), v.copy())), chunk)
+    exchange_updates(slots, values, lambda s, v: parts.append((s.copy(), v.copy())), round_bytes)
     if not parts:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
     return np.concatenate([s for s, _ in parts]), np.concatenate([v for _, v in parts])
+
+
+def all_reduce_sum(array: np.ndarray) -> np.ndarray:
+    """Element-wise sum over ranks (a collective); the array itself without a process group."""
+    if world()[1] == 1:
+        return array
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(_device())
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor.cpu().numpy()
 
 
 def any_rank(flag: bool) -> bool:
@@ -138,15 +156,21 @@ def _attach(described: list[tuple[str, int, str, int, int]]) -> list[SharedArray
     return arrays
 
 
-def share_per_node(create: Callable[[], list[SharedArray]]) -> tuple[list[SharedArray], bool]:
+def share_per_node(create: Callable[[], list[SharedArray]]) -> tuple[list[SharedArray], bool, bool]:
     """``create()`` once per node, attached by the node's other ranks (a collective).
 
-    Returns the arrays and whether this rank owns (and alone writes) them. A rank that cannot
-    see its leader's files (a container with its own ``/dev/shm``) creates its own copy.
+    Returns the arrays, whether this rank owns (and alone writes) them, and whether every rank
+    of the job shares them (one node). A rank that cannot see its leader's files (a container
+    with its own ``/dev/shm``) creates its own copy.
     """
     rank, size = world()
     if size == 1:
-        return create(), True
+        return create(), True, True
+    arrays, owner = _share(create, rank, size)
+    return arrays, owner, not any_rank(owner and rank != 0)
+
+
+def _share(create: Callable[[], list[SharedArray]], rank: int, size: int) -> tuple[list[SharedArray], bool]:
     node = _node_id()
     nodes: list[str] = [""] * size
     torch.distributed.all_gather_object(nodes, node)

@@ -26,12 +26,12 @@ from .balance import num_batches, samples_per_rank
 from .control import EpochControl, EpochPlan
 from .index import DatasetIndex
 from .meta import BOOSTED, EPOCH, SLOT, TAG, as_meta_array, index_tag
+from .planner import decision_ids, plan_epoch
 from .reader import ReaderStage
 from .stages import FilterStage, ShardSource, current_worker
 from .store import ScoreStore
 
 log = logging.getLogger(__name__)
-_PLAN_CHUNK = 1 << 22
 
 
 @dataclass
@@ -101,11 +101,12 @@ class InfoBatch:
         self.tag = index_tag(self.index.fingerprint)
         n, num_shards = self.index.num_samples, self.index.num_shards
         def create() -> list:
-            return [ScoreStore.create(n).shared, *EpochPlan.create(n, num_shards).shared]
+            return [ScoreStore.create(n).shared, EpochPlan.create(n).shared]
 
-        shared, self._writer = distributed.share_per_node(create) if share_store else (create(), True)
+        shared, self._writer, self._shared_by_all = (
+            distributed.share_per_node(create) if share_store else (create(), True, distributed.world()[1] == 1))
         self.store = ScoreStore(shared[0])
-        self.plan = EpochPlan(shared[1], shared[2], n)
+        self.plan = EpochPlan(shared[1], n)
         self.control = EpochControl.create(num_shards)
         self._stats: dict[int, EpochStats] = {}
         self._warned: set[tuple[str, int]] = set()
@@ -161,11 +162,10 @@ class InfoBatch:
             return self._stats[epoch]
         self._collect_io()
         self.sync_scores()
-        if self._writer:  # the other local ranks share this rank's plan
-            self._plan_epoch(epoch)
-        distributed.barrier()
-        planned, thresh, seen, learned, kept_per_shard = self.plan.read_summary()
-        assert planned == epoch, f"the shared plan holds epoch {planned}, not {epoch}"
+        summary = plan_epoch(self.store.scores, self.index, self.config, epoch, self.plan,
+                             plan_is_shared_by_all=self._shared_by_all, writer=self._writer)
+        thresh, seen, learned, kept_per_shard = (summary.threshold, summary.seen, summary.well_learned,
+                                                 summary.kept_per_shard)
         rank, world_size = distributed.world()
         total, kept = self.index.num_samples, int(kept_per_shard.sum())
         per_rank = samples_per_rank(kept, world_size, self.remainder)
@@ -180,37 +180,6 @@ class InfoBatch:
                  epoch, thresh, stats.seen, learned, stats.pruned, kept, total, per_rank)
         return stats
 
-    def _plan_epoch(self, epoch: int) -> None:
-        """Freeze the threshold, decide every slot, write the shared plan and its summary."""
-        scores = self.store.scores
-        total_sum, seen = 0.0, 0
-        for lo in range(0, len(scores), _PLAN_CHUNK):  # chunked: no full-size temporaries
-            chunk_sum, chunk_seen = policy.seen_sum_count(scores[lo:lo + _PLAN_CHUNK])
-            total_sum, seen = total_sum + chunk_sum, seen + chunk_seen
-        thresh = total_sum / seen if seen else float("nan")
-        kept_per_shard, learned, _ = self._plan(scores, thresh, epoch)
-        self.plan.write_summary(epoch, thresh, seen, learned, kept_per_shard)
-
-    def _plan(self, scores: np.ndarray, thresh: float, epoch: int) -> tuple[np.ndarray, int, int]:
-        """Decide every slot in chunks, write the shared plan, return kept per shard and totals."""
-        bounds = self.index.shard_first
-        kept_before = np.zeros(len(bounds), dtype=np.int64)  # kept samples in slots [0, bound)
-        total_learned, running = 0, 0
-        n = len(scores)
-        for lo in range(0, max(n, 1), _PLAN_CHUNK):  # _PLAN_CHUNK is a multiple of 8: byte-aligned plan writes
-            hi = min(lo + _PLAN_CHUNK, n)
-            chunk = np.asarray(scores[lo:hi])
-            slots = np.arange(lo, hi)
-            learned = policy.well_learned(chunk, thresh)
-            keep, boosted = policy.decide(chunk, slots, thresh, epoch, self.config, self._decision_ids(slots), learned)
-            self.plan.write(lo, keep, boosted)
-            total_learned += int(np.count_nonzero(learned))
-            csum = np.cumsum(keep, dtype=np.int64)
-            inside = (bounds > lo) & (bounds <= hi)
-            kept_before[inside] = running + csum[bounds[inside] - lo - 1]
-            running += int(csum[-1]) if len(csum) else 0
-        return np.diff(kept_before), total_learned, running
-
     def decide_shard(self, shard: int, epoch: int, thresh: float) -> tuple[np.ndarray, np.ndarray]:
         """Keep and boosted masks of one shard.
 
@@ -224,14 +193,8 @@ class InfoBatch:
         if epoch == control.epoch and (thresh == published or (np.isnan(thresh) and np.isnan(published))):
             return self.plan.read(lo, hi)
         slots = np.arange(lo, hi)
-        ids = policy.decision_ids(slots, lo, self.config.block_size)
+        ids = decision_ids(slots, self.index, self.config)
         return policy.decide(np.asarray(self.store.scores[lo:hi]), slots, thresh, epoch, self.config, ids)
-
-    def _decision_ids(self, slots: np.ndarray) -> np.ndarray:
-        if self.config.block_size == 1:
-            return slots
-        first = self.index.shard_first[self.index.shard_of_slot(slots)]
-        return policy.decision_ids(slots, first, self.config.block_size)
 
     def begin_pass(self) -> tuple[int, float]:
         """Called by the filter when a pass starts in a worker: the epoch and threshold to use."""
@@ -307,7 +270,8 @@ class InfoBatch:
     def sync_scores(self) -> int:
         """Exchange this rank's recorded updates with every other rank (a collective: call it on
         all ranks; ``set_epoch`` does). Every store applies them in the same order, so all end
-        identical. Returns the number of updates exchanged; 0 without a process group."""
+        identical; when it returns, this node's store holds them all. Returns the number of
+        updates exchanged; 0 without a process group."""
         if distributed.world()[1] == 1:
             self._pending.clear()
             return 0
@@ -318,7 +282,9 @@ class InfoBatch:
             slots, values = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         self._pending.clear()
         apply = self.store.record if self._writer else (lambda s, v: None)
-        return distributed.exchange_updates(slots, values, apply)
+        exchanged = distributed.exchange_updates(slots, values, apply)
+        distributed.barrier()  # a node's writer has applied everything before any local rank reads
+        return exchanged
 
     def _count(self, epochs: np.ndarray, finite: np.ndarray) -> None:
         for epoch in np.unique(epochs).tolist():

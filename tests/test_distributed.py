@@ -24,12 +24,14 @@ from torch.utils.data import DataLoader
 
 from _data import make_index, slot_loss, write_sized_shards
 from infobatch_stream import META_KEY, InfoBatch, build_index
+from infobatch_stream import planner
 from infobatch_stream.distributed import all_gather_updates
 from infobatch_stream.stages import shard_order
 
 EPOCHS = 3
 BATCH = 8
 TIMEOUT = 120
+PLAN_BLOCK = 64  # small planning blocks: every rank plans a slice of these tiny datasets
 SKEWED = [11, 110, 11, 110, 11, 11, 110, 11]  # kept counts differ by 10x; 385 samples: an odd total
 CONFIG = dict(num_epochs=EPOCHS, prune_ratio=0.5, delta=1.0, seed=7)
 
@@ -46,6 +48,7 @@ def _free_port() -> int:
 def _rank_entry(rank: int, world_size: int, port: int, scenario: str, args: tuple, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=TIMEOUT))
+    planner.BLOCK = PLAN_BLOCK
     try:
         result = SCENARIOS[scenario](*args)
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -152,9 +155,9 @@ def _ddp_skewed(index_path: str) -> dict:
 
 def _two_rank_scenarios(index_path: str, skewed_path: str) -> dict:
     rank = dist.get_rank()
-    # the chunked variable-size gather: rank r sends r * 3 + 1 updates in chunks of 2
+    # the chunked variable-size gather: rank r sends r * 3 + 1 updates, rounds of 2 per rank
     slots, values = all_gather_updates(np.arange(rank * 3 + 1) + 100 * rank,
-                                       np.full(rank * 3 + 1, rank, dtype=np.float32), chunk=2)
+                                       np.full(rank * 3 + 1, rank, dtype=np.float32), round_bytes=2 * 2 * 12)
     result = {"gathered_slots": slots.tolist(), "gathered_values": values.tolist()}
     result["matrix"] = _matrix(index_path, [(0, "reader"), (2, "filter")], share_store=True, sync_every=3)
     result["ddp"] = _ddp_skewed(skewed_path)
@@ -175,6 +178,14 @@ SCENARIOS = {"two": _two_rank_scenarios, "four": _four_rank_scenarios}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    block, planner.BLOCK = planner.BLOCK, PLAN_BLOCK
+    try:
+        yield _run_everything(tmp_path_factory)
+    finally:
+        planner.BLOCK = block
+
+
+def _run_everything(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("dist")
     _, index = make_index(str(root / "even"), num_shards=10, per_shard=23)
     skewed = build_index(write_sized_shards(str(root / "skewed"), SKEWED), str(root / "skewed" / "index.json"))

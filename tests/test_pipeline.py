@@ -294,7 +294,7 @@ def test_plan_bits_roundtrip_at_unaligned_shard_bounds():
     from infobatch_stream.control import EpochPlan
 
     rng = np.random.default_rng(0)
-    plan = EpochPlan.create(101, num_shards=3)
+    plan = EpochPlan.create(101)
     keep, boosted = rng.random(101) < 0.5, rng.random(101) < 0.3
     plan.write(0, keep[:64], boosted[:64])
     plan.write(64, keep[64:], boosted[64:])
