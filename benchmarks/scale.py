@@ -9,9 +9,13 @@ one epoch's worth of updates (its ``N / W`` kept samples, a random loss each), t
 - ``plan``: the rest of ``set_epoch``: threshold, a keep/boost decision for every slot, the
   shared 2-bit plan, per-shard kept counts, the barrier and the publish;
 
-and reports the memory: the node's shared segments (store + plan) and the growth of each rank's
-proportional set size (PSS: shared pages are split between the ranks that map them) from before
-the ``InfoBatch`` was created to its peak after an epoch.
+and reports the memory: the node's shared segments (store + plan); what stays after an epoch,
+as the growth of the ranks' proportional set sizes summed over the node (PSS splits shared pages
+between the ranks that map them; freed heap is trimmed first); and each rank's peak resident
+growth during the epoch (its pending updates, the exchange buffers, the store pages it touched).
+
+A last line times applying updates to the store alone (one process, ``--samples`` updates in
+shard order, shuffled within each shard as a shuffle buffer would leave them).
 
     python benchmarks/scale.py                                   # 10M and 100M, 2 and 4 ranks
     python benchmarks/scale.py --samples 1e7 --ranks 2 --json benchmarks/scale_results.json
@@ -47,6 +51,29 @@ def synthetic_index(num_samples: int, per_shard: int):
     return DatasetIndex(shards, arrays, [])
 
 
+def _trim() -> None:
+    """Hand freed heap back to the system, so PSS shows what stays, not what the allocator kept."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _rss_peak_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _pss_bytes() -> int:
     with open("/proc/self/smaps_rollup") as f:
         for line in f:
@@ -59,12 +86,14 @@ def _rank(rank: int, world_size: int, port: int, num_samples: int, per_shard: in
     import torch.distributed as dist
 
     from infobatch_stream import InfoBatch
+    from infobatch_stream.distributed import pack_updates
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=1800))
     try:
         index = synthetic_index(num_samples, per_shard)
-        base = _pss_bytes()  # torch, numpy, the process group: not ours
+        _trim()
+        base, rss_base = _pss_bytes(), _rss_bytes()  # torch, numpy, the process group: not ours
         t0 = time.perf_counter()
         ib = InfoBatch(index, num_epochs=repeats + 2, prune_ratio=0.5, delta=1.0, seed=0)
         create = time.perf_counter() - t0
@@ -72,7 +101,7 @@ def _rank(rank: int, world_size: int, port: int, num_samples: int, per_shard: in
         exchange, plan, sent, pss = [], [], [], []
         for epoch in range(1, repeats + 1):
             slots = np.arange(rank, num_samples, world_size, dtype=np.int64)  # this rank's share of an epoch
-            ib._pending = [(slots, rng.random(len(slots), dtype=np.float32))]
+            ib._pending = [pack_updates(slots, rng.random(len(slots), dtype=np.float32))]
             sent.append(len(slots) * 12)
             del slots
             dist.barrier()
@@ -84,10 +113,12 @@ def _rank(rank: int, world_size: int, port: int, num_samples: int, per_shard: in
             t2 = time.perf_counter()
             exchange.append(t1 - t0)
             plan.append(t2 - t1)
+            _trim()
             pss.append(_pss_bytes())
-        shm = ib.store.nbytes + ib.plan.nbytes + ib.plan.shared[1].nbytes if ib._writer else 0
+        shm = ib.store.nbytes + ib.plan.nbytes if ib._writer else 0
         result = {"rank": rank, "writer": ib._writer, "create_s": create, "exchange_s": exchange, "plan_s": plan,
-                  "sent_bytes": sent[0], "pss_bytes": max(pss) - base, "shm_bytes": shm, "kept": stats.kept,
+                  "sent_bytes": sent[0], "pss_bytes": max(pss) - base,
+                  "peak_rss_bytes": _rss_peak_bytes() - rss_base, "shm_bytes": shm, "kept": stats.kept,
                   "per_rank": stats.per_rank}
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
@@ -114,19 +145,36 @@ def run(num_samples: int, world_size: int, per_shard: int, repeats: int) -> dict
         "bytes_received_per_rank": received, "exchange_gb_per_s": received / exchange / 1e9,
         "node_shm_bytes": sum(r["shm_bytes"] for r in ranks), "max_rank_pss_bytes": max(r["pss_bytes"] for r in ranks),
         "node_pss_bytes": sum(r["pss_bytes"] for r in ranks), "create_s": max(r["create_s"] for r in ranks),
+        "max_rank_peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
         "kept": ranks[0]["kept"], "per_rank": ranks[0]["per_rank"],
     }
 
 
+def apply_rate(num_samples: int, per_shard: int) -> float:
+    """Nanoseconds per update of ``ScoreStore.record`` in one process."""
+    from infobatch_stream.store import ScoreStore
+
+    store = ScoreStore.create(num_samples)
+    rng = np.random.default_rng(0)
+    slots = np.arange(num_samples, dtype=np.int64)
+    for lo in range(0, num_samples, per_shard):
+        rng.shuffle(slots[lo:lo + per_shard])
+    values = rng.random(num_samples, dtype=np.float32)
+    t0 = time.perf_counter()
+    for lo in range(0, num_samples, 1 << 20):  # in exchange-sized pieces
+        store.record(slots[lo:lo + (1 << 20)], values[lo:lo + (1 << 20)])
+    return (time.perf_counter() - t0) / num_samples * 1e9
+
+
 def table(results: list[dict]) -> str:
-    rows = ["| samples | ranks | exchange (s) | received per rank | Gloo GB/s | plan (s) | plan ns/sample "
-            "| store+plan per node | added PSS per rank (max) | added PSS per node |",
+    rows = ["| samples | ranks | exchange (s) | received per rank | GB/s | plan (s) | plan ns/sample "
+            "| store+plan per node | PSS per node | peak RSS per rank |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         rows.append(f"| {r['samples']:,} | {r['ranks']} | {r['exchange_s']:.2f} | "
                     f"{r['bytes_received_per_rank'] / 2**20:,.0f} MiB | {r['exchange_gb_per_s']:.2f} | "
                     f"{r['plan_s']:.2f} | {r['plan_ns_per_sample']:.1f} | {r['node_shm_bytes'] / 2**20:,.0f} MiB | "
-                    f"{r['max_rank_pss_bytes'] / 2**20:,.0f} MiB | {r['node_pss_bytes'] / 2**20:,.0f} MiB |")
+                    f"{r['node_pss_bytes'] / 2**20:,.0f} MiB | {r['max_rank_peak_rss_bytes'] / 2**20:,.0f} MiB |")
     return "\n".join(rows)
 
 
@@ -147,9 +195,11 @@ def main(argv: list[str] | None = None) -> None:
             results.append(run(int(n), w, args.per_shard, args.repeats))
             print(f"{int(n):,} samples, {w} ranks: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     print(table(results))
+    apply_ns = apply_rate(int(max(args.samples)), args.per_shard)
+    print(f"\napplying updates to the store: {apply_ns:.1f} ns per update ({int(max(args.samples)):,} updates)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"runs": results, "apply_ns_per_update": apply_ns}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     torchrun --standalone --nproc_per_node 2 examples/ddp_train.py --quick
     python examples/ddp_train.py --quick          # one process, no process group
 
+Needs the package with its examples extra (``pip install -e '.[examples]'``: Pillow, scikit-learn).
+Everything else (process group, DDP wrapper, DataLoader, optimiser) is a plain DDP loop.
 What changes in an existing DDP + WebDataset loop (each marked ``# IB`` below):
 
 1. ``InfoBatch(index, ...)`` after ``init_process_group``, on EVERY rank: construction is a
@@ -20,9 +22,10 @@ What changes in an existing DDP + WebDataset loop (each marked ``# IB`` below):
 5. The criterion uses ``reduction="none"`` and ``loss = ib.update(meta, per_sample_loss)``:
    scores in, weighted mean out; backward and step as before.
 
-Without ``--shards`` rank 0 writes scikit-learn's digits as PNG shards (always split with seed
-0, so a reused ``--out`` never mixes test digits into training) and evaluates on the held-out
-digits at the end. The last stdout line is a JSON summary.
+Without ``--shards`` rank 0 writes scikit-learn's digits as PNG shards, their index and the
+held-out test digits (``digits-test.npz``) into ``--out``, reused by later runs; the split always
+uses seed 0, so a reused folder never mixes test digits into training. Rank 0 evaluates on them
+at the end. With ``--shards`` nothing is evaluated. The last stdout line is a JSON summary.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from infobatch_stream import InfoBatch, build_index
-from infobatch_stream.demo import digits_as_uint8, write_digits_shards
+from infobatch_stream.demo import write_digits_shards
 from infobatch_stream.index import expand_urls
 
 log = logging.getLogger("ddp_train")
@@ -71,6 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def shard_urls(pattern: str) -> list[str]:
+    """Brace-expand like WebDataset, then expand globs in local paths (WebDataset does not)."""
+    urls: list[str] = []
+    for url in expand_urls(pattern):
+        urls += sorted(glob.glob(url)) if "://" not in url and glob.has_magic(url) else [url]
+    return urls
+
+
 def prepare_index(args: argparse.Namespace, rank: int) -> str:
     """The index path; rank 0 writes what is missing while the others wait at the barrier."""
     if args.shards and args.shards.endswith(".json"):
@@ -78,11 +89,11 @@ def prepare_index(args: argparse.Namespace, rank: int) -> str:
     path = os.path.join(args.out, "index.json")
     if rank == 0:
         if args.shards:  # user shards: (re)index them, a pass over the tar headers
-            urls = sorted(u for pat in expand_urls(args.shards) for u in (glob.glob(pat) if glob.has_magic(pat) else [pat]))
+            build_index(shard_urls(args.shards), path)
+        elif not (os.path.exists(path) and os.path.exists(test_set_path(args.out))):
+            urls, x_test, y_test = write_digits_shards(args.out, num_shards=8, seed=0)
             build_index(urls, path)
-        elif not os.path.exists(path):
-            urls, _, _ = write_digits_shards(args.out, num_shards=8, seed=0)
-            build_index(urls, path)
+            np.savez(test_set_path(args.out), x=x_test, y=y_test)  # reruns skip scikit-learn entirely
     if dist.is_initialized():
         dist.barrier()
     return path
@@ -98,13 +109,17 @@ def lr_at(base: float, progress: float, epochs: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * progress / epochs))
 
 
-def evaluate(model: nn.Module, device: torch.device) -> float:
-    _, _, x_test, y_test = digits_as_uint8(0)
-    x = torch.from_numpy(x_test.reshape(len(x_test), -1).astype(np.float32) / 255.0).to(device)
+def test_set_path(out: str) -> str:
+    return os.path.join(out, "digits-test.npz")
+
+
+def evaluate(model: nn.Module, out: str, device: torch.device) -> float:
+    """Accuracy on the held-out digits (``digits_as_uint8(0)``'s test split, scaled to [0, 1])."""
+    test = np.load(test_set_path(out))
     model.eval()
     with torch.no_grad():
-        pred = model(x).argmax(1).cpu().numpy()
-    return float((pred == y_test).mean())
+        pred = model(torch.from_numpy(test["x"]).to(device)).argmax(1).cpu().numpy()
+    return float((pred == test["y"]).mean())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -144,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     for epoch in range(args.epochs):
         stats = ib.set_epoch(epoch)  # IB 4: every rank, before the pass
         steps = ib.num_batches(args.batch_size, args.workers)  # exact for this rank, the same on all
-        done = 0
+        done, loss_sum = 0, 0.0
         for x, y, meta in loader:
             for group in opt.param_groups:
                 group["lr"] = lr_at(args.lr, epoch + done / steps, args.epochs)
@@ -154,10 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
             opt.step()
             done += 1
             samples += len(y)
+            loss_sum += loss.item()
         assert done == steps, f"rank {rank} made {done} steps in epoch {epoch}, ib.num_batches said {steps}"
         total_steps += done
-        log.info("epoch %d: kept %d of %d, %d samples per rank, %d batches per rank, last loss %.4f",
-                 epoch, stats.kept, stats.total, ib.samples_per_rank, done, loss.item())
+        log.info("epoch %d: kept %d of %d, %d samples per rank, %d batches per rank, mean loss %.4f",
+                 epoch, stats.kept, stats.total, ib.samples_per_rank, done, loss_sum / max(done, 1))
 
     per_rank = [(total_steps, samples)]
     if distributed:
@@ -167,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     if rank == 0:
         trained = sum(s for _, s in per_rank)
         full = args.epochs * ib.index.num_samples
-        accuracy = None if args.shards else evaluate(model, device)
+        accuracy = None if args.shards else evaluate(model, args.out, device)
         summary = {"world_size": world_size, "epochs": args.epochs, "steps_per_rank": [t for t, _ in per_rank],
                    "samples": trained, "saved": round(1 - trained / full, 4), "accuracy": accuracy}
         log.info("trained %d samples over %d ranks of %d for full data: %.1f%% saved; test accuracy %s",

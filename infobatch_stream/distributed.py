@@ -28,7 +28,7 @@ import torch
 from .shm import SharedArray
 
 log = logging.getLogger(__name__)
-ROUND_BYTES = 64 << 20  # received per all_gather round, whatever the world size
+ROUND_BYTES = 32 << 20  # received per all_gather round, whatever the world size
 
 
 def world() -> tuple[int, int]:
@@ -76,26 +76,32 @@ def all_gather_bytes(data: np.ndarray, apply: Callable[[int, int, np.ndarray], N
     return sizes
 
 
-def exchange_updates(slots: np.ndarray, values: np.ndarray, apply: Callable[[np.ndarray, np.ndarray], None],
-                     round_bytes: int = ROUND_BYTES) -> int:
-    """All ranks' (slot, loss) updates, handed to ``apply(slots, values)`` in pieces (a
-    collective). Every rank sees the same sequence of pieces and a rank's own updates keep
-    their order. Returns the number of updates."""
+def pack_updates(slots: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """(slot, loss) pairs as one array of 12-byte records, the form they travel in."""
     packed = np.empty(len(slots), dtype=UPDATE)
     packed["slot"], packed["loss"] = slots, values
+    return packed
+
+
+def exchange_updates(packed: np.ndarray, apply: Callable[[np.ndarray, np.ndarray], None],
+                     round_bytes: int = ROUND_BYTES) -> int:
+    """All ranks' updates (``packed`` by :func:`pack_updates`), handed to ``apply(slots, values)``
+    in pieces (a collective). Every rank sees the same sequence of pieces and a rank's own
+    updates keep their order. Returns the number of updates."""
 
     def unpack(rank: int, offset: int, chunk: np.ndarray) -> None:
         updates = chunk.view(UPDATE)
         apply(updates["slot"], updates["loss"])
 
-    sizes = all_gather_bytes(packed.view(np.uint8), unpack, UPDATE.itemsize, round_bytes)
+    sizes = all_gather_bytes(np.ascontiguousarray(packed, dtype=UPDATE).view(np.uint8), unpack, UPDATE.itemsize,
+                             round_bytes)
     return sum(sizes) // UPDATE.itemsize
 
 
 def all_gather_updates(slots: np.ndarray, values: np.ndarray, round_bytes: int = ROUND_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Every rank's updates, concatenated in the order :func:`exchange_updates` applies them."""
     parts: list[tuple[np.ndarray, np.ndarray]] = []
-    exchange_updates(slots, values, lambda s, v: parts.append((s.copy(), v.copy())), round_bytes)
+    exchange_updates(pack_updates(slots, values), lambda s, v: parts.append((s.copy(), v.copy())), round_bytes)
     if not parts:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
     return np.concatenate([s for s, _ in parts]), np.concatenate([v for _, v in parts])

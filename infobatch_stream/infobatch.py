@@ -110,7 +110,7 @@ class InfoBatch:
         self.control = EpochControl.create(num_shards)
         self._stats: dict[int, EpochStats] = {}
         self._warned: set[tuple[str, int]] = set()
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # this rank's updates since the last exchange
+        self._pending: list[np.ndarray] = []  # this rank's (slot, loss) updates since the last exchange
         self._updates = 0  # update() calls, for sync_every
         self._announced_parts: dict[str, deque] = {}  # per process: ib.shards() -> ib.filter()
         self.epoch = -1
@@ -257,7 +257,7 @@ class InfoBatch:
         values = loss.detach().to(dtype=torch.float32, device="cpu").numpy()
         finite = np.isfinite(values)
         if distributed.world()[1] > 1:  # the store changes only when ranks exchange: all stay identical
-            self._pending.append((slots[finite].copy(), values[finite].copy()))
+            self._pending.append(distributed.pack_updates(slots[finite], values[finite]))
             self._updates += 1
             if self.sync_every and self._updates % self.sync_every == 0:
                 self.sync_scores()
@@ -275,14 +275,10 @@ class InfoBatch:
         if distributed.world()[1] == 1:
             self._pending.clear()
             return 0
-        if self._pending:
-            slots = np.concatenate([s for s, _ in self._pending])
-            values = np.concatenate([v for _, v in self._pending])
-        else:
-            slots, values = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        packed = np.concatenate(self._pending) if self._pending else np.zeros(0, dtype=distributed.UPDATE)
         self._pending.clear()
         apply = self.store.record if self._writer else (lambda s, v: None)
-        exchanged = distributed.exchange_updates(slots, values, apply)
+        exchanged = distributed.exchange_updates(packed, apply)
         distributed.barrier()  # a node's writer has applied everything before any local rank reads
         return exchanged
 
