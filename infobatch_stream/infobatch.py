@@ -15,7 +15,7 @@ import logging
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from webdataset.handlers import reraise_exception
 
 from . import distributed, policy
 from .balance import num_batches, samples_per_rank
+from .checkpoint import check_state, load_state, save_state
 from .control import EpochControl, EpochPlan
 from .index import DatasetIndex
 from .meta import BOOSTED, EPOCH, SLOT, TAG, as_meta_array, index_tag
@@ -30,6 +31,9 @@ from .planner import decision_ids, plan_epoch
 from .reader import ReaderStage
 from .stages import FilterStage, ShardSource, current_worker
 from .store import ScoreStore
+
+if TYPE_CHECKING:
+    from .dataset import ResumableDataset
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +139,24 @@ class InfoBatch:
         shard's size and mtime/ETag (``"size+mtime"``) or only its size (``"size"``) with the index.
         """
         return ReaderStage(self, handler, merge_gap, verify)
+
+    def dataset(self, *stages: Callable, shuffle: int = 0, handler: Callable[[Exception], bool] = reraise_exception,
+                merge_gap: int | None = None, verify: str = "size+mtime") -> "ResumableDataset":
+        """This rank's and worker's share of the epoch, read with the skip-aware reader, shuffled
+        in a buffer of ``shuffle`` samples, then passed through ``stages`` (WebDataset stages such
+        as ``wds.decode()``, ``wds.to_tuple(...)``, ``wds.batched(n)``). Resumable exactly: it has
+        ``state_dict``/``load_state_dict`` for ``StatefulDataLoader``; see :mod:`infobatch_stream.dataset`."""
+        from .dataset import ResumableDataset
+
+        return ResumableDataset(self, stages, shuffle, handler, merge_gap, verify)
+
+    def node(self, *stages: Callable, shuffle: int = 0, handler: Callable[[Exception], bool] = reraise_exception,
+             merge_gap: int | None = None, verify: str = "size+mtime") -> Any:
+        """:meth:`dataset` as a ``torchdata.nodes`` source node (``BaseNode`` with ``reset``,
+        ``next`` and ``get_state``) for a ``torchdata.nodes.Loader`` graph: resumable exactly."""
+        from .dataset import make_node
+
+        return make_node(self.dataset(*stages, shuffle=shuffle, handler=handler, merge_gap=merge_gap, verify=verify))
 
     # ---- epochs --------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> EpochStats:
@@ -325,6 +347,74 @@ class InfoBatch:
             setattr(stats, name, value)
         stats.repeated_passes = self.control.repeats
 
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: configuration, epoch, the store, the frozen plan of the
+        current epoch, per-epoch stats and this rank's pending (not yet exchanged) updates.
+
+        Plain values and tensors only: ``torch.save`` it with your model and ``torch.load(...,
+        weights_only=True)`` reads it back. With several ranks the states differ only in the
+        pending updates: save each rank's, or call ``sync_scores()`` on all ranks first.
+        """
+        self._collect_io()
+        pending = np.concatenate(self._pending) if self._pending else np.zeros(0, dtype=distributed.UPDATE)
+        c = self.config
+        return {
+            "format": 1,
+            "index_fingerprint": self.index.fingerprint,
+            "num_samples": self.index.num_samples,
+            "config": {"num_epochs": c.num_epochs, "prune_ratio": c.prune_ratio, "delta": c.delta, "seed": c.seed,
+                       "granularity": c.block_size, "remainder": self.remainder},
+            "epoch": self.epoch,
+            "threshold": self.control.threshold,
+            "stats": [asdict(self._stats[e]) for e in sorted(self._stats)],
+            "updates": self._updates,
+            "scores": torch.from_numpy(np.array(self.store.scores)),
+            "plan": torch.from_numpy(np.array(self.plan.shared.array)),
+            "kept_per_shard": torch.from_numpy(np.array(self.control.kept_per_shard)),
+            "pending_slots": torch.from_numpy(np.ascontiguousarray(pending["slot"])),
+            "pending_losses": torch.from_numpy(np.ascontiguousarray(pending["loss"])),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`: the store, the epoch and its frozen plan (republished as
+        saved, not recomputed). With several ranks, call it on every rank (a collective)."""
+        check_state(state, self.index)
+        c, saved = self.config, state["config"]
+        mine = {"num_epochs": c.num_epochs, "prune_ratio": c.prune_ratio, "delta": c.delta, "seed": c.seed,
+                "granularity": c.block_size, "remainder": self.remainder}
+        changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        if changed:
+            log.warning("restoring a state saved with other settings, keeping this InfoBatch's: %s",
+                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        if self._writer:
+            self.store.scores[:] = np.asarray(state["scores"])
+            self.plan.shared.array[:] = np.asarray(state["plan"])
+        distributed.barrier()
+        rank, world_size = distributed.world()
+        self._stats = {int(d["epoch"]): EpochStats(**d) for d in state["stats"]}
+        self.epoch = int(state["epoch"])
+        current = self._stats.get(self.epoch)
+        if current is not None:  # the split over ranks follows this job's world size
+            current.per_rank = samples_per_rank(current.kept, world_size, self.remainder)
+            current.padded = max(current.per_rank * world_size - current.kept, 0)
+            current.dropped = max(current.kept - current.per_rank * world_size, 0)
+        self.control.publish(self.epoch, float(state["threshold"]), np.asarray(state["kept_per_shard"]), rank,
+                             world_size)
+        self._updates = int(state["updates"])
+        slots, losses = np.asarray(state["pending_slots"]), np.asarray(state["pending_losses"])
+        self._pending = [distributed.pack_updates(slots, losses)] if len(slots) else []
+        self._announced_parts.clear()
+
+    def save(self, path: str) -> None:
+        """Write :meth:`state_dict` to one file, atomically (temp file, fsync, rename): a crash or a
+        full disk leaves the previous checkpoint at ``path`` intact. No pickle."""
+        save_state(path, self.state_dict())
+
+    def load(self, path: str) -> None:
+        """Restore what :meth:`save` wrote (a collective with several ranks)."""
+        self.load_state_dict(load_state(path))
 
     # ---- pickling for spawn workers --------------------------------------------------------------
     def __getstate__(self) -> dict:

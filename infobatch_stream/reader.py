@@ -219,21 +219,22 @@ def _region(info: ShardInfo, end: np.ndarray, kept: np.ndarray, first: int, stop
 
 def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float, *,
                merge_gap: int | None = None, verify: str = "size+mtime",
-               part: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
-    """The kept samples of one shard (or only its kept samples ``[first, stop)`` given ``part``),
-    cut from the byte ranges that hold them."""
+               part: tuple[int, int] | None = None, only: np.ndarray | None = None) -> Iterator[dict[str, Any]]:
+    """The kept samples of one shard, cut from the byte ranges that hold them: all of them, its
+    kept samples ``[first, stop)`` given ``part``, or those at the kept ordinals ``only``
+    (ascending; re-reading a resumed shuffle buffer)."""
     index = ib.index
     keep, boosted = ib.decide_shard(shard, epoch, thresh)
     worker = current_worker()
     kept = np.flatnonzero(keep)
     first, stop = part if part is not None else (0, len(kept))
-    if stop <= first:
+    if stop <= first or (only is not None and len(only) == 0):
         ib.control.add_io(worker, shards_skipped=1, bytes_skipped=index.shards[shard].filesize)
         return
     lo, hi = index.slots(shard)
     start, end = index.byte_ranges(shard)
-    region = _region(index.shards[shard], end, kept, first, stop)
-    kept = kept[first:stop]
+    region = _region(index.shards[shard], end, kept, first, stop) if only is None else 0
+    kept = kept[first:stop] if only is None else kept[np.asarray(only, dtype=np.int64)]
     if merge_gap is None:
         merge_gap = HTTP_MERGE_GAP if httpio.is_http(url) else LOCAL_MERGE_GAP
     ranges = plan_ranges(start, end, kept, merge_gap, MAX_RANGE_BYTES)
