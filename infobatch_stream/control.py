@@ -15,7 +15,7 @@ from .shm import SharedArray
 MAX_WORKERS = 1024
 _GENERATION, _EPOCH, _THRESHOLD, _REPEATS, _RANK, _WORLD = 0, 1, 2, 3, 4, 5
 _HEADER = 8
-IO_FIELDS = ("bytes_read", "bytes_skipped", "requests", "shards_read", "shards_skipped")
+IO_FIELDS = ("bytes_read", "bytes_skipped", "requests", "shards_read", "shards_skipped", "shards_failed")
 _IO = len(IO_FIELDS)
 
 
@@ -70,8 +70,12 @@ class EpochControl:
     def _io(self) -> np.ndarray:
         return self._a[_HEADER + MAX_WORKERS:_HEADER + MAX_WORKERS * (1 + _IO)].reshape(MAX_WORKERS, _IO)
 
-    def add_io(self, worker: int, **counts: int) -> None:
-        """Add to this worker's I/O counters (each worker writes only its own row)."""
+    def add_io(self, worker: int, generation: int | None = None, **counts: int) -> None:
+        """Add to this worker's I/O counters (each worker writes only its own row). Counts from a
+        pass of an older ``generation`` (the tail of an abandoned pass, closed after the next
+        epoch was published) are dropped: they belong to no current epoch."""
+        if generation is not None and generation != self.generation:
+            return
         row = self._io[worker]
         for name, value in counts.items():
             row[IO_FIELDS.index(name)] += value

@@ -27,7 +27,7 @@ from webdataset.handlers import reraise_exception
 from . import policy
 from .balance import Part
 from .reader import read_shard
-from .stages import current_worker, epoch_parts, loader_worker
+from .stages import account_empty, current_worker, epoch_parts, loader_worker
 
 if TYPE_CHECKING:
     from .infobatch import InfoBatch
@@ -35,11 +35,16 @@ if TYPE_CHECKING:
 _SHUFFLE_STREAM = 0x5F3759DF  # separates the shuffle's coins from the pruning coins
 
 
+class _Stop(Exception):
+    """The handler chose to end the stream."""
+
+
 @dataclass
 class Cursor:
     """Where a worker is in its share of an epoch (what ``state_dict`` reports)."""
 
     epoch: int
+    generation: int  # of the published epoch this pass reads (not saved: it is per process)
     rank: int
     world_size: int
     worker: int
@@ -103,7 +108,7 @@ class ResumableDataset(IterableDataset):
 
     # ---- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
-        items: Iterable[Any] = self._samples()
+        items: Iterable[Any] = self._stoppable()
         for stage in self.stages:
             items = stage(items)
         return iter(items)
@@ -113,7 +118,7 @@ class ResumableDataset(IterableDataset):
         epoch, thresh = ib.begin_pass()
         control = ib.control
         worker, num_workers = loader_worker()
-        cursor = Cursor(epoch, control.rank, control.world_size, worker, num_workers)
+        cursor = Cursor(epoch, control.generation, control.rank, control.world_size, worker, num_workers)
         resume, self._resume = self._resume, None
         if resume and resume.get("epoch") == epoch:
             where = {k: resume.get(k) for k in ("rank", "world_size", "worker", "num_workers")}
@@ -125,14 +130,12 @@ class ResumableDataset(IterableDataset):
             cursor.position, cursor.step = int(resume["position"]), int(resume["step"])
             cursor.buffer = [int(i) for i in resume["buffer"]]
         parts = epoch_parts(ib)
-        empty = [p.shard for p in parts if p.first == p.stop]
-        if empty and cursor.position == 0 and not cursor.buffer:
-            control.add_io(current_worker(), shards_skipped=len(empty),
-                           bytes_skipped=sum(ib.index.shards[s].filesize for s in empty))
+        if cursor.position == 0 and not cursor.buffer:
+            account_empty(ib, parts)
         self._cursor = cursor
         return cursor, [p for p in parts if p.stop > p.first], thresh
 
-    def _read(self, parts: list[Part], ordinal: int, thresh: float, epoch: int,
+    def _read(self, parts: list[Part], ordinal: int, thresh: float, epoch: int, generation: int,
               only: list[tuple[int, np.ndarray, list[int]]] | None = None) -> Iterator[tuple[int, dict]]:
         """``(share ordinal, sample)`` from ``parts`` starting at share ordinal ``ordinal``, or
         the samples listed in ``only`` (from :func:`locate`)."""
@@ -140,32 +143,42 @@ class ResumableDataset(IterableDataset):
         urls = ib.index.urls
         if only is None:
             for part in skip(parts, ordinal):
-                for sample in self._guard(urls[part.shard], lambda p=part: read_shard(
+                for sample in self._guard(urls[part.shard], generation, lambda p=part: read_shard(
                         ib, urls[p.shard], p.shard, epoch, thresh, merge_gap=self.merge_gap, verify=self.verify,
-                        part=(p.first, p.stop))):
+                        part=(p.first, p.stop), generation=generation)):
                     yield ordinal, sample
                     ordinal += 1
             return
         for i, kept, share in only:
             part = parts[i]
-            got = self._guard(urls[part.shard], lambda p=part, k=kept: read_shard(
-                ib, urls[p.shard], p.shard, epoch, thresh, merge_gap=self.merge_gap, verify=self.verify, only=k))
+            got = self._guard(urls[part.shard], generation, lambda p=part, k=kept: read_shard(
+                ib, urls[p.shard], p.shard, epoch, thresh, merge_gap=self.merge_gap, verify=self.verify, only=k,
+                generation=generation))
             yield from zip(share, got)
 
-    def _guard(self, url: str, read: Callable[[], Iterator[dict]]) -> Iterator[dict]:
+    def _guard(self, url: str, generation: int, read: Callable[[], Iterator[dict]]) -> Iterator[dict]:
+        """WebDataset's handler semantics: the handler gets the error (URL appended) and returns
+        True to go on with the next shard (counted in ``shards_failed``) or False to stop."""
         try:
             yield from read()
-        except Exception as exn:  # noqa: BLE001 - WebDataset's handler semantics
+        except Exception as exn:  # noqa: BLE001 - handed to the user's handler
             exn.args = exn.args + (url,)
             if not self.handler(exn):
-                raise
+                raise _Stop() from None
+            self.ib.control.add_io(current_worker(), generation, shards_failed=1)
+
+    def _stoppable(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._samples()
+        except _Stop:
+            return
 
     def _samples(self) -> Iterator[dict[str, Any]]:
         cursor, parts, thresh = self._start()
         epoch = cursor.epoch
         total = sum(p.stop - p.first for p in parts)
         if not self.shuffle:
-            for ordinal, sample in self._read(parts, cursor.position, thresh, epoch):
+            for ordinal, sample in self._read(parts, cursor.position, thresh, epoch, cursor.generation):
                 cursor.position = ordinal + 1
                 yield sample
             cursor.position = total
@@ -173,7 +186,7 @@ class ResumableDataset(IterableDataset):
         buf: list[dict] = []
         order = cursor.buffer  # the ordinals of buf, kept in step with it
         if order:
-            again = dict(self._read(parts, 0, thresh, epoch, only=locate(parts, order)))
+            again = dict(self._read(parts, 0, thresh, epoch, cursor.generation, only=locate(parts, order)))
             buf = [again[i] for i in order]
         seed = [self.ib.config.seed, _SHUFFLE_STREAM, cursor.rank, cursor.worker]
 
@@ -189,7 +202,7 @@ class ResumableDataset(IterableDataset):
             order.pop()
             return buf.pop()
 
-        for ordinal, sample in self._read(parts, cursor.position, thresh, epoch):
+        for ordinal, sample in self._read(parts, cursor.position, thresh, epoch, cursor.generation):
             buf.append(sample)
             order.append(ordinal)
             cursor.position = ordinal + 1

@@ -67,12 +67,13 @@ def all_gather_bytes(data: np.ndarray, apply: Callable[[int, int, np.ndarray], N
         send = np.zeros(width, dtype=np.uint8)
         mine = data[start:start + width]
         send[:len(mine)] = mine
-        got = [torch.empty(width, dtype=torch.uint8, device=device) for _ in range(size)]
-        dist.all_gather(got, torch.from_numpy(send).to(device))
+        got = torch.empty((size, width), dtype=torch.uint8, device=device)
+        dist.all_gather(list(got.unbind(0)), torch.from_numpy(send).to(device))
+        host = got.cpu().numpy()  # one device-to-host copy per round
         for r in range(size):
             n = max(0, min(width, sizes[r] - start))
             if n:
-                apply(r, start, got[r][:n].cpu().numpy())
+                apply(r, start, host[r, :n])
     return sizes
 
 
@@ -123,6 +124,19 @@ def any_rank(flag: bool) -> bool:
     value = torch.tensor([int(flag)], dtype=torch.int64, device=_device())
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())
+
+
+def check_same(what: str, value: str) -> None:
+    """Raise on every rank unless all ranks pass the same ``value`` (a collective)."""
+    rank, size = world()
+    if size == 1:
+        return
+    values: list = [None] * size
+    torch.distributed.all_gather_object(values, value)
+    differ = [r for r in range(size) if values[r] != values[0]]
+    if differ:
+        raise RuntimeError(f"ranks {differ} have another {what} than rank 0 ({values[differ[0]]!r} vs {values[0]!r}): "
+                           "every rank must use the same one")
 
 
 def barrier() -> None:
@@ -181,9 +195,19 @@ def _share(create: Callable[[], list[SharedArray]], rank: int, size: int) -> tup
     nodes: list[str] = [""] * size
     torch.distributed.all_gather_object(nodes, node)
     leader = nodes.index(node)
-    mine = create() if rank == leader else None
+    mine, failure = None, None
+    if rank == leader:
+        try:
+            mine = create()
+        except Exception as e:  # noqa: BLE001 - told to every rank below, then raised
+            failure = e
     described: list = [None] * size
-    torch.distributed.all_gather_object(described, _describe(mine) if mine is not None else None)
+    torch.distributed.all_gather_object(
+        described, _describe(mine) if mine is not None else (f"{type(failure).__name__}: {failure}" if failure else None))
+    if failure is not None:
+        raise failure
+    if isinstance(described[leader], str):
+        raise RuntimeError(f"rank {leader} could not create the shared store for node {node}: {described[leader]}")
     if mine is not None:
         return mine, True
     attached = _attach(described[leader])

@@ -301,8 +301,11 @@ class DatasetIndex:
         self.path = path
 
     @classmethod
-    def load(cls, path: str) -> "DatasetIndex":
-        """Open a saved index; the per-sample arrays are memory-mapped, not read."""
+    def load(cls, path: str, *, allow_pipes: bool = False) -> "DatasetIndex":
+        """Open a saved index; the per-sample arrays are memory-mapped, not read (never unpickled).
+
+        ``pipe:`` shard URLs run shell commands when read, so an index that lists them is refused
+        unless ``allow_pipes=True``: pass it only for an index you (or someone you trust) built."""
         path = os.path.abspath(path)
         try:
             with open(path) as f:
@@ -328,6 +331,11 @@ class DatasetIndex:
                 url = os.path.normpath(os.path.join(base, local))
             shards.append(ShardInfo(url, int(entry["nsamples"]), int(entry.get("filesize", 0)), entry.get("mtime"),
                                     entry.get("etag"), entry.get("compression")))
+        pipes = [s.url for s in shards if s.url.startswith("pipe:")]
+        if pipes and not allow_pipes:
+            raise PermissionError(
+                f"index {path} lists {len(pipes)} shard URLs that run shell commands (e.g. {pipes[0]!r}); load it with "
+                "allow_pipes=True (InfoBatch(..., allow_pipes=True)) only if you trust whoever wrote it")
         sidecar = os.path.join(base, ours["arrays"])
         arrays = {}
         for name in _ARRAYS:
@@ -351,7 +359,8 @@ class DatasetIndex:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         if self._arrays is None:
-            self._arrays = DatasetIndex.load(self.path)._arrays
+            # the shard list travels in the state (already accepted by whoever loaded it)
+            self._arrays = DatasetIndex.load(self.path, allow_pipes=True)._arrays
 
 
 def _sidecar(path: str) -> str:

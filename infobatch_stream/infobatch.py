@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections import deque
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -29,7 +28,7 @@ from .index import DatasetIndex
 from .meta import BOOSTED, EPOCH, SLOT, TAG, as_meta_array, index_tag
 from .planner import decision_ids, plan_epoch
 from .reader import ReaderStage
-from .stages import FilterStage, ShardSource, current_worker
+from .stages import Announcements, FilterStage, ShardSource, current_worker
 from .store import ScoreStore
 
 if TYPE_CHECKING:
@@ -57,6 +56,7 @@ class EpochStats:
     requests: int = 0  # reads: seeks+reads on local files, Range requests over HTTP
     shards_read: int = 0
     shards_skipped: int = 0  # shards with nothing kept: never opened
+    shards_failed: int = 0  # shards given up on an error the handler= chose to skip (e.g. warn_and_continue)
     per_rank: int = 0  # samples each rank yields (all ranks equal)
     padded: int = 0  # remainder="pad": samples read twice so every rank gets per_rank
     dropped: int = 0  # remainder="drop": kept samples no rank reads
@@ -81,6 +81,8 @@ class InfoBatch:
             Every rank must then call ``update()`` equally often (balanced ranks do).
         share_store: let the local ranks of a node share one store and plan (the default); False
             gives every rank its own copy, as ranks on separate nodes have.
+        allow_pipes: load an index whose shard URLs are ``pipe:`` shell commands (refused by
+            default: only for an index you trust).
 
     With ``torch.distributed`` initialised, create it on every rank (it is a collective): the
     local ranks of a node share one store, every rank plans the same epoch, and every rank gets
@@ -89,8 +91,9 @@ class InfoBatch:
 
     def __init__(self, index: DatasetIndex | str, num_epochs: int, prune_ratio: float = 0.5,
                  delta: float = 0.875, seed: int = 0, granularity: str | int = "sample",
-                 remainder: str = "pad", sync_every: int | None = None, share_store: bool = True) -> None:
-        self.index = index if isinstance(index, DatasetIndex) else DatasetIndex.load(index)
+                 remainder: str = "pad", sync_every: int | None = None, share_store: bool = True,
+                 allow_pipes: bool = False) -> None:
+        self.index = index if isinstance(index, DatasetIndex) else DatasetIndex.load(index, allow_pipes=allow_pipes)
         if granularity == "sample":
             granularity = 1
         if isinstance(granularity, bool) or not isinstance(granularity, int):
@@ -103,6 +106,7 @@ class InfoBatch:
         self.remainder = remainder
         self.sync_every = sync_every
         self.tag = index_tag(self.index.fingerprint)
+        distributed.check_same("index (fingerprint)", self.index.fingerprint)  # slots must mean the same samples
         n, num_shards = self.index.num_samples, self.index.num_shards
         def create() -> list:
             return [ScoreStore.create(n).shared, EpochPlan.create(n).shared]
@@ -116,7 +120,7 @@ class InfoBatch:
         self._warned: set[tuple[str, int]] = set()
         self._pending: list[np.ndarray] = []  # this rank's (slot, loss) updates since the last exchange
         self._updates = 0  # update() calls, for sync_every
-        self._announced_parts: dict[str, deque] = {}  # per process: ib.shards() -> ib.filter()
+        self._announced_parts = Announcements()  # per process: ib.shards() -> ib.filter()
         self.epoch = -1
         self.set_epoch(0)
 
@@ -334,7 +338,8 @@ class InfoBatch:
 
     def stats(self) -> list[dict[str, Any]]:
         """Per-epoch figures: threshold, seen, well_learned, pruned, kept, trained, nonfinite,
-        and the reader's I/O (bytes_read, bytes_skipped, requests, shards_read, shards_skipped)."""
+        and the reader's I/O (bytes_read, bytes_skipped, requests, shards_read, shards_skipped,
+        shards_failed)."""
         self._collect_io()
         return [asdict(self._stats[e]) for e in sorted(self._stats)]
 
@@ -422,5 +427,5 @@ class InfoBatch:
         state["_stats"] = {}
         state["_warned"] = set()
         state["_pending"] = []
-        state["_announced_parts"] = {}
+        state["_announced_parts"] = Announcements()
         return state

@@ -32,7 +32,7 @@ from webdataset.handlers import reraise_exception
 from . import httpio
 from .index import ShardInfo, _is_local, _strip_file_scheme
 from .meta import META_KEY, make_meta
-from .stages import PART_KEY, current_worker
+from .stages import PART_KEY, SHARD_KEY, current_worker
 from .tarscan import BLOCK, _checksum_ok, _read_full, decompressed
 
 if TYPE_CHECKING:
@@ -219,7 +219,8 @@ def _region(info: ShardInfo, end: np.ndarray, kept: np.ndarray, first: int, stop
 
 def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float, *,
                merge_gap: int | None = None, verify: str = "size+mtime",
-               part: tuple[int, int] | None = None, only: np.ndarray | None = None) -> Iterator[dict[str, Any]]:
+               part: tuple[int, int] | None = None, only: np.ndarray | None = None,
+               generation: int | None = None) -> Iterator[dict[str, Any]]:
     """The kept samples of one shard, cut from the byte ranges that hold them: all of them, its
     kept samples ``[first, stop)`` given ``part``, or those at the kept ordinals ``only``
     (ascending; re-reading a resumed shuffle buffer)."""
@@ -229,7 +230,7 @@ def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float,
     kept = np.flatnonzero(keep)
     first, stop = part if part is not None else (0, len(kept))
     if stop <= first or (only is not None and len(only) == 0):
-        ib.control.add_io(worker, shards_skipped=1, bytes_skipped=index.shards[shard].filesize)
+        ib.control.add_io(worker, generation, shards_skipped=1, bytes_skipped=index.shards[shard].filesize)
         return
     lo, hi = index.slots(shard)
     start, end = index.byte_ranges(shard)
@@ -267,8 +268,8 @@ def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float,
         try:
             close()
         finally:
-            ib.control.add_io(worker, bytes_read=counter.bytes_read, requests=counter.requests, shards_read=1,
-                              bytes_skipped=max(region - counter.bytes_read, 0))
+            ib.control.add_io(worker, generation, bytes_read=counter.bytes_read, requests=counter.requests,
+                              shards_read=1, bytes_skipped=max(region - counter.bytes_read, 0))
 
 
 def read_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch", *,
@@ -282,15 +283,17 @@ def read_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch", *,
     if verify not in ("size", "size+mtime"):
         raise ValueError(f"verify must be 'size' or 'size+mtime', got {verify!r}")
     epoch, thresh = ib.begin_pass()
+    generation = ib.control.generation
     for item in src:
         url = item["url"]
         try:
-            shard = ib.index.shard_of_url(url)
+            shard = item[SHARD_KEY] if SHARD_KEY in item else ib.index.shard_of_url(url)
             yield from read_shard(ib, url, shard, epoch, thresh, merge_gap=merge_gap, verify=verify,
-                                  part=item.get(PART_KEY))
+                                  part=item.get(PART_KEY), generation=generation)
         except Exception as exn:  # noqa: BLE001 - handed to the user's handler, as WebDataset does
             exn.args = exn.args + (url,)
             if handler(exn):
+                ib.control.add_io(current_worker(), generation, shards_failed=1)
                 continue
             break
 

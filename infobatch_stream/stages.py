@@ -21,6 +21,33 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 PART_KEY = "__ib_part__"  # on the source's items: the kept range of the shard this worker reads
+SHARD_KEY = "__ib_shard__"  # and the shard's number in the index (a URL may be listed twice)
+
+
+class Announcements:
+    """What ``ib.shards()`` handed this worker, for ``ib.filter()`` in the same process.
+
+    Keyed by the shard the URL resolves to (so a URL rewritten on the way still matches), first
+    in first out (so a shard listed twice gets its parts in order)."""
+
+    def __init__(self) -> None:
+        self.active = False  # ib.shards() runs in this process's current pass
+        self._parts: dict[int, deque[Part]] = {}
+
+    def start(self) -> None:
+        self.active = True
+        self._parts.clear()
+
+    def clear(self) -> None:
+        self.active = False
+        self._parts.clear()
+
+    def push(self, key: int, part: Part) -> None:
+        self._parts.setdefault(key, deque()).append(part)
+
+    def pop(self, key: int) -> Part | None:
+        queued = self._parts.get(key)
+        return queued.popleft() if queued else None
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
@@ -47,6 +74,14 @@ def epoch_parts(ib: "InfoBatch") -> list[Part]:
                   ib.remainder)
 
 
+def account_empty(ib: "InfoBatch", parts: list[Part]) -> None:
+    """Count this worker's shards with nothing kept as skipped (they are never opened)."""
+    empty = [p.shard for p in parts if p.first == p.stop]
+    if empty:
+        ib.control.add_io(current_worker(), shards_skipped=len(empty),
+                          bytes_skipped=sum(ib.index.shards[s].filesize for s in empty))
+
+
 class ShardSource(IterableDataset):
     """First pipeline stage: yields ``{"url": ...}`` for this rank's and worker's shards of the epoch.
 
@@ -62,18 +97,16 @@ class ShardSource(IterableDataset):
         ib = self.ib
         parts = epoch_parts(ib)
         announced = ib._announced_parts
-        announced.clear()  # a new pass: forget parts of an abandoned one
-        empty = [p.shard for p in parts if p.first == p.stop]
-        if empty:
-            ib.control.add_io(current_worker(), shards_skipped=len(empty),
-                              bytes_skipped=sum(ib.index.shards[s].filesize for s in empty))
-        urls = ib.index.urls
+        announced.start()  # a new pass: forget parts of an abandoned one
+        account_empty(ib, parts)
+        index = ib.index
+        urls = index.urls
         for part in parts:
             if part.first == part.stop:
                 continue
             url = urls[part.shard]
-            announced.setdefault(url, deque()).append(part)
-            yield {"url": url, PART_KEY: (part.first, part.stop)}
+            announced.push(index.shard_of_url(url), part)
+            yield {"url": url, PART_KEY: (part.first, part.stop), SHARD_KEY: part.shard}
 
 
 class _ShardCursor:
@@ -128,11 +161,17 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[d
         key = sample["__key__"]
         if cursor is None or url != cursor.url or cursor.restarted(key):
             shard = index.shard_of_url(url)
+            part = announced.pop(shard)
+            if part is None and announced.active:
+                raise ValueError(
+                    f"shard {url} reached ib.filter() but ib.shards() did not hand it to this worker: a stage "
+                    "between them added or repeated shards; put ib.filter() right after tarfile_to_samples()")
+            if part is not None:
+                shard = part.shard  # the entry ib.shards() meant, also when a URL is listed twice
             lo, _ = index.slots(shard)
             keep, boosted = ib.decide_shard(shard, epoch, thresh)
-            queued = announced.get(url)
-            if queued:  # ib.shards() gave this worker only part of the shard's kept samples
-                keep = within_part(keep, queued.popleft())
+            if part is not None:  # ib.shards() may give this worker only part of the shard's kept samples
+                keep = within_part(keep, part)
             cursor = _ShardCursor(url, shard, lo, index.keys(shard), keep.tolist(), boosted.tolist())
         pos = cursor.position(key)
         if cursor.keep[pos]:

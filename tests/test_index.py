@@ -305,7 +305,11 @@ def test_non_local_urls_are_stored_verbatim(dataset, tmp_path):
     path = str(tmp_path / "p.json")
     ix.save(path)
     assert json.load(open(path))["shardlist"][0]["url"] == url
-    assert DatasetIndex.load(path).urls == [url]
+    with pytest.raises(PermissionError, match="allow_pipes"):
+        DatasetIndex.load(path)
+    loaded = DatasetIndex.load(path, allow_pipes=True)
+    assert loaded.urls == [url]
+    assert pickle.loads(pickle.dumps(loaded)).urls == [url]  # a worker reopens it by path
 
 
 def test_pickle_is_small_and_reopens_the_arrays(tmp_path):

@@ -11,8 +11,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from _data import make_index, slot_loss, train_epochs
-from infobatch_stream import META_KEY, IndexMismatchError, InfoBatch
+from _data import make_index, slot_loss, train_epochs, write_sized_shards
+from infobatch_stream import META_KEY, IndexMismatchError, InfoBatch, build_index
 from infobatch_stream.stages import shard_order
 
 EPOCHS = 4
@@ -310,3 +310,38 @@ def test_a_same_named_shard_of_another_split_is_refused(tmp_path):
     ib = InfoBatch(index, num_epochs=2)
     with pytest.raises(IndexMismatchError, match="is another shard"):
         list(wds.DataPipeline(wds.SimpleShardList(val_urls), wds.tarfile_to_samples(), ib.filter()))
+
+
+@pytest.mark.parametrize("path", ["reader", "filter"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_shard_listed_twice_is_read_once_per_entry(tmp_path, path, num_workers):
+    """Upsampling by listing a shard twice: each entry has its own slots, each read once."""
+    urls = write_sized_shards(str(tmp_path), [20, 30])
+    index = build_index([urls[0], urls[1], urls[0]], str(tmp_path / "index.json"))
+    ib = InfoBatch(index, num_epochs=4, prune_ratio=0.5, delta=1.0, seed=1)
+    reading = [ib.tarfile_to_samples()] if path == "reader" else [wds.tarfile_to_samples(), ib.filter()]
+    loader = DataLoader(wds.DataPipeline(ib.shards(), *reading, wds.to_tuple(META_KEY)), batch_size=4,
+                        num_workers=num_workers, multiprocessing_context="fork" if num_workers else None)
+    for epoch, slots in enumerate(train_epochs(ib, loader, 3)):
+        planned = np.flatnonzero(ib.plan.read(0, 70)[0]) if epoch == 2 else None
+        assert len(slots) == len(set(slots)) == ib.stats()[epoch]["kept"]
+        if planned is not None:
+            assert sorted(slots) == planned.tolist()
+    assert ib.stats()[1]["pruned"] > 0
+
+
+def test_a_url_rewritten_between_source_and_filter_is_an_error(dataset):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=2)
+    rewritten = wds.DataPipeline(ib.shards(), wds.map(lambda d: {**d, "url": "file:" + d["url"]}),
+                                 wds.tarfile_to_samples(), ib.filter())
+    assert len(list(rewritten)) == 320  # "file:" still names the same shard: matched, read once
+    with pytest.raises(ValueError, match="did not hand it to this worker"):
+        extra = wds.DataPipeline(ib.shards(), wds.map(lambda d: d), _twice, wds.tarfile_to_samples(), ib.filter())
+        list(extra)
+
+
+def _twice(src):
+    for item in src:  # a stage that repeats every shard: the filter must not keep the repeat
+        yield item
+        yield {"url": item["url"]}
