@@ -163,6 +163,11 @@ def _two_rank_scenarios(index_path: str, skewed_path: str) -> dict:
     result["ddp"] = _ddp_skewed(skewed_path)
     ib = InfoBatch(skewed_path, **CONFIG, remainder="drop")
     result["drop"] = _train(ib, _loader(ib, "reader", 2), epochs=1)
+    try:  # rank 1 loads another dataset's index: every rank must refuse, none may hang
+        InfoBatch(index_path if rank == 0 else skewed_path, **CONFIG)
+        result["mixed_index"] = "accepted"
+    except RuntimeError as e:
+        result["mixed_index"] = str(e)
     return result
 
 
@@ -252,6 +257,11 @@ def test_ddp_over_skewed_shards_takes_equal_steps(data):
     for epoch in range(EPOCHS):
         assert ranks[0]["batches"][epoch] == ranks[1]["batches"][epoch] == ranks[0]["expected_batches"][epoch]
     assert ranks[0]["weight"] == ranks[1]["weight"]
+
+
+def test_ranks_with_different_indexes_all_refuse(data):
+    for got in data[2]:
+        assert "ranks [1] have another index (fingerprint) than rank 0" in got["mixed_index"]
 
 
 def test_drop_remainder_reads_each_sample_at_most_once(data):
