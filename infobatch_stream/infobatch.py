@@ -83,6 +83,9 @@ class InfoBatch:
             gives every rank its own copy, as ranks on separate nodes have.
         allow_pipes: load an index whose shard URLs are ``pipe:`` shell commands (refused by
             default: only for an index you trust).
+        ema_decay: ``0`` (the published rule) scores a sample by its last loss; ``d`` in (0, 1)
+            keeps an exponential moving average, ``score = d * score + (1 - d) * loss``, for
+            noisy per-sample losses (diffusion timesteps, MAE masks).
 
     With ``torch.distributed`` initialised, create it on every rank (it is a collective): the
     local ranks of a node share one store, every rank plans the same epoch, and every rank gets
@@ -92,7 +95,7 @@ class InfoBatch:
     def __init__(self, index: DatasetIndex | str, num_epochs: int, prune_ratio: float = 0.5,
                  delta: float = 0.875, seed: int = 0, granularity: str | int = "sample",
                  remainder: str = "pad", sync_every: int | None = None, share_store: bool = True,
-                 allow_pipes: bool = False) -> None:
+                 allow_pipes: bool = False, ema_decay: float = 0.0) -> None:
         self.index = index if isinstance(index, DatasetIndex) else DatasetIndex.load(index, allow_pipes=allow_pipes)
         if granularity == "sample":
             granularity = 1
@@ -103,8 +106,11 @@ class InfoBatch:
         samples_per_rank(0, 1, remainder)  # validates it
         if sync_every is not None and (isinstance(sync_every, bool) or int(sync_every) < 1):
             raise ValueError(f"sync_every must be None or a number of update() calls >= 1, got {sync_every!r}")
+        if not 0.0 <= float(ema_decay) < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: the last loss is the score), got {ema_decay!r}")
         self.remainder = remainder
         self.sync_every = sync_every
+        self.ema_decay = float(ema_decay)
         self.tag = index_tag(self.index.fingerprint)
         distributed.check_same("index (fingerprint)", self.index.fingerprint)  # slots must mean the same samples
         n, num_shards = self.index.num_samples, self.index.num_shards
@@ -288,7 +294,7 @@ class InfoBatch:
             if self.sync_every and self._updates % self.sync_every == 0:
                 self.sync_scores()
         else:
-            self.store.record(slots[finite], values[finite])
+            self.store.record(slots[finite], values[finite], self.ema_decay)
         self._count(epochs, finite)
         weights = torch.from_numpy(policy.weights(boosted, self.config)).to(device=loss.device, dtype=loss.dtype)
         return (loss * weights).mean()
@@ -303,7 +309,9 @@ class InfoBatch:
             return 0
         packed = np.concatenate(self._pending) if self._pending else np.zeros(0, dtype=distributed.UPDATE)
         self._pending.clear()
-        apply = self.store.record if self._writer else (lambda s, v: None)
+        def apply(slots: np.ndarray, values: np.ndarray) -> None:
+            if self._writer:
+                self.store.record(slots, values, self.ema_decay)
         exchanged = distributed.exchange_updates(packed, apply)
         distributed.barrier()  # a node's writer has applied everything before any local rank reads
         return exchanged
@@ -364,13 +372,11 @@ class InfoBatch:
         """
         self._collect_io()
         pending = np.concatenate(self._pending) if self._pending else np.zeros(0, dtype=distributed.UPDATE)
-        c = self.config
         return {
             "format": 1,
             "index_fingerprint": self.index.fingerprint,
             "num_samples": self.index.num_samples,
-            "config": {"num_epochs": c.num_epochs, "prune_ratio": c.prune_ratio, "delta": c.delta, "seed": c.seed,
-                       "granularity": c.block_size, "remainder": self.remainder},
+            "config": self._settings(),
             "epoch": self.epoch,
             "threshold": self.control.threshold,
             "stats": [asdict(self._stats[e]) for e in sorted(self._stats)],
@@ -382,13 +388,17 @@ class InfoBatch:
             "pending_losses": torch.from_numpy(np.ascontiguousarray(pending["loss"])),
         }
 
+    def _settings(self) -> dict[str, Any]:
+        c = self.config
+        return {"num_epochs": c.num_epochs, "prune_ratio": c.prune_ratio, "delta": c.delta, "seed": c.seed,
+                "granularity": c.block_size, "remainder": self.remainder, "ema_decay": self.ema_decay}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`: the store, the epoch and its frozen plan (republished as
         saved, not recomputed). With several ranks, call it on every rank (a collective)."""
         check_state(state, self.index)
-        c, saved = self.config, state["config"]
-        mine = {"num_epochs": c.num_epochs, "prune_ratio": c.prune_ratio, "delta": c.delta, "seed": c.seed,
-                "granularity": c.block_size, "remainder": self.remainder}
+        mine = self._settings()
+        saved = {"ema_decay": 0.0, **state["config"]}  # states written before the option existed
         changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if changed:
             log.warning("restoring a state saved with other settings, keeping this InfoBatch's: %s",

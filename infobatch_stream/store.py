@@ -37,9 +37,19 @@ class ScoreStore:
     def nbytes(self) -> int:
         return self._shared.nbytes
 
-    def record(self, slots: np.ndarray, values: np.ndarray) -> None:
-        """Store finite per-sample losses as the scores of their slots."""
-        self.scores[np.asarray(slots, dtype=np.int64)] = np.asarray(values, dtype=np.float32)
+    def record(self, slots: np.ndarray, values: np.ndarray, ema_decay: float = 0.0) -> None:
+        """Store finite per-sample losses as the scores of their slots.
+
+        With ``ema_decay`` ``d > 0`` a seen score becomes ``d * score + (1 - d) * loss`` (an
+        unseen one takes the loss): noisy losses (a random diffusion timestep, a random mask)
+        then rank samples by their typical loss, not their last draw. A slot twice in one call
+        keeps one of its values."""
+        slots = np.asarray(slots, dtype=np.int64)
+        values = np.asarray(values, dtype=np.float32)
+        if ema_decay:
+            old = self.scores[slots]
+            values = np.where(np.isnan(old), values, np.float32(ema_decay) * old + np.float32(1 - ema_decay) * values)
+        self.scores[slots] = values
 
     def num_seen(self) -> int:
         return int(np.count_nonzero(~np.isnan(self.scores)))

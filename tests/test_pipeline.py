@@ -211,6 +211,21 @@ def test_nonfinite_losses_are_counted_not_stored(dataset):
     assert ib.stats()[0]["nonfinite"] == 2 and ib.stats()[0]["trained"] == 3
 
 
+def test_ema_decay_averages_losses_and_is_saved(dataset):
+    _, index = dataset
+    with pytest.raises(ValueError, match="ema_decay"):
+        InfoBatch(index, num_epochs=2, ema_decay=1.0)
+    ib = InfoBatch(index, num_epochs=2, ema_decay=0.75)
+    ib.update(_batch(ib, 2), torch.tensor([4.0, 8.0]))  # unseen: the loss itself
+    ib.update(_batch(ib, 3), torch.tensor([0.0, float("nan"), 2.0]))  # NaN leaves the score alone
+    np.testing.assert_allclose(ib.store.scores[:3], [0.75 * 4.0, 8.0, 2.0])
+    assert ib.state_dict()["config"]["ema_decay"] == 0.75
+    plain = InfoBatch(index, num_epochs=2)
+    plain.update(_batch(plain, 2), torch.tensor([4.0, 8.0]))
+    plain.update(_batch(plain, 2), torch.tensor([0.0, 1.0]))
+    np.testing.assert_array_equal(plain.store.scores[:2], [0.0, 1.0])  # the published rule: the last loss
+
+
 def test_second_pass_without_set_epoch_warns(dataset, caplog):
     _, index = dataset
     ib = InfoBatch(index, num_epochs=3)
