@@ -4,6 +4,7 @@ from .index import DatasetIndex, IndexMismatchError, build_index
 from .infobatch import EpochStats, InfoBatch
 from .meta import META_KEY
 from .policy import PruneConfig
+from .schedule import ProgressScheduler
 from .store import ScoreStore
 from .tarscan import TarFormatError
 
@@ -13,6 +14,7 @@ __all__ = [
     "IndexMismatchError",
     "InfoBatch",
     "META_KEY",
+    "ProgressScheduler",
     "PruneConfig",
     "ScoreStore",
     "TarFormatError",
