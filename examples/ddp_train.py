@@ -17,8 +17,8 @@ What changes in an existing DDP + WebDataset loop (each marked ``# IB`` below):
    samples' bytes and tags each with ``__ib__``, which ``to_tuple`` must carry to the loop.
 4. ``ib.set_epoch(epoch)`` before each pass, on every rank (a collective: the ranks exchange
    their losses, then all plan the same epoch). Its step count, ``ib.num_batches(batch, workers)``,
-   is exact, so a per-step schedule can use it; pruned epochs are shorter, so the run's total
-   step count is not known up front (hence a cosine over fractional epochs, not OneCycleLR).
+   is exact; pruned epochs are shorter, so the run's total step count is not known up front:
+   ``ProgressScheduler`` drives a step-based scheduler (here cosine) by the run's progress.
 5. The criterion uses ``reduction="none"`` and ``loss = ib.update(meta, per_sample_loss)``:
    scores in, weighted mean out; backward and step as before.
 
@@ -34,7 +34,6 @@ import argparse
 import glob
 import json
 import logging
-import math
 import os
 
 import numpy as np
@@ -44,7 +43,7 @@ import webdataset as wds
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from infobatch_stream import InfoBatch, build_index
+from infobatch_stream import InfoBatch, ProgressScheduler, build_index
 from infobatch_stream.demo import write_digits_shards
 from infobatch_stream.index import expand_urls
 
@@ -104,11 +103,6 @@ def to_tensors(sample: tuple) -> tuple[torch.Tensor, int, np.ndarray]:
     return torch.as_tensor(np.asarray(image, dtype=np.float32).reshape(-1)), int(label), meta
 
 
-def lr_at(base: float, progress: float, epochs: int) -> float:
-    """Cosine over fractional epochs: ``progress = epoch + step / steps_this_epoch``."""
-    return base * 0.5 * (1 + math.cos(math.pi * progress / epochs))
-
-
 def test_set_path(out: str) -> str:
     return os.path.join(out, "digits-test.npz")
 
@@ -154,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     criterion = nn.CrossEntropyLoss(reduction="none")  # IB 5: one loss per sample
+    schedule = ProgressScheduler(ib, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000), 1000,  # IB 4
+                                 args.batch_size, args.workers)
 
     total_steps = samples = 0
     for epoch in range(args.epochs):
@@ -161,12 +157,11 @@ def main(argv: list[str] | None = None) -> dict:
         steps = ib.num_batches(args.batch_size, args.workers)  # exact for this rank, the same on all
         done, loss_sum = 0, 0.0
         for x, y, meta in loader:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(args.lr, epoch + done / steps, args.epochs)
             loss = ib.update(meta, criterion(ddp(x.to(device)), y.to(device)))  # IB 5: weighted mean
             opt.zero_grad()
             loss.backward()
             opt.step()
+            schedule.step()  # IB 4: the LR follows the run's progress, whatever the epochs' lengths
             done += 1
             samples += len(y)
             loss_sum += loss.item()

@@ -12,7 +12,7 @@ run whatever the epochs' lengths, and every epoch takes its share.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from torch.optim.lr_scheduler import LRScheduler
@@ -30,22 +30,26 @@ class ProgressScheduler:
     """Drive ``scheduler`` (built with ``total_steps`` virtual steps) by the run's progress.
 
     ``batch_size``, ``num_workers`` and ``drop_last`` must match the loader: they give each
-    epoch's exact step count (``ib.num_batches``). Call :meth:`step` after every
-    ``optimizer.step()``, as for the wrapped scheduler.
+    epoch's exact step count (``ib.num_batches``). A loader that filters further (a baseline
+    that drops samples of its own) passes ``steps_per_epoch(epoch)`` instead. Call :meth:`step`
+    after every ``optimizer.step()``, as for the wrapped scheduler.
     """
 
     def __init__(self, ib: "InfoBatch", scheduler: "LRScheduler", total_steps: int, batch_size: int,
-                 num_workers: int = 0, drop_last: bool = False) -> None:
+                 num_workers: int = 0, drop_last: bool = False,
+                 steps_per_epoch: Callable[[int], int] | None = None) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1 (the count the scheduler was built with), got {total_steps}")
         self.ib, self.scheduler, self.total_steps = ib, scheduler, int(total_steps)
         self.batch_size, self.num_workers, self.drop_last = batch_size, num_workers, drop_last
+        self.steps_per_epoch = steps_per_epoch
         self.epoch, self.done, self.steps = -1, 0, 0
 
     def step(self) -> None:
         if self.ib.epoch != self.epoch:  # a new epoch was planned: its exact length
             self.epoch, self.done = self.ib.epoch, 0
-            self.steps = self.ib.num_batches(self.batch_size, self.num_workers, self.drop_last)
+            self.steps = (self.steps_per_epoch(self.epoch) if self.steps_per_epoch is not None
+                          else self.ib.num_batches(self.batch_size, self.num_workers, self.drop_last))
         self.done += 1
         at = progress(self.epoch, self.done, self.steps, self.ib.config.num_epochs)
         target = min(math.floor(at * self.total_steps), self.total_steps - 1)

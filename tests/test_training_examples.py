@@ -1,0 +1,75 @@
+"""The classification, MAE and diffusion examples and the study script, run for a few epochs.
+
+In-process (the examples are importable), on the bundled digits written once per module."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import common  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("examples_data"))
+
+
+def run(name: str, *argv: str) -> dict:
+    module = __import__(name)
+    return common.train(module.EXAMPLE, common.parse(module.EXAMPLE, module.__doc__, list(argv)))
+
+
+def test_classify_arms_match_and_random_trains_the_same_counts(data, tmp_path):
+    summary = str(tmp_path / "ib.json")
+    ib = run("classify", "--out", data, "--epochs", "4", "--workers", "2", "--json", summary)
+    per_epoch = [e["samples"] for e in ib["epochs"]]
+    assert per_epoch == [s["trained"] for s in ib["stats"]] == [s["kept"] for s in ib["stats"]]
+    assert 0 < ib["saved"] < 0.5 and ib["final"] > 0.8
+    rand = run("classify", "--out", data, "--epochs", "4", "--workers", "2", "--arm", "random", "--match", summary)
+    assert [e["samples"] for e in rand["epochs"]] == per_epoch  # exactly the same counts, other samples
+    full = run("classify", "--out", data, "--epochs", "4", "--workers", "0", "--arm", "full")
+    assert full["samples"] == full["full_samples"] and full["saved"] == 0
+
+
+@pytest.mark.parametrize("name", ["mae", "diffusion"])
+def test_noisy_loss_examples_train_and_prune(data, name):
+    summary = run(name, "--out", data, "--epochs", "3", "--workers", "0", "--ema-decay", "0.5")
+    metrics = [e[summary["metric"]] for e in summary["epochs"]]
+    assert all(math.isfinite(m) for m in metrics) and metrics[-1] < metrics[0]  # lower is better, and it learns
+    assert summary["saved"] > 0 and summary["config"]["ema_decay"] == 0.5
+
+
+def test_any_shards_with_the_same_fields(data, tmp_path):
+    shards = os.path.join(data, "digits-{000..007}.tar")
+    test = glob.glob(os.path.join(data, "test", "*.tar"))[0]
+    summary = run("classify", "--shards", shards, "--test-shards", test, "--out", str(tmp_path), "--epochs", "2",
+                  "--workers", "0")
+    assert summary["samples"] == summary["full_samples"]  # epoch 1 of 2 prunes nothing (delta 0.875)
+    with pytest.raises(SystemExit):
+        run("classify", "--shards", shards)  # a metric needs held-out shards
+
+
+def test_study_writes_table_json_and_plots(data, tmp_path):
+    import study
+
+    out = str(tmp_path / "study")
+    os.makedirs(out)
+    os.symlink(data, os.path.join(out, "data"))  # the digits already written
+    study.main(["--examples", "classify", "--seeds", "0", "1", "--epochs", "3", "--out", out, "--workers", "0"])
+    table = open(os.path.join(out, "results.md")).read()
+    for arm in study.ARMS:
+        assert f"| classify | {arm} |" in table
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert len(results["classify"]["random"]) == 2
+    assert os.path.getsize(os.path.join(out, "classify.png")) > 10_000
