@@ -81,7 +81,7 @@ def _scan_one(url: str) -> tuple[ShardSamples, float | None, str | None, str | N
     if _is_local(local):
         with open(local, "rb") as f:
             st = os.fstat(f.fileno())
-            stream, compression = decompressed(f)
+            stream, compression = decompressed(f, url)
             if compression is None:
                 return scan_shard(stream, url, filesize=st.st_size), st.st_mtime, None, None
             scan = scan_shard(stream, url)  # offsets are in the decompressed tar
@@ -90,7 +90,7 @@ def _scan_one(url: str) -> tuple[ShardSamples, float | None, str | None, str | N
     if is_http(url):
         response = open_stream(url)
         try:
-            stream, compression = decompressed(response)  # type: ignore[arg-type]
+            stream, compression = decompressed(response, url)  # type: ignore[arg-type]
             scan = scan_shard(stream, url)
             if compression is not None and response.length is not None:
                 scan.filesize = response.length
@@ -101,7 +101,7 @@ def _scan_one(url: str) -> tuple[ShardSamples, float | None, str | None, str | N
 
     raw = gopen(url, "rb")
     try:
-        stream, compression = decompressed(raw)
+        stream, compression = decompressed(raw, url)
         return scan_shard(stream, url), None, None, compression
     finally:
         raw.close()

@@ -112,12 +112,12 @@ class _CountingStream:
         return data
 
 
-def _sequential_reader(raw: BinaryIO, compressed: bool, counter: _Counter) -> Callable[[int, int], bytes]:
+def _sequential_reader(raw: BinaryIO, compressed: bool, counter: _Counter, where: str) -> Callable[[int, int], bytes]:
     """Serve ascending ranges from a stream that cannot seek by reading and discarding gaps."""
     counter.requests += 1
     stream = _CountingStream(raw, counter)
     if compressed:
-        stream, _ = decompressed(stream)  # type: ignore[arg-type,assignment]
+        stream, _ = decompressed(stream, where)  # type: ignore[arg-type,assignment]
     pos = 0
 
     def read(a: int, b: int) -> bytes:
@@ -125,12 +125,12 @@ def _sequential_reader(raw: BinaryIO, compressed: bool, counter: _Counter) -> Ca
         while pos < a:
             chunk = stream.read(min(a - pos, 1 << 20))
             if not chunk:
-                raise StaleIndexError(f"stream ended at byte {pos}, the index expects more; re-index the shard")
+                raise StaleIndexError(f"shard {where} ended at byte {pos}, the index expects more; re-index it")
             pos += len(chunk)
         data = _read_full(stream, b - a)  # type: ignore[arg-type]
         pos += len(data)
         if len(data) != b - a:
-            raise StaleIndexError(f"stream ended at byte {pos}, the index expects {b}; re-index the shard")
+            raise StaleIndexError(f"shard {where} ended at byte {pos}, the index expects {b}; re-index it")
         return data
 
     return read
@@ -142,7 +142,7 @@ def _local_reader(path: str, info: ShardInfo, verify: str, counter: _Counter) ->
         st = os.fstat(f.fileno())
         _check_fresh(path, info, verify, st.st_size, st.st_mtime)
         if info.compression is not None:
-            return _sequential_reader(f, True, counter), f.close
+            return _sequential_reader(f, True, counter, path), f.close
     except BaseException:
         f.close()
         raise
@@ -197,11 +197,11 @@ def _open(url: str, info: ShardInfo, verify: str, counter: _Counter) -> tuple[Ca
         except BaseException:
             response.close()
             raise
-        return _sequential_reader(response, True, counter), response.close  # type: ignore[arg-type]
+        return _sequential_reader(response, True, counter, url), response.close  # type: ignore[arg-type]
     from webdataset.gopen import gopen
 
     raw = gopen(url, "rb")
-    return _sequential_reader(raw, info.compression is not None, counter), lambda: _close_stream(raw)
+    return _sequential_reader(raw, info.compression is not None, counter, url), lambda: _close_stream(raw)
 
 
 def _region(info: ShardInfo, end: np.ndarray, kept: np.ndarray, first: int, stop: int) -> int:

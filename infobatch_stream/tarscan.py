@@ -16,6 +16,7 @@ import gzip
 import io
 import lzma
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
@@ -362,11 +363,12 @@ def scan_shard(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) ->
 _COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
 
 
-def decompressed(raw: BinaryIO) -> tuple[BinaryIO, str | None]:
+def decompressed(raw: BinaryIO, where: str = "shard") -> tuple[BinaryIO, str | None]:
     """Recognise gzip, bz2 and xz shards by their magic bytes and return a decompressing stream.
 
     Offsets in the index of a compressed shard refer to the decompressed tar: such a shard can
-    only be read sequentially, as WebDataset's ``tarfile.open(mode="r|*")`` does.
+    only be read sequentially, as WebDataset's ``tarfile.open(mode="r|*")`` does. A truncated
+    or corrupt compressed stream raises :class:`TarFormatError` naming ``where``.
     """
     if hasattr(raw, "peek"):
         head = raw.peek(6)[:6]
@@ -377,10 +379,37 @@ def decompressed(raw: BinaryIO) -> tuple[BinaryIO, str | None]:
     for magic, kind in _COMPRESSION_MAGIC:
         if head.startswith(magic):
             if kind == "gzip":
-                return gzip.GzipFile(fileobj=stream, mode="rb"), kind  # type: ignore[return-value]
-            opener = bz2.BZ2File if kind == "bz2" else lzma.LZMAFile
-            return opener(stream), kind  # type: ignore[return-value]
+                inner: BinaryIO = gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[assignment]
+            else:
+                inner = (bz2.BZ2File if kind == "bz2" else lzma.LZMAFile)(stream)  # type: ignore[assignment]
+            return _Decompressing(inner, kind, where), kind  # type: ignore[return-value]
     return stream, None
+
+
+class _Decompressing(io.RawIOBase):
+    """A decompressing stream whose failures name the shard: gzip's bare ``EOFError`` on a cut
+    file says neither which shard nor where."""
+
+    def __init__(self, inner: BinaryIO, kind: str, where: str) -> None:
+        self.inner, self.kind, self.where, self.pos = inner, kind, where, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data = self.inner.read(n)
+        except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+            raise TarFormatError(
+                f"{self.where}: the {self.kind} stream is truncated or corrupt after {self.pos} decompressed bytes "
+                f"({e}); rewrite or re-download the shard") from None
+        self.pos += len(data)
+        return data
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
 
 
 def _read_full(raw: BinaryIO, n: int) -> bytes:
