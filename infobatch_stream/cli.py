@@ -1,4 +1,4 @@
-"""``infobatch-stream``: build indexes and run the demo."""
+"""``infobatch-stream``: build indexes, run the demo and the benchmark, report on a saved run."""
 
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ def _bench(args: argparse.Namespace) -> int:
     main_bench(args.out, tuple(args.profile), args.repeats, http=not args.no_http, json_path=args.json,
                progress=not args.quiet)
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import main_report
+
+    return main_report(args.file, plot=args.plot, json_path=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="also write the results as JSON to this file")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_bench)
+
+    r = sub.add_parser(
+        "report", help="print and plot the pruning over a run from a saved state or stats file",
+        description="Print a run's per-epoch stats as a table with a summary: samples trained against the\n"
+                    "full data, pruning epochs, and from a saved state the score distribution.\n\n"
+                    "FILE is told by its content, not its name:\n"
+                    "  - a file written by ib.save(path)\n"
+                    "  - a torch.save() checkpoint holding ib.state_dict() at the top level or under any\n"
+                    "    key (read with torch.load(weights_only=True): nothing is unpickled)\n"
+                    "  - JSON: a list of ib.stats() epochs, or an object with a \"stats\" list",
+        epilog="example: infobatch-stream report ckpt.pt --plot pruning.png --json summary.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("file", help="ib.save() state, torch.save() checkpoint, or JSON stats")
+    r.add_argument("--plot", metavar="PNG", help="write a figure: kept fraction and threshold per epoch, score histogram")
+    r.add_argument("--json", metavar="FILE", help="also write the summary as JSON to this file")
+    r.set_defaults(func=_report)
     return parser
 
 

@@ -1,0 +1,172 @@
+"""``infobatch-stream report`` on what a real run saves: ib.save(), torch.save() and JSON stats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from _data import make_index, train_epochs
+from infobatch_stream import META_KEY, InfoBatch
+from infobatch_stream.cli import build_parser, main
+
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One real run (4 epochs, 2 of them pruning) saved every way the report reads."""
+    folder = tmp_path_factory.mktemp("report")
+    _, index = make_index(str(folder / "shards"), num_shards=4, per_shard=10)
+    ib = InfoBatch(index, num_epochs=EPOCHS, delta=0.75)
+    train_epochs(ib, DataLoader(ib.dataset(wds.to_tuple(META_KEY)), batch_size=5), EPOCHS)
+    paths = {kind: str(folder / name) for kind, name in
+             (("ib.save", "state.ibs"), ("torch.save", "last.ckpt"), ("json", "run.json"), ("list", "stats.txt"))}
+    ib.save(paths["ib.save"])
+    torch.save({"model": {"w": torch.ones(3)}, "ib": ib.state_dict(), "epoch": EPOCHS}, paths["torch.save"])
+    with open(paths["json"], "w") as f:
+        json.dump({"stats": ib.stats(), "accuracy": 0.9}, f)
+    with open(paths["list"], "w") as f:  # names say nothing: the kind is read from the content
+        json.dump(ib.stats(), f)
+    return ib.stats(), np.array(ib.store.scores), ib.state_dict()["config"], paths, folder
+
+
+def run_cli_all(*argvs: list[str]) -> list[subprocess.CompletedProcess]:
+    """The commands as a user runs them, started together (each is mostly interpreter start-up)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "infobatch_stream.cli", *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for argv in argvs]
+    done = []
+    for argv, proc in zip(argvs, procs):
+        out, err = proc.communicate(timeout=120)
+        done.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
+    return done
+
+
+def table(stdout: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+
+
+def test_report_prints_plots_and_summarises_every_kind_of_file(saved, capsys):
+    stats, scores, config, paths, folder = saved
+    assert [s["pruned"] > 0 for s in stats] == [False, True, True, False]  # the run exercises both phases
+    kinds = list(paths)
+    argvs = [["report", paths[k], "--plot", str(folder / f"{k}.png"), "--json", str(folder / f"{k}.json")]
+             for k in kinds]
+    outputs = run_cli_all(*argvs[:3])  # as a user runs it; the fourth in this process, to save a start-up
+    assert main(argvs[3]) == 0
+    outputs.append(subprocess.CompletedProcess(argvs[3], 0, *capsys.readouterr()))
+    full = EPOCHS * stats[0]["total"]
+    trained = sum(s["trained"] for s in stats)
+    pruning = [s for s in stats if s["pruned"]]
+    for kind, done in zip(kinds, outputs):
+        assert done.returncode == 0, (kind, done.stderr)
+        rows = table(done.stdout)
+        assert len(rows) == EPOCHS
+        for row, s in zip(rows, stats):
+            assert int(row[0]) == s["epoch"]
+            assert (row[1] == "-") if s["threshold"] is None else float(row[1]) == pytest.approx(s["threshold"], rel=1e-5)
+            assert [int(c.replace(",", "")) for c in row[2:6]] == [s["seen"], s["well_learned"], s["pruned"], s["kept"]]
+            assert row[6] == f"{100 * s['kept'] / s['total']:.1f}%" and int(row[7]) == s["trained"]
+            assert row[8] == f"{s['bytes_read'] / 1e3:.1f} kB" and row[9] == f"{s['bytes_skipped'] / 1e3:.1f} kB"
+        assert f"full data: {full:,} samples" in done.stdout
+        assert f"trained: {trained:,} samples ({100 * (1 - trained / full):.1f}% saved)" in done.stdout
+        assert f"pruning epochs: 2 of {EPOCHS}" in done.stdout
+        with open(folder / f"{kind}.png", "rb") as f:
+            png = f.read()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+        summary = json.loads((folder / f"{kind}.json").read_text())
+        assert summary["epochs"] == EPOCHS and summary["full_data"] == full and summary["trained"] == trained
+        assert summary["kept"] == sum(s["kept"] for s in stats)
+        assert summary["saved_trained"] == pytest.approx(1 - trained / full)
+        assert summary["pruning_epochs"] == 2
+        assert summary["mean_pruned_fraction"] == pytest.approx(np.mean([s["pruned"] / s["total"] for s in pruning]))
+        assert summary["bytes_read"] == sum(s["bytes_read"] for s in stats) > 0
+        assert summary["bytes_skipped"] == sum(s["bytes_skipped"] for s in stats) > 0
+        assert summary["final_threshold"] == pytest.approx(stats[-1]["threshold"])
+        if kind in ("ib.save", "torch.save"):  # a state also has the scores and the configuration
+            assert summary["source"] == kind and summary["config"] == config
+            seen = scores[np.isfinite(scores)].astype(np.float64)
+            assert summary["scores"]["seen"] == seen.size == stats[0]["total"]
+            assert summary["scores"]["quantiles"]["q50"] == pytest.approx(np.median(seen))
+            assert summary["scores"]["below_mean"] == stats[-1]["well_learned"]  # the scores did not change
+            assert f"scores: {seen.size} of {seen.size} samples seen" in done.stdout
+        else:
+            assert summary["source"] == "json" and "scores" not in summary
+    assert table(outputs[0].stdout) == table(outputs[2].stdout) == table(outputs[3].stdout)
+
+
+def test_bad_files_are_refused_with_the_file_named(saved, tmp_path, capsys):
+    stats, _, _, paths, _ = saved
+    marker = tmp_path / "unpickled"
+
+    class Trap:  # unpickling this creates the marker file
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    bad = {
+        "random.bin": np.random.default_rng(0).bytes(4096),
+        "model.pkl": pickle.dumps({"stats": stats, "trap": Trap()}),
+        "other.json": json.dumps({"accuracy": 0.9}).encode(),
+        "numbers.json": json.dumps([1, 2, 3]).encode(),
+        "broken.json": b'{"stats": [',
+        "cut.ibs": open(paths["ib.save"], "rb").read()[:100],
+    }
+    expected = {"random.bin": "is not a file the report can read", "model.pkl": "is not a file the report can read",
+                "other.json": "holds no per-epoch stats", "numbers.json": "stats entry 0 is not an ib.stats() epoch",
+                "broken.json": "is not valid JSON", "cut.ibs": "damaged",
+                "weights.pt": "holds no ib.state_dict()", "trap.pt": "which the report never unpickles"}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"model": {"w": torch.ones(3)}}, str(tmp_path / "weights.pt"))
+    torch.save({"ib": {"format": 1, "stats": stats}, "trap": Trap()}, str(tmp_path / "trap.pt"))
+    assert not marker.exists()
+    for name, message in expected.items():
+        path = str(tmp_path / name)
+        assert main(["report", path]) == 1, name
+        err = capsys.readouterr().err
+        assert err.startswith("infobatch-stream report: error: ") and path in err and message in err, (name, err)
+    assert not marker.exists()  # neither file was unpickled
+    done, = run_cli_all(["report", str(tmp_path / "random.bin")])  # the exit code through the real entry point
+    assert done.returncode == 1 and "random.bin" in done.stderr and "expected a file written by ib.save()" in done.stderr
+    assert main(["report", str(tmp_path / "missing.ibs")]) == 1
+    assert "missing.ibs" in capsys.readouterr().err
+
+
+def test_files_of_older_versions_report_what_they_have(saved, tmp_path, capsys):
+    stats, _, _, _, _ = saved
+    old = [{k: s[k] for k in ("epoch", "threshold", "total", "seen", "well_learned", "kept")} for s in stats]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert main(["report", str(path), "--json", str(tmp_path / "sum.json")]) == 0
+    out = capsys.readouterr().out
+    rows = table(out)
+    assert [int(r[4]) for r in rows] == [s["pruned"] for s in stats]  # derived from total - kept
+    assert all(r[7] == "-" for r in rows) and len(rows[0]) == 8  # no trained, no I/O columns
+    assert "trained: not recorded" in out
+    summary = json.loads((tmp_path / "sum.json").read_text())
+    assert summary["trained"] is None and summary["saved_kept"] == pytest.approx(
+        1 - sum(s["kept"] for s in stats) / (EPOCHS * stats[0]["total"]))
+    partial = [dict(s) for s in stats]
+    partial[-1]["trained"] = 5  # a checkpoint taken mid-epoch
+    path.write_text(json.dumps({"stats": partial}))
+    assert main(["report", str(path)]) == 0
+    assert "note: trained differs from kept" in capsys.readouterr().out
+
+
+def test_every_command_help_shows_an_example():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"index", "demo", "bench", "report"} <= set(commands)
+    for name, sub in commands.items():
+        assert f"example: infobatch-stream {name}" in sub.format_help(), name
+    assert "example: infobatch-stream" in parser.format_help()
