@@ -255,11 +255,13 @@ class InfoBatch:
         return num_batches(self.samples_per_rank, batch_size, num_workers, drop_last)
 
     # ---- training side -------------------------------------------------------------------------
-    def update(self, meta: Any, loss: torch.Tensor) -> torch.Tensor:
+    def update(self, meta: Any, loss: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:
         """Store per-sample losses as scores; return the weighted mean loss for ``backward()``.
 
         ``meta`` is the batch's ``__ib__`` field; ``loss`` has one value per sample
-        (``reduction="none"``). The caller's tensor is not modified.
+        (``reduction="none"``). The caller's tensor is not modified. ``score``, one value per
+        sample, is stored instead of the loss when given: e.g. a diffusion loss divided by the
+        mean loss at its timestep, so that samples are ranked by difficulty, not by the draw.
         """
         arr = as_meta_array(meta)
         if not isinstance(loss, torch.Tensor):
@@ -286,7 +288,10 @@ class InfoBatch:
                 f"InfoBatch's {self.index.num_samples}-sample index {self.index.path or '<memory>'}): pass the "
                 "'__ib__' field of batches read through this InfoBatch's stages"
             )
-        values = loss.detach().to(dtype=torch.float32, device="cpu").numpy()
+        if score is not None and tuple(score.shape) != tuple(loss.shape):
+            raise ValueError(f"update() got a score of shape {tuple(score.shape)} for a loss of shape "
+                             f"{tuple(loss.shape)}: pass one score per sample")
+        values = (loss if score is None else score).detach().to(dtype=torch.float32, device="cpu").numpy()
         finite = np.isfinite(values)
         if distributed.world()[1] > 1:  # the store changes only when ranks exchange: all stay identical
             self._pending.append(distributed.pack_updates(slots[finite], values[finite]))

@@ -226,6 +226,17 @@ def test_ema_decay_averages_losses_and_is_saved(dataset):
     np.testing.assert_array_equal(plain.store.scores[:2], [0.0, 1.0])  # the published rule: the last loss
 
 
+def test_a_separate_score_is_stored_and_the_loss_is_returned(dataset):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=2)
+    loss = torch.tensor([4.0, 8.0], requires_grad=True)
+    out = ib.update(_batch(ib, 2), loss, score=torch.tensor([0.5, 2.0]))
+    np.testing.assert_array_equal(ib.store.scores[:2], [0.5, 2.0])
+    assert out.item() == pytest.approx((4.0 * 1 + 8.0 * 2) / 2)  # _batch boosts odd slots: weight 2 at r=0.5
+    with pytest.raises(ValueError, match="one score per sample"):
+        ib.update(_batch(ib, 2), loss, score=torch.ones(3))
+
+
 def test_second_pass_without_set_epoch_warns(dataset, caplog):
     _, index = dataset
     ib = InfoBatch(index, num_epochs=3)
