@@ -6,7 +6,9 @@ trains four arms through the same pipeline, model initialisation and OneCycle sc
 - ``full``: all samples every epoch;
 - ``infobatch``: the library's pruning (the published rules: score = last loss);
 - ``infobatch+ema``: the same with ``--ema-decay`` (score = moving average of the losses);
-- ``random``: uniform random pruning at exactly the ``infobatch`` run's per-epoch sample counts.
+- ``random``: uniform random pruning at exactly the ``infobatch`` run's per-epoch sample counts;
+- ``infobatch+norm`` (diffusion only): the score is the loss divided by the running mean loss
+  at the sample's timestep (``--normalized-score``), so the draw of the timestep does not rank it.
 
 It writes ``results.md`` (metric mean +- std over the seeds, samples trained, steps, training
 wall time), ``results.json`` (every run's summary) and one PNG per example (kept fraction and
@@ -35,8 +37,14 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
-ARMS = ("full", "infobatch", "infobatch+ema", "random")
-COLORS = {"full": "black", "infobatch": "tab:blue", "infobatch+ema": "tab:green", "random": "tab:red"}
+ARMS = ("full", "infobatch", "infobatch+ema", "random", "infobatch+norm")
+COLORS = {"full": "black", "infobatch": "tab:blue", "infobatch+ema": "tab:green", "random": "tab:red",
+          "infobatch+norm": "tab:purple"}
+NORMALIZES = {"diffusion"}  # examples with a noise level to divide out of the score
+
+
+def arms_of(example: str) -> list[str]:
+    return [a for a in ARMS if a != "infobatch+norm" or example in NORMALIZES]
 
 
 def run_args(arm: str, seed: int, data: str, runs: str, example: str, args: argparse.Namespace) -> list[str]:
@@ -49,6 +57,8 @@ def run_args(arm: str, seed: int, data: str, runs: str, example: str, args: argp
         argv += ["--epochs", str(args.epochs)]
     if arm == "infobatch+ema":
         argv += ["--arm", "infobatch", "--ema-decay", str(args.ema_decay)]
+    elif arm == "infobatch+norm":
+        argv += ["--arm", "infobatch", "--normalized-score"]
     elif arm == "random":
         argv += ["--arm", "random", "--match", os.path.join(runs, f"{example}-infobatch-{seed}.json")]
     else:
@@ -62,8 +72,8 @@ def run_all(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
 
     runs, data = os.path.join(args.out, "runs"), os.path.join(args.out, "data")
     os.makedirs(runs, exist_ok=True)
-    todo = [(e, a, s) for e in args.examples for s in args.seeds for a in ARMS]  # random after infobatch
-    results: dict[str, dict[str, list[dict]]] = {e: {a: [] for a in ARMS} for e in args.examples}
+    todo = [(e, a, s) for e in args.examples for s in args.seeds for a in arms_of(e)]  # random after infobatch
+    results: dict[str, dict[str, list[dict]]] = {e: {a: [] for a in arms_of(e)} for e in args.examples}
     for example, arm, seed in tqdm(todo, desc="study", unit="run"):
         path = os.path.join(runs, f"{example}-{arm}-{seed}.json")
         if args.force or not os.path.exists(path):
@@ -85,8 +95,7 @@ def table(results: dict[str, dict[str, list[dict]]]) -> str:
              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for example, arms in results.items():
         full_mean, full_std = _mean_std([r["final"] for r in arms["full"]])
-        for arm in ARMS:
-            rs = arms[arm]
+        for arm, rs in arms.items():
             if not rs:
                 continue
             mean, std = _mean_std([r["final"] for r in rs])
@@ -118,8 +127,7 @@ def plot(example: str, arms: dict[str, list[dict]], path: str) -> None:
     fig, ax = plt.subplots(2, 3, figsize=(15, 8))
     total = arms["full"][0]["full_samples"] / len(arms["full"][0]["epochs"])
     metric = arms["full"][0]["metric"]
-    for arm in ARMS:
-        rs = arms[arm]
+    for arm, rs in arms.items():
         if not rs:
             continue
         kw = {"color": COLORS[arm], "label": arm}

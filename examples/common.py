@@ -51,7 +51,9 @@ class Example:
     metric: str  # name of the test metric
     higher_is_better: bool
     make_model: Callable[[int], nn.Module]  # from the image side (8 for the digits)
-    per_sample_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+    # the per-sample loss, or (loss, normalised score) where a noise level can be divided out
+    per_sample_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator],
+                              torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
     evaluate: Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
     lr: float = 0.05
     optimizer: str = "sgd"  # or "adamw"
@@ -80,6 +82,8 @@ def parser(example: Example, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--prune-ratio", type=float, default=example.prune_ratio)
     p.add_argument("--delta", type=float, default=0.875, help="fraction of the epochs that prune")
     p.add_argument("--ema-decay", type=float, default=0.0, help="score = EMA of the losses (0: the last loss)")
+    p.add_argument("--normalized-score", action="store_true",
+                   help="score = loss / mean loss at the sample's noise level (diffusion: its timestep)")
     p.add_argument("--match", help="--arm random: the JSON summary of the infobatch run whose sample counts to use")
     p.add_argument("--seed", type=int, default=0, help="model init, shuffle and pruning decisions")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the model")
@@ -100,7 +104,7 @@ def parse(example: Example, doc: str, argv: list[str] | None) -> argparse.Namesp
 
 
 # ---- data -----------------------------------------------------------------------------------------
-def _urls(pattern: str) -> list[str]:
+def shard_urls(pattern: str) -> list[str]:
     """Brace-expand like WebDataset, then expand globs in local paths (WebDataset does not)."""
     urls: list[str] = []
     for url in expand_urls(pattern):
@@ -112,8 +116,8 @@ def prepare(args: argparse.Namespace) -> tuple[str, list[str]]:
     """The training index and the test shard URLs, writing the digits if no shards were given."""
     if args.shards:
         index = args.shards if args.shards.endswith(".json") else build_index(
-            _urls(args.shards), os.path.join(args.out, "index.json")).path
-        return index, _urls(args.test_shards)
+            shard_urls(args.shards), os.path.join(args.out, "index.json")).path
+        return index, shard_urls(args.test_shards)
     index, test = os.path.join(args.out, "index.json"), os.path.join(args.out, "test", "digits-test-000.tar")
     if not (os.path.exists(index) and os.path.exists(test)):
         urls, x_test, y_test = write_digits_shards(args.out, num_shards=8, seed=0)
@@ -225,14 +229,18 @@ def train(example: Example, args: argparse.Namespace) -> dict:
         samples = steps = 0
         loss_sum = 0.0
         for x, y, meta in loader:
-            loss = ib.update(meta, example.per_sample_loss(model, x, y, noise))
+            out = example.per_sample_loss(model, x, y, noise)
+            per_sample, score = out if isinstance(out, tuple) else (out, None)
+            if args.normalized_score and score is None:
+                raise SystemExit(f"--normalized-score: the {example.name} example has no noise level to divide out")
+            loss = ib.update(meta, per_sample, score if args.normalized_score else None)
             opt.zero_grad()
             loss.backward()
             opt.step()
             schedule.step()
             samples += len(y)
             steps += 1
-            loss_sum += float(loss) * len(y)
+            loss_sum += loss.item() * len(y)
         seconds += time.perf_counter() - t0
         if steps != schedule.steps:  # the schedule was told another length: its LR would drift
             raise RuntimeError(f"epoch {epoch} took {steps} steps, the schedule expected {schedule.steps}")

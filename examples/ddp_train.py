@@ -31,7 +31,6 @@ at the end. With ``--shards`` nothing is evaluated. The last stdout line is a JS
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
 import os
@@ -45,7 +44,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from infobatch_stream import InfoBatch, ProgressScheduler, build_index
 from infobatch_stream.demo import write_digits_shards
-from infobatch_stream.index import expand_urls
+
+from common import shard_urls  # the examples' shard patterns: braces, then globs
 
 log = logging.getLogger("ddp_train")
 
@@ -71,14 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.epochs is None:
         args.epochs = 6 if args.quick else 30
     return args
-
-
-def shard_urls(pattern: str) -> list[str]:
-    """Brace-expand like WebDataset, then expand globs in local paths (WebDataset does not)."""
-    urls: list[str] = []
-    for url in expand_urls(pattern):
-        urls += sorted(glob.glob(url)) if "://" not in url and glob.has_magic(url) else [url]
-    return urls
 
 
 def prepare_index(args: argparse.Namespace, rank: int) -> str:

@@ -6,7 +6,8 @@
 An MLP predicts the noise added to an image at a timestep drawn at random for every sample and
 step (linear beta schedule, ``STEPS`` timesteps). A sample's loss is the DDPM loss, the mean
 squared error of the predicted noise, at its random timestep: very noisy as a score, which is
-what ``--ema-decay`` is for. The test metric is the same loss on the held-out images averaged
+what ``--ema-decay`` and ``--normalized-score`` (the loss divided by the running mean loss at
+its timestep) are for. The test metric is the same loss on the held-out images averaged
 over fixed timesteps and noise (lower is better). See ``common.py`` for what all examples share.
 """
 
@@ -27,6 +28,7 @@ ALPHA_BAR = torch.cumprod(1 - BETAS, 0)
 class Denoiser(nn.Module):
     def __init__(self, side: int, width: int = 256, time_dim: int = 32) -> None:
         super().__init__()
+        self.register_buffer("t_mean", torch.ones(STEPS))  # running mean loss per timestep (for scores)
         pixels = side * side
         self.time_dim = time_dim
         self.time = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU())
@@ -50,9 +52,18 @@ def ddpm_loss(model: nn.Module, x: torch.Tensor, t: torch.Tensor, noise: torch.T
     return ((model(x_t, t) - noise) ** 2).mean(1)
 
 
-def per_sample_loss(model: nn.Module, x: torch.Tensor, _: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def per_sample_loss(model: nn.Module, x: torch.Tensor, _: torch.Tensor,
+                    g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DDPM loss at a random timestep, and that loss divided by the running mean loss at the
+    same timestep: the timestep explains most of a loss's value, the ratio is the sample's own."""
     t = torch.randint(0, STEPS, (x.shape[0],), generator=g)
-    return ddpm_loss(model, x, t, torch.randn(x.shape, generator=g))
+    loss = ddpm_loss(model, x, t, torch.randn(x.shape, generator=g))
+    with torch.no_grad():
+        sums = torch.zeros(STEPS).index_add_(0, t, loss.detach())
+        counts = torch.zeros(STEPS).index_add_(0, t, torch.ones_like(loss))
+        seen = counts > 0
+        model.t_mean[seen] = 0.9 * model.t_mean[seen] + 0.1 * sums[seen] / counts[seen]
+    return loss, loss.detach() / model.t_mean[t]
 
 
 def test_loss(model: nn.Module, x: torch.Tensor, _: torch.Tensor) -> float:
@@ -65,7 +76,7 @@ def test_loss(model: nn.Module, x: torch.Tensor, _: torch.Tensor) -> float:
 
 
 EXAMPLE = Example("diffusion", "test_ddpm_loss", False, Denoiser, per_sample_loss, test_loss, lr=2e-3,
-                  optimizer="adamw", epochs=40, quick_epochs=8, prune_ratio=0.5)
+                  optimizer="adamw", epochs=100, quick_epochs=8, prune_ratio=0.5)
 
 if __name__ == "__main__":
     main(EXAMPLE, __doc__)

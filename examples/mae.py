@@ -3,8 +3,8 @@
     python examples/mae.py --quick
     python examples/mae.py --ema-decay 0.8                # score by a moving average of the losses
 
-A small transformer encodes the visible 25% of an image's 2x2 patches; a one-layer decoder
-predicts the masked 75% from mask tokens. A sample's loss is the mean squared error over its
+A small transformer encodes the visible half of an image's 2x2 patches; a one-layer decoder
+predicts the masked half from mask tokens. A sample's loss is the mean squared error over its
 masked patches, with a fresh random mask at every step: a noisy score, which is what
 ``--ema-decay`` is for. The test metric is the same loss on the held-out images with fixed
 masks (lower is better). The prune ratio defaults to 0.7: with noisy losses only about 57% of
@@ -19,7 +19,7 @@ from torch import nn
 
 from common import Example, main
 
-PATCH, DIM, MASK_RATIO = 2, 64, 0.75
+PATCH, DIM, MASK_RATIO = 2, 64, 0.5
 
 
 def _layer() -> nn.TransformerEncoderLayer:
@@ -71,8 +71,8 @@ def test_loss(model: nn.Module, x: torch.Tensor, _: torch.Tensor) -> float:
     return float(torch.stack([masked_loss(model, x, g).mean() for _ in range(4)]).mean())
 
 
-EXAMPLE = Example("mae", "masked_mse", False, TinyMAE, per_sample_loss, test_loss, lr=2e-3, optimizer="adamw",
-                  epochs=40, quick_epochs=8, prune_ratio=0.7)
+EXAMPLE = Example("mae", "masked_mse", False, TinyMAE, per_sample_loss, test_loss, lr=5e-3, optimizer="adamw",
+                  epochs=100, quick_epochs=8, prune_ratio=0.7)
 
 if __name__ == "__main__":
     main(EXAMPLE, __doc__)

@@ -68,7 +68,7 @@ def test_study_writes_table_json_and_plots(data, tmp_path):
     os.symlink(data, os.path.join(out, "data"))  # the digits already written
     study.main(["--examples", "classify", "--seeds", "0", "1", "--epochs", "3", "--out", out, "--workers", "0"])
     table = open(os.path.join(out, "results.md")).read()
-    for arm in study.ARMS:
+    for arm in study.arms_of("classify"):
         assert f"| classify | {arm} |" in table
     results = json.load(open(os.path.join(out, "results.json")))
     assert len(results["classify"]["random"]) == 2
