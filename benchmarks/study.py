@@ -136,14 +136,15 @@ def plot(example: str, arms: dict[str, list[dict]], path: str) -> None:
         ax[0, 0].plot(epochs, samples / total, **kw)
         if arm.startswith("infobatch"):
             ax[0, 1].plot(epochs, _per_epoch(rs, "threshold"), **kw)
-            ax[0, 2].hist(np.concatenate([r["scores"]["sample"] for r in rs]), bins=60, alpha=0.5,
-                          color=COLORS[arm], label=arm, density=True)
+            scores = np.concatenate([r["scores"]["sample"] for r in rs])
+            ax[0, 2].hist(np.log10(scores[scores > 0]), bins=60, alpha=0.5, color=COLORS[arm], label=arm,
+                          density=True)
         ax[1, 0].plot(epochs, _per_epoch(rs, "train_loss"), **kw)
         ax[1, 1].plot(epochs, _per_epoch(rs, metric), **kw)
         ax[1, 2].plot(np.cumsum(samples), _per_epoch(rs, metric), **kw)
     titles = [["kept fraction per epoch", "threshold (mean seen score)", "final scores (all seeds)"],
               ["training loss (weighted mean)", f"test {metric} per epoch", f"test {metric} per sample trained"]]
-    xlabels = [["epoch", "epoch", "score"], ["epoch", "epoch", "samples trained"]]
+    xlabels = [["epoch", "epoch", "log10 score"], ["epoch", "epoch", "samples trained"]]
     for i in range(2):
         for j in range(3):
             ax[i, j].set_title(titles[i][j])
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     md = table(results)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md + "\n")
-    slim = {e: {a: [{k: v for k, v in r.items() if k != "scores"} for r in rs] for a, rs in arms.items()}
+    slim = {e: {a: [{k: v for k, v in r.items() if k not in ("scores", "stats")} for r in rs] for a, rs in arms.items()}
             for e, arms in results.items()}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(slim, f)
