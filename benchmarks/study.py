@@ -1,25 +1,27 @@
 """The study: does InfoBatch save samples without hurting the model, against full data and random pruning?
 
 For each example (classification, MAE-style, diffusion-style; see ``examples/``) and seed it
-trains four arms through the same pipeline, model initialisation and OneCycle schedule:
+trains these arms through the same pipeline, model initialisation and OneCycle schedule:
 
 - ``full``: all samples every epoch;
 - ``infobatch``: the library's pruning (the published rules: score = last loss);
 - ``infobatch+ema``: the same with ``--ema-decay`` (score = moving average of the losses);
 - ``random``: uniform random pruning at exactly the ``infobatch`` run's per-epoch sample counts;
-- ``infobatch+norm`` (diffusion only): the score is the loss divided by the running mean loss
-  at the sample's timestep (``--normalized-score``), so the draw of the timestep does not rank it.
+- ``infobatch+norm`` (diffusion only): the score is the loss divided by the moving average of
+  the loss at the sample's timestep (``--normalized-score``), so the timestep does not rank it;
+- ``random@ema``, ``random@norm``: random pruning at the counts of those two arms.
 
 It writes ``results.md`` (metric mean +- std over the seeds, samples trained, steps, training
 wall time), ``results.json`` (every run's summary) and one PNG per example (kept fraction and
 threshold per epoch, score histograms, training loss and test metric per epoch and per sample
 trained) into ``--out``.
 
-    python benchmarks/study.py                            # 3 examples x 4 arms x 5 seeds, ~15 min
+    python benchmarks/study.py                            # 3 examples x 5-7 arms x 5 seeds, ~40 min
     python benchmarks/study.py --quick --seeds 0 1 2      # short runs, a few minutes
     python benchmarks/study.py --examples classify --seeds 0
 
-Runs whose JSON already exists in ``--out/runs`` are reused (``--force`` reruns them).
+A run whose JSON in ``--out/runs`` was made with the same arguments (and, for a random arm, the
+same matched counts) is reused; others are run again (``--force`` reruns everything).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -37,14 +40,15 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
-ARMS = ("full", "infobatch", "infobatch+ema", "random", "infobatch+norm")
+ARMS = ("full", "infobatch", "infobatch+ema", "random", "random@ema", "infobatch+norm", "random@norm")
 COLORS = {"full": "black", "infobatch": "tab:blue", "infobatch+ema": "tab:green", "random": "tab:red",
-          "infobatch+norm": "tab:purple"}
+          "random@ema": "tab:orange", "infobatch+norm": "tab:purple", "random@norm": "tab:pink"}
+MATCHED = {"random": "infobatch", "random@ema": "infobatch+ema", "random@norm": "infobatch+norm"}
 NORMALIZES = {"diffusion"}  # examples with a noise level to divide out of the score
 
 
 def arms_of(example: str) -> list[str]:
-    return [a for a in ARMS if a != "infobatch+norm" or example in NORMALIZES]
+    return [a for a in ARMS if not a.endswith("norm") or example in NORMALIZES]
 
 
 def run_args(arm: str, seed: int, data: str, runs: str, example: str, args: argparse.Namespace) -> list[str]:
@@ -59,8 +63,8 @@ def run_args(arm: str, seed: int, data: str, runs: str, example: str, args: argp
         argv += ["--arm", "infobatch", "--ema-decay", str(args.ema_decay)]
     elif arm == "infobatch+norm":
         argv += ["--arm", "infobatch", "--normalized-score"]
-    elif arm == "random":
-        argv += ["--arm", "random", "--match", os.path.join(runs, f"{example}-infobatch-{seed}.json")]
+    elif arm in MATCHED:
+        argv += ["--arm", "random", "--match", os.path.join(runs, f"{example}-{MATCHED[arm]}-{seed}.json")]
     else:
         argv += ["--arm", arm]
     return argv
@@ -76,14 +80,32 @@ def run_all(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
     results: dict[str, dict[str, list[dict]]] = {e: {a: [] for a in arms_of(e)} for e in args.examples}
     for example, arm, seed in tqdm(todo, desc="study", unit="run"):
         path = os.path.join(runs, f"{example}-{arm}-{seed}.json")
-        if args.force or not os.path.exists(path):
-            module = importlib.import_module(example)
-            common = importlib.import_module("common")
-            argv = run_args(arm, seed, data, runs, example, args)
-            common.train(module.EXAMPLE, common.parse(module.EXAMPLE, module.__doc__, argv))
+        module, common = importlib.import_module(example), importlib.import_module("common")
+        run = common.parse(module.EXAMPLE, module.__doc__, run_args(arm, seed, data, runs, example, args))
+        if args.force or _stale(path, run):
+            common.train(module.EXAMPLE, run)
         with open(path) as f:
             results[example][arm].append(json.load(f))
     return results
+
+
+def _stale(path: str, run: argparse.Namespace) -> bool:
+    """Whether the run at ``path`` is missing or was made with other arguments."""
+    if not os.path.exists(path):
+        return True
+    with open(path) as f:
+        done = json.load(f)["config"]
+    wanted = {k: v for k, v in vars(run).items() if k != "json"}
+    return {k: done.get(k) for k in wanted} != wanted
+
+
+def _welch(a: list[float], b: list[float]) -> float | None:
+    """Welch's t of mean(a) - mean(b); None with fewer than two values on a side."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    return diff / se if se > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -91,23 +113,26 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def table(results: dict[str, dict[str, list[dict]]]) -> str:
-    lines = ["| example | arm | metric (mean +- std) | vs full | samples trained | saved | steps | train time (s) |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| example | arm | metric (mean +- std) | within 1 std of full | difference (Welch t) | samples trained "
+             "| saved | steps | train time (s) |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for example, arms in results.items():
-        full_mean, full_std = _mean_std([r["final"] for r in arms["full"]])
+        full = [r["final"] for r in arms["full"]]
+        full_mean, full_std = _mean_std(full)
         for arm, rs in arms.items():
             if not rs:
                 continue
             mean, std = _mean_std([r["final"] for r in rs])
             metric, scale = rs[0]["metric"], 100.0 if rs[0]["metric"] == "accuracy" else 1.0
             unit = "%" if scale == 100.0 else ""
-            if arm == "full":
-                verdict = ""
-            else:
-                better = (mean - full_mean) * (1 if rs[0]["higher_is_better"] else -1)
-                verdict = "within 1 std" if abs(mean - full_mean) <= full_std else ("better" if better > 0 else "worse")
+            verdict, difference = "", ""
+            if arm != "full":
+                verdict = "n/a" if len(full) < 2 else ("yes" if abs(mean - full_mean) <= full_std else "no")
+                t = _welch([r["final"] for r in rs], full)
+                difference = f"{(mean - full_mean) * scale:+.3g}{unit}" + (f" ({t:+.1f})" if t is not None else "")
             lines.append(
                 f"| {example} | {arm} | {metric} {mean * scale:.4g}{unit} +- {std * scale:.2g}{unit} | {verdict} | "
+                f"{difference} | "
                 f"{statistics.fmean(r['samples'] for r in rs):,.0f} | {100 * statistics.fmean(r['saved'] for r in rs):.1f}% | "
                 f"{statistics.fmean(r['steps'] for r in rs):,.0f} | {statistics.fmean(r['seconds'] for r in rs):.1f} |")
     return "\n".join(lines)
@@ -139,11 +164,12 @@ def plot(example: str, arms: dict[str, list[dict]], path: str) -> None:
             scores = np.concatenate([r["scores"]["sample"] for r in rs])
             ax[0, 2].hist(np.log10(scores[scores > 0]), bins=60, alpha=0.5, color=COLORS[arm], label=arm,
                           density=True)
-        ax[1, 0].plot(epochs, _per_epoch(rs, "train_loss"), **kw)
+        raw = "train_loss_unweighted" if "train_loss_unweighted" in rs[0]["epochs"][0] else "train_loss"
+        ax[1, 0].plot(epochs, _per_epoch(rs, raw), **kw)
         ax[1, 1].plot(epochs, _per_epoch(rs, metric), **kw)
         ax[1, 2].plot(np.cumsum(samples), _per_epoch(rs, metric), **kw)
     titles = [["kept fraction per epoch", "threshold (mean seen score)", "final scores (all seeds)"],
-              ["training loss (weighted mean)", f"test {metric} per epoch", f"test {metric} per sample trained"]]
+              ["training loss (unweighted mean)", f"test {metric} per epoch", f"test {metric} per sample trained"]]
     xlabels = [["epoch", "epoch", "log10 score"], ["epoch", "epoch", "samples trained"]]
     for i in range(2):
         for j in range(3):

@@ -16,8 +16,8 @@ from torch.nn import functional as F
 from common import Example, main
 
 
-def make_model(side: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(side * side, 256), nn.ReLU(), nn.Linear(256, 10))
+def make_model(side: int, classes: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(side * side, 256), nn.ReLU(), nn.Linear(256, classes))
 
 
 def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, _: torch.Generator) -> torch.Tensor:

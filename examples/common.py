@@ -7,12 +7,15 @@ one arm and returns (and with ``--json`` writes) a summary with per-epoch record
 - ``infobatch``: the library's pruning (``--prune-ratio``, ``--delta``, ``--ema-decay``);
 - ``full``: the same pipeline with ``prune_ratio=0``: nothing pruned, every weight 1;
 - ``random``: uniform random pruning at the sample counts of an ``infobatch`` run (``--match``
-  its JSON summary): each epoch a random subset of exactly that many samples, weight 1.
+  its JSON summary): each epoch a random subset of exactly that many samples, weight 1. Its
+  samples are dropped after the shuffle buffer (InfoBatch's before it): the same for shards
+  written in random order, as the digits are.
 
 All arms use the same reader, shuffle buffer, model initialisation, optimiser and a OneCycle
 learning-rate schedule driven by :class:`ProgressScheduler`, so it spans the run however short
 the pruned epochs are. Without ``--shards`` the digits that scikit-learn ships are written as PNG
-tar shards (fields ``png`` and ``cls``) into ``--out``, with a held-out test shard.
+tar shards (fields ``png`` and ``cls``) into ``--out``, with a held-out test shard. Other shards
+need square images (decoded to grayscale) and integer labels; the examples run on the CPU.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class Example:
     name: str
     metric: str  # name of the test metric
     higher_is_better: bool
-    make_model: Callable[[int], nn.Module]  # from the image side (8 for the digits)
+    make_model: Callable[[int, int], nn.Module]  # from the image side (8 for the digits) and the classes
     # the per-sample loss, or (loss, normalised score) where a noise level can be divided out
     per_sample_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator],
                               torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
@@ -60,6 +63,7 @@ class Example:
     epochs: int = 30
     quick_epochs: int = 8
     prune_ratio: float = 0.5
+    has_noise_level: bool = False  # per_sample_loss also returns a score with its noise level divided out
 
 
 def parser(example: Example, doc: str) -> argparse.ArgumentParser:
@@ -75,7 +79,7 @@ def parser(example: Example, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--test-shards", help="pattern of held-out shards (needed with --shards)")
     p.add_argument("--out", default="examples_out", help="folder for the generated digits shards and the index")
     p.add_argument("--epochs", type=int, help=f"default {example.epochs}, or {example.quick_epochs} with --quick")
-    p.add_argument("--quick", action="store_true", help="a short run (minutes on a CPU)")
+    p.add_argument("--quick", action="store_true", help="a short run (seconds on a CPU)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--lr", type=float, default=example.lr, help="peak learning rate of the OneCycle schedule")
@@ -100,6 +104,17 @@ def parse(example: Example, doc: str, argv: list[str] | None) -> argparse.Namesp
         p.error("--shards needs --test-shards: the metric is measured on held-out data")
     if args.arm == "random" and not args.match:
         p.error("--arm random needs --match: the summary of an infobatch run whose sample counts it matches")
+    if args.normalized_score and not example.has_noise_level:
+        p.error(f"--normalized-score: the {example.name} example has no noise level to divide out of its loss")
+    if args.match:
+        with open(args.match) as f:
+            matched = json.load(f)
+        if matched.get("example") != example.name or len(matched.get("epochs", [])) != args.epochs:
+            p.error(f"--match {args.match}: a summary of {matched.get('example')!r} over "
+                    f"{len(matched.get('epochs', []))} epochs; expected {example.name!r} over {args.epochs}")
+        if {k: matched["config"].get(k) for k in ("out", "shards")} != {"out": args.out, "shards": args.shards}:
+            p.error(f"--match {args.match} was trained on other data ({matched['config'].get('shards') or matched['config'].get('out')})")
+        args.counts = [e["samples"] for e in matched["epochs"]]
     return args
 
 
@@ -168,20 +183,21 @@ class RandomSubset:
             self._cache = {epoch: keep}
         return self._cache[epoch]
 
-    def __call__(self, sample: tuple) -> bool:
-        meta = sample[-1]
+    def __call__(self, sample: dict) -> bool:
+        meta = sample[META_KEY]
         return bool(self.mask(int(meta[1]))[int(meta[0])])
 
     def batches(self, ib: InfoBatch, epoch: int, batch_size: int, num_workers: int) -> int:
         """The epoch's step count: each worker batches what it keeps of its share (nothing is
         pruned by InfoBatch in this arm, so a share's kept ordinals are shard positions)."""
-        keep, index = self.mask(epoch), ib.index
+        keep, index, control = self.mask(epoch), ib.index, ib.control
         order = shard_order(index.num_shards, ib.config.seed, epoch)
         sizes = np.array([s.nsamples for s in index.shards])
         steps = 0
         for worker in range(max(num_workers, 1)):
+            parts = assign(order, sizes, control.rank, control.world_size, worker, num_workers, ib.remainder)
             kept = sum(int(keep[index.slots(p.shard)[0] + p.first:index.slots(p.shard)[0] + p.stop].sum())
-                       for p in assign(order, sizes, 0, 1, worker, num_workers))
+                       for p in parts)
             steps += -(-kept // batch_size)
         return steps
 
@@ -199,26 +215,25 @@ def train(example: Example, args: argparse.Namespace) -> dict:
     index_path, test_urls = prepare(args)
     x_test, y_test = load_test(test_urls)
     side = math.isqrt(x_test.shape[1])
+    if side * side != x_test.shape[1]:
+        raise SystemExit(f"the examples expect square images; the test shards hold {x_test.shape[1]} pixels each")
     ratio = args.prune_ratio if args.arm == "infobatch" else 0.0
     ib = InfoBatch(index_path, num_epochs=args.epochs, prune_ratio=ratio, delta=args.delta, seed=args.seed,
                    ema_decay=args.ema_decay if args.arm == "infobatch" else 0.0)
     stages = [wds.decode("l"), wds.to_tuple("png", "cls", META_KEY)]
     subset = None
-    if args.arm == "random":
-        with open(args.match) as f:
-            counts = [e["samples"] for e in json.load(f)["epochs"]]
-        subset = RandomSubset(ib.index.num_samples, counts, args.seed)
-        stages.append(wds.select(subset))
+    if args.arm == "random":  # selected before decoding, as InfoBatch's pruned samples are never decoded
+        subset = RandomSubset(ib.index.num_samples, args.counts, args.seed)
+        stages.insert(0, wds.select(subset))
     dataset = ib.dataset(*stages, wds.map(to_tensors), shuffle=500)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                          persistent_workers=args.workers > 0)
     torch.manual_seed(args.seed)
-    model = example.make_model(side)
+    model = example.make_model(side, int(y_test.max()) + 1)
     opt = _optimizer(example, model, args.lr)
     one_cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=VIRTUAL_STEPS, pct_start=0.15)
     steps_of = (lambda e: subset.batches(ib, e, args.batch_size, args.workers)) if subset else None
-    schedule = ProgressScheduler(ib, one_cycle, VIRTUAL_STEPS, args.batch_size, args.workers,
-                                 steps_per_epoch=steps_of)
+    schedule = ProgressScheduler(ib, one_cycle, args.batch_size, args.workers, steps_per_epoch=steps_of)
     noise = torch.Generator().manual_seed(args.seed)  # the examples' own randomness (masks, timesteps)
 
     epochs, seconds = [], 0.0
@@ -227,12 +242,10 @@ def train(example: Example, args: argparse.Namespace) -> dict:
         stats = ib.set_epoch(epoch)
         model.train()
         samples = steps = 0
-        loss_sum = 0.0
+        loss_sum = raw_sum = 0.0
         for x, y, meta in loader:
             out = example.per_sample_loss(model, x, y, noise)
             per_sample, score = out if isinstance(out, tuple) else (out, None)
-            if args.normalized_score and score is None:
-                raise SystemExit(f"--normalized-score: the {example.name} example has no noise level to divide out")
             loss = ib.update(meta, per_sample, score if args.normalized_score else None)
             opt.zero_grad()
             loss.backward()
@@ -241,13 +254,15 @@ def train(example: Example, args: argparse.Namespace) -> dict:
             samples += len(y)
             steps += 1
             loss_sum += loss.item() * len(y)
+            raw_sum += per_sample.sum().item()
         seconds += time.perf_counter() - t0
-        if steps != schedule.steps:  # the schedule was told another length: its LR would drift
-            raise RuntimeError(f"epoch {epoch} took {steps} steps, the schedule expected {schedule.steps}")
+        if steps != schedule.expected_steps(epoch):  # the schedule was told another length: its LR would drift
+            raise RuntimeError(f"epoch {epoch} took {steps} steps, the schedule expected {schedule.expected_steps(epoch)}")
         model.eval()
         with torch.no_grad():
             metric = example.evaluate(model, x_test, y_test)
         epochs.append({"epoch": epoch, "samples": samples, "steps": steps, "train_loss": loss_sum / max(samples, 1),
+                       "train_loss_unweighted": raw_sum / max(samples, 1),
                        example.metric: metric, "threshold": stats.threshold, "lr": schedule.get_last_lr()[0],
                        "seconds": seconds})
         log.info("%s/%s epoch %d: %d samples, %d steps, loss %.4f, %s %.4f", example.name, args.arm, epoch, samples,

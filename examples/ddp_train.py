@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     criterion = nn.CrossEntropyLoss(reduction="none")  # IB 5: one loss per sample
-    schedule = ProgressScheduler(ib, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000), 1000,  # IB 4
+    schedule = ProgressScheduler(ib, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000),  # IB 4
                                  args.batch_size, args.workers)
 
     total_steps = samples = 0

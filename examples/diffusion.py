@@ -1,7 +1,7 @@
 """Diffusion-style (DDPM) denoising training from tar shards with InfoBatch (digits or any png shards).
 
     python examples/diffusion.py --quick
-    python examples/diffusion.py --ema-decay 0.8          # score by a moving average of the losses
+    python examples/diffusion.py --normalized-score     # score = loss / mean loss at its timestep
 
 An MLP predicts the noise added to an image at a timestep drawn at random for every sample and
 step (linear beta schedule, ``STEPS`` timesteps). A sample's loss is the DDPM loss, the mean
@@ -26,9 +26,9 @@ ALPHA_BAR = torch.cumprod(1 - BETAS, 0)
 
 
 class Denoiser(nn.Module):
-    def __init__(self, side: int, width: int = 256, time_dim: int = 32) -> None:
+    def __init__(self, side: int, _classes: int = 0, width: int = 256, time_dim: int = 32) -> None:
         super().__init__()
-        self.register_buffer("t_mean", torch.ones(STEPS))  # running mean loss per timestep (for scores)
+        self.register_buffer("t_mean", torch.ones(STEPS))  # moving average of the loss per timestep (for scores)
         pixels = side * side
         self.time_dim = time_dim
         self.time = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU())
@@ -54,15 +54,18 @@ def ddpm_loss(model: nn.Module, x: torch.Tensor, t: torch.Tensor, noise: torch.T
 
 def per_sample_loss(model: nn.Module, x: torch.Tensor, _: torch.Tensor,
                     g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DDPM loss at a random timestep, and that loss divided by the running mean loss at the
-    same timestep: the timestep explains most of a loss's value, the ratio is the sample's own."""
+    """The DDPM loss at a random timestep, and that loss divided by the moving average of the loss
+    at the same timestep: the timestep explains most of a loss's value, the ratio is the sample's
+    own. Each timestep's average moves by ``1 - 0.9**n`` towards the mean of its ``n`` losses in
+    the batch, so a timestep drawn often in a batch is not updated more than its share."""
     t = torch.randint(0, STEPS, (x.shape[0],), generator=g)
     loss = ddpm_loss(model, x, t, torch.randn(x.shape, generator=g))
     with torch.no_grad():
         sums = torch.zeros(STEPS).index_add_(0, t, loss.detach())
         counts = torch.zeros(STEPS).index_add_(0, t, torch.ones_like(loss))
         seen = counts > 0
-        model.t_mean[seen] = 0.9 * model.t_mean[seen] + 0.1 * sums[seen] / counts[seen]
+        rate = 1 - 0.9 ** counts[seen]
+        model.t_mean[seen] = (1 - rate) * model.t_mean[seen] + rate * sums[seen] / counts[seen]
     return loss, loss.detach() / model.t_mean[t]
 
 
@@ -76,7 +79,7 @@ def test_loss(model: nn.Module, x: torch.Tensor, _: torch.Tensor) -> float:
 
 
 EXAMPLE = Example("diffusion", "test_ddpm_loss", False, Denoiser, per_sample_loss, test_loss, lr=2e-3,
-                  optimizer="adamw", epochs=100, quick_epochs=8, prune_ratio=0.5)
+                  optimizer="adamw", epochs=100, quick_epochs=8, prune_ratio=0.5, has_noise_level=True)
 
 if __name__ == "__main__":
     main(EXAMPLE, __doc__)

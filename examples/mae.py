@@ -1,7 +1,7 @@
 """MAE-style masked-patch pretraining from tar shards with InfoBatch (digits or any png shards).
 
     python examples/mae.py --quick
-    python examples/mae.py --ema-decay 0.8                # score by a moving average of the losses
+    python examples/mae.py --ema-decay 0.5                # score by a moving average of the losses
 
 A small transformer encodes the visible half of an image's 2x2 patches; a one-layer decoder
 predicts the masked half from mask tokens. A sample's loss is the mean squared error over its
@@ -27,8 +27,10 @@ def _layer() -> nn.TransformerEncoderLayer:
 
 
 class TinyMAE(nn.Module):
-    def __init__(self, side: int) -> None:
+    def __init__(self, side: int, _classes: int = 0) -> None:
         super().__init__()
+        if side % PATCH:
+            raise SystemExit(f"mae.py cuts images into {PATCH}x{PATCH} patches; got {side}x{side} images")
         self.side, self.grid = side, side // PATCH
         self.num_patches = self.grid * self.grid
         self.embed = nn.Linear(PATCH * PATCH, DIM)

@@ -85,7 +85,8 @@ class InfoBatch:
             default: only for an index you trust).
         ema_decay: ``0`` (the published rule) scores a sample by its last loss; ``d`` in (0, 1)
             keeps an exponential moving average, ``score = d * score + (1 - d) * loss``, for
-            noisy per-sample losses (diffusion timesteps, MAE masks).
+            noisy per-sample losses (diffusion timesteps, MAE masks). A sample trained twice
+            in one step (padding across ranks) moves its average once per rank that trained it.
 
     With ``torch.distributed`` initialised, create it on every rank (it is a collective): the
     local ranks of a node share one store, every rank plans the same epoch, and every rank gets

@@ -286,7 +286,7 @@ def plot_run(run: Run, summary: dict[str, Any], path: str) -> None:
         if summary["final_threshold"] is not None:
             axes[2].axvline(summary["final_threshold"], color="tab:red", label="last epoch's threshold")
         axes[2].axvline(summary["scores"]["mean"], color="tab:red", linestyle="--", label="mean now (next threshold)")
-        axes[2].set(title=f"scores ({seen.size:,} seen)", xlabel="score (loss)", ylabel="samples")
+        axes[2].set(title=f"scores ({seen.size:,} seen)", xlabel="score", ylabel="samples")
         axes[2].legend(fontsize="small")
     done, saved = ((summary["trained"], summary["saved_trained"]) if summary["trained"] is not None
                    else (summary["kept"], summary["saved_kept"]))

@@ -11,8 +11,11 @@ run whatever the epochs' lengths, and every epoch takes its share.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any, Callable
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from torch.optim.lr_scheduler import LRScheduler
@@ -27,34 +30,62 @@ def progress(epoch: int, done: int, steps: int, num_epochs: int) -> float:
 
 
 class ProgressScheduler:
-    """Drive ``scheduler`` (built with ``total_steps`` virtual steps) by the run's progress.
+    """Drive ``scheduler`` (built over a fixed number of virtual steps) by the run's progress.
 
     ``batch_size``, ``num_workers`` and ``drop_last`` must match the loader: they give each
-    epoch's exact step count (``ib.num_batches``). A loader that filters further (a baseline
-    that drops samples of its own) passes ``steps_per_epoch(epoch)`` instead. Call :meth:`step`
-    after every ``optimizer.step()``, as for the wrapped scheduler.
+    epoch's exact step count (``ib.num_batches``). Where one optimiser step is not one batch
+    (gradient accumulation) or the loader filters further (a baseline that drops samples of its
+    own), pass ``steps_per_epoch(epoch)`` instead. ``total_steps``, the scheduler's own length,
+    is read from ``OneCycleLR.total_steps`` or ``CosineAnnealingLR.T_max``; pass it for others.
+    Call :meth:`step` after every ``optimizer.step()``, as for the wrapped scheduler. An epoch
+    that takes another number of steps than expected is logged: the LR would drift.
     """
 
-    def __init__(self, ib: "InfoBatch", scheduler: "LRScheduler", total_steps: int, batch_size: int,
-                 num_workers: int = 0, drop_last: bool = False,
+    def __init__(self, ib: "InfoBatch", scheduler: "LRScheduler", batch_size: int, num_workers: int = 0,
+                 drop_last: bool = False, *, total_steps: int | None = None,
                  steps_per_epoch: Callable[[int], int] | None = None) -> None:
+        own = getattr(scheduler, "total_steps", None) or getattr(scheduler, "T_max", None)
+        if total_steps is None:
+            if own is None:
+                raise ValueError(f"pass total_steps: the number of steps {type(scheduler).__name__} was built for")
+            total_steps = int(own)
+        if own is not None and int(own) != int(total_steps):
+            raise ValueError(f"total_steps={total_steps} but {type(scheduler).__name__} was built for {own} steps: "
+                             "the schedule would end early or step past its end")
         if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1 (the count the scheduler was built with), got {total_steps}")
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.ib, self.scheduler, self.total_steps = ib, scheduler, int(total_steps)
         self.batch_size, self.num_workers, self.drop_last = batch_size, num_workers, drop_last
         self.steps_per_epoch = steps_per_epoch
         self.epoch, self.done, self.steps = -1, 0, 0
+        self._warned = False
+
+    def expected_steps(self, epoch: int) -> int:
+        """Optimiser steps in ``epoch`` (the current, planned one)."""
+        if self.steps_per_epoch is not None:
+            return int(self.steps_per_epoch(epoch))
+        return self.ib.num_batches(self.batch_size, self.num_workers, self.drop_last)
 
     def step(self) -> None:
         if self.ib.epoch != self.epoch:  # a new epoch was planned: its exact length
+            if self.epoch >= 0 and self.done != self.steps:
+                self._mismatch()
             self.epoch, self.done = self.ib.epoch, 0
-            self.steps = (self.steps_per_epoch(self.epoch) if self.steps_per_epoch is not None
-                          else self.ib.num_batches(self.batch_size, self.num_workers, self.drop_last))
+            self.steps = self.expected_steps(self.epoch)
         self.done += 1
+        if self.done > self.steps:
+            self._mismatch()
         at = progress(self.epoch, self.done, self.steps, self.ib.config.num_epochs)
         target = min(math.floor(at * self.total_steps), self.total_steps - 1)
         while self.scheduler.last_epoch < target:
             self.scheduler.step()
+
+    def _mismatch(self) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("epoch %d took %s steps where %d were expected: the learning rate drifts; give "
+                        "ProgressScheduler the loader's batch_size, num_workers and drop_last, or steps_per_epoch",
+                        self.epoch, f"more than {self.steps}" if self.done > self.steps else self.done, self.steps)
 
     def get_last_lr(self) -> list[float]:
         return self.scheduler.get_last_lr()

@@ -12,7 +12,7 @@ from .shm import SharedArray
 
 
 class ScoreStore:
-    """Last observed loss of every sample, indexed by slot."""
+    """The score of every sample, indexed by slot: its last loss, or a moving average of its losses."""
 
     def __init__(self, shared: SharedArray) -> None:
         self._shared = shared

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -28,7 +29,7 @@ def _optimizer() -> torch.optim.Optimizer:
 def _run(ib: InfoBatch, make_scheduler) -> tuple[list[float], list[int], ProgressScheduler]:
     """Train with the fixed per-slot loss; the LR after every step and the steps per epoch."""
     opt = _optimizer()
-    sched = ProgressScheduler(ib, make_scheduler(opt), VIRTUAL, BATCH, WORKERS)
+    sched = ProgressScheduler(ib, make_scheduler(opt), BATCH, WORKERS)
     loader = DataLoader(ib.dataset(wds.to_tuple(META_KEY)), batch_size=BATCH, num_workers=WORKERS)
     lrs, steps = [], []
     for epoch in range(EPOCHS):
@@ -70,16 +71,34 @@ def test_one_cycle_ends_its_cycle_exactly_at_the_last_step(index):
 def test_state_dict_round_trip(index):
     ib = InfoBatch(index, num_epochs=EPOCHS)
     opt = _optimizer()
-    sched = ProgressScheduler(ib, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=VIRTUAL), VIRTUAL, BATCH)
+    sched = ProgressScheduler(ib, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=VIRTUAL), BATCH)
     for _ in range(3):
         opt.step()
         sched.step()
     opt2 = _optimizer()
     opt2.load_state_dict(opt.state_dict())  # a checkpoint restores the optimiser (its lr) too
-    again = ProgressScheduler(ib, torch.optim.lr_scheduler.CosineAnnealingLR(opt2, T_max=VIRTUAL), VIRTUAL, BATCH)
+    again = ProgressScheduler(ib, torch.optim.lr_scheduler.CosineAnnealingLR(opt2, T_max=VIRTUAL), BATCH)
     again.load_state_dict(sched.state_dict())
     sched.step()
     again.step()
     assert again.get_last_lr() == sched.get_last_lr() and again.done == 4
-    with pytest.raises(ValueError, match="total_steps"):
-        ProgressScheduler(ib, sched.scheduler, 0, BATCH)
+    with pytest.raises(ValueError, match="built for 1000 steps"):
+        ProgressScheduler(ib, sched.scheduler, BATCH, total_steps=500)
+    with pytest.raises(ValueError, match="pass total_steps"):
+        ProgressScheduler(ib, torch.optim.lr_scheduler.LambdaLR(_optimizer(), lambda s: 1.0), BATCH)
+
+
+def test_a_wrong_step_count_is_logged(index, caplog):
+    """A loader with workers described as one without: the epoch's length differs, say so."""
+    ib = InfoBatch(index, num_epochs=EPOCHS, prune_ratio=0.7, delta=0.8, seed=1)
+    opt = _optimizer()
+    sched = ProgressScheduler(ib, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=VIRTUAL), BATCH)
+    loader = DataLoader(ib.dataset(wds.to_tuple(META_KEY)), batch_size=BATCH, num_workers=WORKERS)
+    with caplog.at_level(logging.WARNING, logger="infobatch_stream"):
+        for epoch in range(2):
+            ib.set_epoch(epoch)
+            for (meta,) in loader:
+                ib.update(meta, slot_loss(meta))
+                opt.step()
+                sched.step()
+    assert "steps where" in caplog.text and "num_workers" in caplog.text

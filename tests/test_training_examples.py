@@ -73,3 +73,18 @@ def test_study_writes_table_json_and_plots(data, tmp_path):
     results = json.load(open(os.path.join(out, "results.json")))
     assert len(results["classify"]["random"]) == 2
     assert os.path.getsize(os.path.join(out, "classify.png")) > 10_000
+
+
+def test_bad_arguments_are_refused_up_front(data, tmp_path):
+    import classify
+
+    summary = str(tmp_path / "short.json")
+    with open(summary, "w") as f:
+        json.dump({"example": "classify", "epochs": [{"samples": 1}] * 2, "config": {"out": data, "shards": None}}, f)
+    parse = lambda *argv: common.parse(classify.EXAMPLE, classify.__doc__, list(argv))  # noqa: E731
+    assert parse("--out", data, "--epochs", "2", "--arm", "random", "--match", summary).counts == [1, 1]
+    for argv in (["--epochs", "3", "--arm", "random", "--match", summary],  # matched run has 2 epochs
+                 ["--epochs", "2", "--arm", "random", "--match", summary, "--out", str(tmp_path)],  # other data
+                 ["--normalized-score"]):  # no noise level in classification
+        with pytest.raises(SystemExit):
+            parse(*(["--out", data] if "--out" not in argv else []), *argv)
