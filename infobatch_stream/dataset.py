@@ -26,7 +26,7 @@ from webdataset.handlers import reraise_exception
 
 from . import policy
 from .balance import Part
-from .reader import read_shard
+from .reader import ReadOptions, ShardRequest, read_requests
 from .stages import account_empty, current_worker, epoch_parts, loader_worker
 
 if TYPE_CHECKING:
@@ -89,12 +89,12 @@ class ResumableDataset(IterableDataset):
     epoch, with ``state_dict``/``load_state_dict`` for an exact resume."""
 
     def __init__(self, ib: "InfoBatch", stages: tuple[Callable[[Iterable], Iterable], ...], shuffle: int = 0,
-                 handler: Callable[[Exception], bool] = reraise_exception, merge_gap: int | None = None,
-                 verify: str = "size+mtime") -> None:
+                 handler: Callable[[Exception], bool] = reraise_exception,
+                 options: ReadOptions = ReadOptions()) -> None:
         if shuffle < 0:
             raise ValueError(f"shuffle must be a buffer size >= 0, got {shuffle}")
         self.ib, self.stages, self.shuffle = ib, stages, shuffle
-        self.handler, self.merge_gap, self.verify = handler, merge_gap, verify
+        self.handler, self.options = handler, options
         self._cursor: Cursor | None = None
         self._resume: dict[str, Any] | None = None
 
@@ -138,34 +138,30 @@ class ResumableDataset(IterableDataset):
     def _read(self, parts: list[Part], ordinal: int, thresh: float, epoch: int, generation: int,
               only: list[tuple[int, np.ndarray, list[int]]] | None = None) -> Iterator[tuple[int, dict]]:
         """``(share ordinal, sample)`` from ``parts`` starting at share ordinal ``ordinal``, or
-        the samples listed in ``only`` (from :func:`locate`)."""
-        ib = self.ib
-        urls = ib.index.urls
+        the samples listed in ``only`` (from :func:`locate`). The reader reads ahead across the
+        parts; a shard's failure goes to the handler (WebDataset's semantics: True goes on with
+        the next shard, counted in ``shards_failed``; False ends the stream)."""
+        urls = self.ib.index.urls
         if only is None:
-            for part in skip(parts, ordinal):
-                for sample in self._guard(urls[part.shard], generation, lambda p=part: read_shard(
-                        ib, urls[p.shard], p.shard, epoch, thresh, merge_gap=self.merge_gap, verify=self.verify,
-                        part=(p.first, p.stop), generation=generation)):
-                    yield ordinal, sample
-                    ordinal += 1
+            requests = [ShardRequest(urls[p.shard], p.shard, (p.first, p.stop)) for p in skip(parts, ordinal)]
+            for _, sample in read_requests(self.ib, requests, epoch, thresh, self.options, handler=self._handle,
+                                           generation=generation):
+                yield ordinal, sample
+                ordinal += 1
             return
-        for i, kept, share in only:
-            part = parts[i]
-            got = self._guard(urls[part.shard], generation, lambda p=part, k=kept: read_shard(
-                ib, urls[p.shard], p.shard, epoch, thresh, merge_gap=self.merge_gap, verify=self.verify, only=k,
-                generation=generation))
-            yield from zip(share, got)
+        requests = [ShardRequest(urls[parts[i].shard], parts[i].shard, only=kept) for i, kept, _ in only]
+        shares = {id(r): share for r, (_, _, share) in zip(requests, only)}
+        taken: dict[int, int] = {}
+        for req, sample in read_requests(self.ib, requests, epoch, thresh, self.options, handler=self._handle,
+                                         generation=generation):
+            k = taken.get(id(req), 0)
+            taken[id(req)] = k + 1
+            yield shares[id(req)][k], sample
 
-    def _guard(self, url: str, generation: int, read: Callable[[], Iterator[dict]]) -> Iterator[dict]:
-        """WebDataset's handler semantics: the handler gets the error (URL appended) and returns
-        True to go on with the next shard (counted in ``shards_failed``) or False to stop."""
-        try:
-            yield from read()
-        except Exception as exn:  # noqa: BLE001 - handed to the user's handler
-            exn.args = exn.args + (url,)
-            if not self.handler(exn):
-                raise _Stop() from None
-            self.ib.control.add_io(current_worker(), generation, shards_failed=1)
+    def _handle(self, exn: Exception) -> bool:
+        if not self.handler(exn):
+            raise _Stop() from None
+        return True
 
     def _stoppable(self) -> Iterator[dict[str, Any]]:
         try:

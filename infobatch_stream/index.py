@@ -14,14 +14,16 @@ import json
 import logging
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from .httpio import is_http, open_stream
-from .tarscan import ShardSamples, decompressed, scan_shard
+from .storage import backend_for, expand_listing, identity, uses_obstore
+from .storage import is_local as _is_local
+from .storage import local_path as _strip_file_scheme
+from .tarscan import ShardSamples, TarFormatError, decompressed, scan_shard
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +36,11 @@ class IndexMismatchError(LookupError):
     """A sample or shard does not match the index; the message says what to re-index."""
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def _strip_file_scheme(url: str) -> str:
-    if url.startswith("file://"):
-        return url[len("file://"):]
-    if url.startswith("file:"):
-        return url[len("file:"):]
-    return url
-
-
 def normalize_url(url: str) -> str:
     """A canonical form for matching ``__url__`` of samples against indexed shards."""
-    url = _strip_file_scheme(url)
     if _is_local(url):
-        return os.path.realpath(url)
-    return url
+        return os.path.realpath(_strip_file_scheme(url))
+    return identity(url)
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -61,7 +50,8 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
 
         out: list[str] = []
         for part in urls.split("::"):
-            out.extend(braceexpand.braceexpand(part))
+            for url in braceexpand.braceexpand(part):
+                out.extend(expand_listing(url))  # s3://bucket/prefix/*.tar, shards/*.tar
         return out
     return list(urls)
 
@@ -74,36 +64,53 @@ class ShardInfo:
     mtime: float | None
     etag: str | None = None
     compression: str | None = None  # gzip, bz2 or xz: offsets refer to the decompressed tar
+    ranges: bool = True  # False: the server answers Range requests with the whole body (stream it)
 
 
-def _scan_one(url: str) -> tuple[ShardSamples, float | None, str | None, str | None]:
+def _serves_ranges(url: str, scan: ShardSamples, compression: str | None) -> bool:
+    """Ask an HTTP server for one byte: one that ignores Range gets its shard marked, so the
+    reader streams it instead of sending range requests that each return the whole body."""
+    if not url.startswith(("http://", "https://")) or compression is not None or not scan.filesize:
+        return True
+    from .storage import RangeNotSupported
+
+    try:
+        backend_for(url).read(url, 0, 1)
+    except RangeNotSupported:
+        log.warning("%s: the server ignores Range requests; the shard will be streamed whole", url)
+        return False
+    except OSError:
+        pass  # undecided: the reader falls back to streaming by itself
+    return True
+
+
+ScanResult = tuple[ShardSamples, "float | None", "str | None", "str | None", bool]
+
+
+def _scan_one(url: str) -> ScanResult:
     local = _strip_file_scheme(url)
     if _is_local(local):
         with open(local, "rb") as f:
             st = os.fstat(f.fileno())
             stream, compression = decompressed(f, url)
             if compression is None:
-                return scan_shard(stream, url, filesize=st.st_size), st.st_mtime, None, None
+                return scan_shard(stream, url, filesize=st.st_size), st.st_mtime, None, None, True
             scan = scan_shard(stream, url)  # offsets are in the decompressed tar
             scan.filesize = st.st_size  # what is on disk: stale-index checks compare it
-            return scan, st.st_mtime, None, compression
-    if is_http(url):
-        response = open_stream(url)
-        try:
-            stream, compression = decompressed(response, url)  # type: ignore[arg-type]
-            scan = scan_shard(stream, url)
-            if compression is not None and response.length is not None:
-                scan.filesize = response.length
-            return scan, None, response.etag, compression
-        finally:
-            response.close()
-    from webdataset.gopen import gopen  # `from webdataset import gopen` is the function, not the module
-
-    raw = gopen(url, "rb")
+            return scan, st.st_mtime, None, compression, True
+    raw, seen = backend_for(url).stream(url)  # object stores, HTTP, pipe: one sequential read
     try:
         stream, compression = decompressed(raw, url)
-        return scan_shard(stream, url), None, None, compression
+        scan = scan_shard(stream, url)
+        if compression is not None and seen is not None:
+            scan.filesize = seen.size  # what is stored: stale-index checks compare it
+        elif seen is not None and seen.size != scan.filesize:
+            raise TarFormatError(f"{url}: the object is {seen.size} bytes but {scan.filesize} arrived; it changed "
+                                 "while being indexed or the server is broken: index it again")
+        return scan, None, None if seen is None else seen.etag, compression, _serves_ranges(url, scan, compression)
     finally:
+        if hasattr(raw, "ignore_errors"):
+            raw.ignore_errors = True  # a pipe: child that is closed early is no error
         raw.close()
 
 
@@ -215,6 +222,8 @@ class DatasetIndex:
         candidates = [url]
         if url.startswith("pipe:") and url.split():
             candidates.append(url.split()[-1])
+        if identity(url) != url:  # a presigned URL signed anew
+            candidates.append(identity(url))
         for candidate in candidates:
             local = _strip_file_scheme(candidate)
             if _is_local(local) and os.path.abspath(local) in lookup:
@@ -280,6 +289,8 @@ class DatasetIndex:
                 entry["etag"] = s.etag
             if s.compression is not None:
                 entry["compression"] = s.compression
+            if not s.ranges:
+                entry["ranges"] = False
             shardlist.append(entry)
         doc = {
             "__kind__": INDEX_KIND,
@@ -330,7 +341,7 @@ class DatasetIndex:
             if _is_local(local) and not os.path.isabs(local):
                 url = os.path.normpath(os.path.join(base, local))
             shards.append(ShardInfo(url, int(entry["nsamples"]), int(entry.get("filesize", 0)), entry.get("mtime"),
-                                    entry.get("etag"), entry.get("compression")))
+                                    entry.get("etag"), entry.get("compression"), entry.get("ranges", True) is not False))
         pipes = [s.url for s in shards if s.url.startswith("pipe:")]
         if pipes and not allow_pipes:
             raise PermissionError(
@@ -370,15 +381,16 @@ def _sidecar(path: str) -> str:
 
 def from_scans(urls: Sequence[str], scans: Sequence[ShardSamples], mtimes: Sequence[float | None],
                etags: Sequence[str | None] | None = None,
-               compressions: Sequence[str | None] | None = None) -> DatasetIndex:
+               compressions: Sequence[str | None] | None = None, ranges: Sequence[bool] | None = None) -> DatasetIndex:
     """Assemble an index from per-shard scan results."""
     suffixes: dict[str, int] = {}
     key_parts, key_lengths, suffix_ids = [], [], []
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("start", "end", "nmembers", "data_offset", "size")}
     shards = []
-    for url, scan, mtime, etag, compression in zip(urls, scans, mtimes, etags or [None] * len(urls),
-                                                   compressions or [None] * len(urls)):
-        shards.append(ShardInfo(url, len(scan), scan.filesize, mtime, etag, compression))
+    for url, scan, mtime, etag, compression, ranged in zip(urls, scans, mtimes, etags or [None] * len(urls),
+                                                           compressions or [None] * len(urls),
+                                                           ranges or [True] * len(urls)):
+        shards.append(ShardInfo(url, len(scan), scan.filesize, mtime, etag, compression, ranged))
         for name, arr in scan.arrays().items():
             parts[name].append(arr)
         encoded = [k.encode("utf-8", "surrogateescape") for k in scan.keys]
@@ -407,23 +419,50 @@ def from_scans(urls: Sequence[str], scans: Sequence[ShardSamples], mtimes: Seque
     return DatasetIndex(shards, arrays, list(suffixes))
 
 
+def _scan_remote(urls: list[str], concurrency: int) -> Iterable[ScanResult]:
+    """Scan remote shards ``concurrency`` at a time, in spawned processes: the object-store
+    client's threads would not survive the DataLoader forking this process later (see
+    :mod:`infobatch_stream.storage.objstore`), so this process does not start them."""
+    from .storage import objstore
+
+    if objstore.used_here() or not any(uses_obstore(u) for u in urls):
+        with ThreadPoolExecutor(max_workers=concurrency) as threads:
+            yield from threads.map(_scan_one, urls)
+        return
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=min(concurrency, len(urls)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_scan_one, urls)
+
+
 def build_index(urls: str | Iterable[str], output: str | None = None, *, workers: int = 1,
-                progress: bool = False) -> DatasetIndex:
+                progress: bool = False, remote_concurrency: int = 16) -> DatasetIndex:
     """Scan every shard's headers and build (and, with ``output``, save) the dataset index.
 
-    ``urls`` is a WebDataset brace pattern or a list; local files are scanned with seeks, other
-    URLs (``http://``, ``pipe:``) are streamed through ``webdataset.gopen``.
+    ``urls`` is a WebDataset brace pattern (globs such as ``s3://bucket/prefix/*.tar`` are
+    listed) or a list. Local files are scanned with seeks in ``workers`` processes; other URLs
+    (object stores, HTTP, ``pipe:``) are streamed through the storage layer, ``remote_concurrency``
+    at a time on threads (the wait is the network's), each object's version (ETag) recorded for
+    the stale check.
     """
     url_list = expand_urls(urls if isinstance(urls, str) else list(urls))
     if not url_list:
         raise ValueError("no shards to index: the URL pattern expanded to nothing")
-    results: list[tuple[ShardSamples, float | None, str | None, str | None]]
+    results: list[ScanResult]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(url_list), unit="shard", desc="indexing")
-    if workers > 1 and len(url_list) > 1:
+    remote = not all(_is_local(u) for u in url_list)
+    if remote:
+        results = []
+        for r in _scan_remote(url_list, max(workers, remote_concurrency)):
+            results.append(r)
+            if bar:
+                bar.update()
+    elif workers > 1 and len(url_list) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = []
             for r in pool.map(_scan_one, url_list, chunksize=max(1, len(url_list) // (workers * 8))):

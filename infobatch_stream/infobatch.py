@@ -27,7 +27,8 @@ from .control import EpochControl, EpochPlan
 from .index import DatasetIndex
 from .meta import BOOSTED, EPOCH, SLOT, TAG, as_meta_array, index_tag
 from .planner import decision_ids, plan_epoch
-from .reader import ReaderStage
+from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT
+from .reader import ReaderStage, ReadOptions
 from .stages import Announcements, FilterStage, ShardSource, current_worker
 from .store import ScoreStore
 
@@ -142,32 +143,39 @@ class InfoBatch:
         return FilterStage(self)
 
     def tarfile_to_samples(self, handler: Callable[[Exception], bool] = reraise_exception, *,
-                           merge_gap: int | None = None, verify: str = "size+mtime") -> ReaderStage:
+                           merge_gap: int | None = None, verify: str = "size+mtime",
+                           max_inflight: int = DEFAULT_INFLIGHT, readahead_bytes: int = DEFAULT_BUDGET) -> ReaderStage:
         """Drop-in for ``wds.tarfile_to_samples()`` + ``ib.filter()`` that reads only kept bytes.
 
         ``merge_gap``: pruned bytes worth reading through rather than skipping (default 4 KiB
-        locally, 64 KiB over HTTP; see :mod:`infobatch_stream.reader`). ``verify``: compare each
+        locally, 16 KiB remote; see :mod:`infobatch_stream.reader`). ``verify``: compare each
         shard's size and mtime/ETag (``"size+mtime"``) or only its size (``"size"``) with the index.
+        ``max_inflight`` requests per worker and ``readahead_bytes`` of buffered data bound the
+        read-ahead on object stores and HTTP.
         """
-        return ReaderStage(self, handler, merge_gap, verify)
+        return ReaderStage(self, handler, ReadOptions(merge_gap, verify, max_inflight, readahead_bytes))
 
     def dataset(self, *stages: Callable, shuffle: int = 0, handler: Callable[[Exception], bool] = reraise_exception,
-                merge_gap: int | None = None, verify: str = "size+mtime") -> "ResumableDataset":
+                merge_gap: int | None = None, verify: str = "size+mtime", max_inflight: int = DEFAULT_INFLIGHT,
+                readahead_bytes: int = DEFAULT_BUDGET) -> "ResumableDataset":
         """This rank's and worker's share of the epoch, read with the skip-aware reader, shuffled
         in a buffer of ``shuffle`` samples, then passed through ``stages`` (WebDataset stages such
         as ``wds.decode()``, ``wds.to_tuple(...)``, ``wds.batched(n)``). Resumable exactly: it has
-        ``state_dict``/``load_state_dict`` for ``StatefulDataLoader``; see :mod:`infobatch_stream.dataset`."""
+        ``state_dict``/``load_state_dict`` for ``StatefulDataLoader``; see :mod:`infobatch_stream.dataset`.
+        The reading options are those of :meth:`tarfile_to_samples`."""
         from .dataset import ResumableDataset
 
-        return ResumableDataset(self, stages, shuffle, handler, merge_gap, verify)
+        return ResumableDataset(self, stages, shuffle, handler,
+                                ReadOptions(merge_gap, verify, max_inflight, readahead_bytes))
 
     def node(self, *stages: Callable, shuffle: int = 0, handler: Callable[[Exception], bool] = reraise_exception,
-             merge_gap: int | None = None, verify: str = "size+mtime") -> Any:
+             **read_options: Any) -> Any:
         """:meth:`dataset` as a ``torchdata.nodes`` source node (``BaseNode`` with ``reset``,
-        ``next`` and ``get_state``) for a ``torchdata.nodes.Loader`` graph: resumable exactly."""
+        ``next`` and ``get_state``) for a ``torchdata.nodes.Loader`` graph: resumable exactly.
+        ``read_options``: those of :meth:`tarfile_to_samples`."""
         from .dataset import make_node
 
-        return make_node(self.dataset(*stages, shuffle=shuffle, handler=handler, merge_gap=merge_gap, verify=verify))
+        return make_node(self.dataset(*stages, shuffle=shuffle, handler=handler, **read_options))
 
     # ---- epochs --------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> EpochStats:

@@ -1,38 +1,48 @@
-"""The skip-aware tar reader: read only the kept samples' bytes.
+"""The skip-aware tar reader: read only the kept samples' bytes, several requests at a time.
 
 A drop-in for ``wds.tarfile_to_samples()`` followed by ``ib.filter()``, with the same output
-(keys, bytes, order, ``__url__``, ``__ib__``). When a shard is opened its keep mask is computed
-from the store; kept samples become byte ranges from the index; only those are read:
+(keys, bytes, order, ``__url__``, ``__ib__``). When a shard comes up its keep mask is computed
+from the store; kept samples become byte ranges from the index; only those are read, through
+the storage layer (:mod:`infobatch_stream.storage`):
 
-- local files: ``seek`` past pruned runs;
-- ``http(s)://``: one Range request per kept run on a kept-alive connection;
-- anything that cannot seek (``pipe:``, gzip/bz2/xz shards): read sequentially, discard pruned
-  bytes without parsing them;
+- local files: ``os.pread`` of each range, in the reading thread;
+- object stores and HTTP(S): up to ``max_inflight`` range requests in flight per worker, across
+  the current shard and the next ones of the worker's list, within ``readahead_bytes`` of
+  requested-but-unconsumed data (:mod:`infobatch_stream.readahead`); samples are yielded in
+  order as soon as their range is there;
+- anything that cannot seek (``pipe:``, gzip/bz2/xz shards, a server that ignores ``Range``):
+  read sequentially, pruned bytes discarded unparsed;
 - shards with nothing kept are not opened.
 
 Samples are cut out of the read buffers with the index's member offsets: no tar header is parsed.
 
-**Cost model for merging.** Two kept runs separated by a gap of ``g`` pruned bytes are read as one
-range when ``g <= merge_gap``: one more request costs about as much as transferring
-``latency x bandwidth`` bytes. Defaults: 4 KiB for local files (a syscall and a page), 64 KiB for
-HTTP (a server ~1 ms away at ~64 MB/s). For an object store with 30 ms first-byte latency at
-100 MB/s, ``merge_gap=3_000_000`` is the break-even point.
+**Cost model for merging.** Two kept runs separated by ``g`` pruned bytes are read as one range
+when ``g <= merge_gap``. A request costs its time to first byte ``L``; reading through the gap
+costs ``g / B`` at bandwidth ``B``. One request at a time, merging pays below ``L x B`` (3 MB at
+30 ms and 100 MB/s). With ``C`` requests in flight the latency overlaps with other transfers and
+with decoding, so a gap read through costs bytes (and the provider's egress) while buying little
+time: the remote default is 16 KiB, the local one 4 KiB (a syscall and a page). Ranges are cut at
+``readahead_bytes / (2 x max_inflight)`` (2 MiB by default) so samples flow while a long kept run
+is still arriving.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 from webdataset.handlers import reraise_exception
 
-from . import httpio
-from .index import ShardInfo, _is_local, _strip_file_scheme
+from .index import ShardInfo
 from .meta import META_KEY, make_meta
+from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT, ReadAhead
 from .stages import PART_KEY, SHARD_KEY, current_worker
+from .storage import ObjectInfo, RangeNotSupported, backend_for, is_local, local_path
 from .tarscan import BLOCK, _checksum_ok, _read_full, decompressed
 
 if TYPE_CHECKING:
@@ -41,12 +51,50 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOCAL_MERGE_GAP = 4 << 10
-HTTP_MERGE_GAP = 64 << 10
-MAX_RANGE_BYTES = 16 << 20  # bounds the buffer of one read
+REMOTE_MERGE_GAP = 16 << 10
+HTTP_MERGE_GAP = REMOTE_MERGE_GAP  # the name of the remote default in earlier releases
+MAX_RANGE_BYTES = 16 << 20  # bounds the buffer of one local read
+MIN_REMOTE_RANGE = 256 << 10
+SHARDS_AHEAD = 8  # shards planned ahead of the one being yielded (their tables are in memory)
+VERIFY = ("size", "size+mtime")
 
 
 class StaleIndexError(RuntimeError):
     """A shard differs from what the index recorded: reading at stale offsets would return garbage."""
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How the reader fetches (see the module docstring)."""
+
+    merge_gap: int | None = None  # None: 4 KiB local, 16 KiB remote
+    verify: str = "size+mtime"
+    max_inflight: int = DEFAULT_INFLIGHT
+    readahead_bytes: int = DEFAULT_BUDGET
+
+    def __post_init__(self) -> None:
+        if self.verify not in VERIFY:
+            raise ValueError(f"verify must be 'size' or 'size+mtime', got {self.verify!r}")
+        if self.merge_gap is not None and self.merge_gap < 0:
+            raise ValueError(f"merge_gap must be >= 0 bytes, got {self.merge_gap}")
+        if self.max_inflight < 1 or self.readahead_bytes < 1:
+            raise ValueError(f"max_inflight and readahead_bytes must be >= 1, got {self.max_inflight} and "
+                             f"{self.readahead_bytes}")
+
+    def remote_range_bytes(self) -> int:
+        return int(min(MAX_RANGE_BYTES, max(MIN_REMOTE_RANGE, self.readahead_bytes // (2 * self.max_inflight))))
+
+
+@dataclass
+class ShardRequest:
+    """One shard to read: all its kept samples, the kept ordinals ``part`` = ``[first, stop)``, or
+    the kept ordinals ``only`` (ascending). ``error``: it failed before it could be planned."""
+
+    url: str
+    shard: int = -1
+    part: tuple[int, int] | None = None
+    only: np.ndarray | None = None
+    error: Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -80,24 +128,25 @@ def plan_ranges(start: np.ndarray, end: np.ndarray, kept: np.ndarray, merge_gap:
     return ranges
 
 
+def _check_fresh(url: str, info: ShardInfo, verify: str, seen: ObjectInfo | None) -> None:
+    """Refuse a shard that differs from what the index recorded: its offsets would be wrong."""
+    if seen is None:
+        return
+    problem = None
+    if info.filesize and seen.size != info.filesize:
+        problem = f"its size is {seen.size} bytes, the index says {info.filesize}"
+    elif verify == "size+mtime" and seen.mtime is not None and info.mtime is not None and seen.mtime != info.mtime:
+        problem = f"its mtime is {seen.mtime}, the index says {info.mtime} (shards copied with new mtimes: verify='size')"
+    elif verify == "size+mtime" and seen.etag and info.etag and seen.etag != info.etag:
+        problem = f"its ETag is {seen.etag}, the index recorded {info.etag}"
+    if problem:
+        raise StaleIndexError(f"shard {url} changed since it was indexed: {problem}; re-run `infobatch-stream index`")
+
+
 class _Counter:
     def __init__(self) -> None:
         self.bytes_read = 0
         self.requests = 0
-
-
-def _check_fresh(url: str, info: ShardInfo, verify: str, size: int | None, mtime: float | None = None,
-                 etag: str | None = None) -> None:
-    """Refuse a shard that differs from what the index recorded: its offsets would be wrong."""
-    problem = None
-    if size is not None and info.filesize and size != info.filesize:
-        problem = f"its size is {size} bytes, the index says {info.filesize}"
-    elif verify == "size+mtime" and mtime is not None and info.mtime is not None and mtime != info.mtime:
-        problem = f"its mtime is {mtime}, the index says {info.mtime} (shards copied with new mtimes: verify='size')"
-    elif verify == "size+mtime" and etag and info.etag and etag != info.etag:
-        problem = f"its ETag is {etag}, the index recorded {info.etag}"
-    if problem:
-        raise StaleIndexError(f"shard {url} changed since it was indexed: {problem}; re-run `infobatch-stream index`")
 
 
 class _CountingStream:
@@ -136,72 +185,12 @@ def _sequential_reader(raw: BinaryIO, compressed: bool, counter: _Counter, where
     return read
 
 
-def _local_reader(path: str, info: ShardInfo, verify: str, counter: _Counter) -> tuple[Callable[[int, int], bytes], Callable[[], None]]:
-    f = open(path, "rb", buffering=0)
-    try:
-        st = os.fstat(f.fileno())
-        _check_fresh(path, info, verify, st.st_size, st.st_mtime)
-        if info.compression is not None:
-            return _sequential_reader(f, True, counter, path), f.close
-    except BaseException:
-        f.close()
-        raise
-
-    def read(a: int, b: int) -> bytes:
-        f.seek(a)
-        data = _read_full(f, b - a)
-        counter.bytes_read += len(data)
-        counter.requests += 1
-        if len(data) != b - a:
-            raise StaleIndexError(f"shard {path} ended at byte {a + len(data)}, the index expects {b}; re-index it")
-        return data
-
-    return read, f.close
-
-
-def _http_reader(url: str, info: ShardInfo, verify: str, counter: _Counter) -> Callable[[int, int], bytes]:
-    whole: bytes | None = None  # the full body, once a server that ignores Range sent it
-
-    def read(a: int, b: int) -> bytes:
-        nonlocal whole
-        if whole is not None:
-            return whole[a:b]
-        resp = httpio.get_range(url, a, b)
-        counter.requests += 1
-        counter.bytes_read += len(resp.data if resp.whole is None else resp.whole)
-        whole = resp.whole
-        _check_fresh(url, info, verify, resp.total, etag=resp.etag)
-        return resp.data
-
-    return read
-
-
 def _close_stream(raw: Any) -> None:
     """Close a stream the reader may abandon before its end: a ``pipe:`` child then dies of
     SIGPIPE, which is expected here, not an error (a truncated stream was caught while reading)."""
     if hasattr(raw, "ignore_errors"):
         raw.ignore_errors = True
     raw.close()
-
-
-def _open(url: str, info: ShardInfo, verify: str, counter: _Counter) -> tuple[Callable[[int, int], bytes], Callable[[], None]]:
-    local = _strip_file_scheme(url)
-    if _is_local(local):
-        return _local_reader(local, info, verify, counter)
-    if httpio.is_http(url) and info.compression is None:
-        return _http_reader(url, info, verify, counter), lambda: None
-    if httpio.is_http(url):  # compressed: offsets are in the decompressed tar, so stream it
-        response = httpio.open_stream(url)
-        try:
-            _check_fresh(url, info, verify, response.length, etag=response.etag)
-        except BaseException:
-            response.close()
-            raise
-        return _sequential_reader(response, True, counter, url), response.close  # type: ignore[arg-type]
-    from webdataset.gopen import gopen
-
-    raw = gopen(url, "rb")
-    return _sequential_reader(raw, info.compression is not None, counter, url), lambda: _close_stream(raw)
 
 
 def _region(info: ShardInfo, end: np.ndarray, kept: np.ndarray, first: int, stop: int) -> int:
@@ -217,92 +206,304 @@ def _region(info: ShardInfo, end: np.ndarray, kept: np.ndarray, first: int, stop
     return b - a
 
 
+class _Layout:
+    """Where each kept sample's members lie in the shard: enough to cut samples from buffers."""
+
+    def __init__(self, ib: "InfoBatch", shard: int, url: str, epoch: int, kept: np.ndarray, boosted: np.ndarray) -> None:
+        index = ib.index
+        self.url, self.epoch, self.tag = url, epoch, ib.tag
+        self.lo, hi = index.slots(shard)
+        member_first = np.asarray(index.array("member_first")[self.lo:hi + 1])
+        m0, m1 = int(member_first[0]), int(member_first[-1])
+        self.offsets = np.asarray(index.array("data_offset")[m0:m1]).tolist()
+        self.sizes = np.asarray(index.array("size")[m0:m1]).tolist()
+        self.suffix_of = [index.suffixes[i] for i in np.asarray(index.array("suffix_id")[m0:m1]).tolist()]
+        self.member_first = (member_first - m0).tolist()
+        self.keys = index.keys(shard)
+        self.kept, self.boosted = kept.tolist(), boosted.tolist()
+
+    def samples(self, buf: bytes, r: ReadRange) -> Iterator[dict[str, Any]]:
+        if not _checksum_ok(bytes(buf[:BLOCK])):
+            raise StaleIndexError(
+                f"shard {self.url}: no tar header at byte {r.start}, where the index puts sample "
+                f"{self.keys[self.kept[r.first]]!r}; the shard changed since it was indexed: "
+                "re-run `infobatch-stream index`")
+        offsets, sizes, suffix_of, member_first = self.offsets, self.sizes, self.suffix_of, self.member_first
+        for pos in self.kept[r.first:r.stop]:
+            sample: dict[str, Any] = {"__key__": self.keys[pos], "__url__": self.url}
+            for j in range(member_first[pos], member_first[pos + 1]):
+                a = offsets[j] - r.start
+                sample[suffix_of[j]] = buf[a:a + sizes[j]]
+            sample[META_KEY] = make_meta(self.lo + pos, self.epoch, self.boosted[pos], self.tag)
+            yield sample
+
+
+class _Job:
+    """One shard request on its way: planned ranges, reads in flight, its I/O counts."""
+
+    def __init__(self, ib: "InfoBatch", req: ShardRequest, epoch: int, thresh: float, options: ReadOptions) -> None:
+        self.ib, self.req, self.options = ib, req, options
+        self.counter = _Counter()
+        self.ranges: list[ReadRange] = []
+        self.futures: deque[tuple[Future, int]] = deque()
+        self.submitted = 0
+        self.opened = False
+        self.region = 0
+        self.empty = False
+        self._close: Callable[[], None] = lambda: None
+        self._read: Callable[[int, int], bytes] | None = None
+        self.mode = "none"
+        if req.error is not None:
+            return
+        try:
+            self._plan(epoch, thresh)
+        except Exception as exn:  # noqa: BLE001 - raised when the consumer reaches this shard
+            req.error = exn
+
+    def _plan(self, epoch: int, thresh: float) -> None:
+        ib, req = self.ib, self.req
+        index = ib.index
+        self.info = index.shards[req.shard]
+        keep, boosted = ib.decide_shard(req.shard, epoch, thresh)
+        kept = np.flatnonzero(keep)
+        first, stop = req.part if req.part is not None else (0, len(kept))
+        if stop <= first or (req.only is not None and len(req.only) == 0):
+            self.empty = True
+            return
+        start, end = index.byte_ranges(req.shard)
+        self.region = _region(self.info, end, kept, first, stop) if req.only is None else 0
+        kept = kept[first:stop] if req.only is None else kept[np.asarray(req.only, dtype=np.int64)]
+        url = req.url
+        local = is_local(url)
+        self.backend = backend_for(url)
+        if self.info.compression is not None or url.startswith("pipe:") or not self.info.ranges:
+            self.mode = "stream"
+        else:
+            self.mode = "ranges" if self.backend.concurrent else "local"
+        gap = self.options.merge_gap
+        if gap is None:
+            gap = LOCAL_MERGE_GAP if local else REMOTE_MERGE_GAP
+        cap = MAX_RANGE_BYTES if self.mode != "ranges" else self.options.remote_range_bytes()
+        self.ranges = plan_ranges(start, end, kept, gap, cap)
+        self.layout = _Layout(ib, req.shard, url, epoch, kept, boosted)
+
+    # ---- submission (called by the scheduler) ---------------------------------------------------
+    def next_size(self) -> int | None:
+        """Bytes of the next range to submit, or None when this job submits nothing more."""
+        if self.req.error is not None or self.mode != "ranges" or self.submitted >= len(self.ranges):
+            return None
+        r = self.ranges[self.submitted]
+        return r.end - r.start
+
+    def submit_next(self, ahead: ReadAhead) -> None:
+        r = self.ranges[self.submitted]
+        url, backend = self.req.url, self.backend
+        self.futures.append((ahead.submit(lambda: backend.read(url, r.start, r.end), r.end - r.start), r.end - r.start))
+        self.submitted += 1
+
+    # ---- consumption ----------------------------------------------------------------------------
+    def samples(self, ahead: ReadAhead, fill: Callable[[], None]) -> Iterator[dict[str, Any]]:
+        if self.req.error is not None:
+            raise self.req.error
+        if self.empty:
+            return
+        self._open()
+        for i, r in enumerate(self.ranges):
+            held = 0
+            if self.mode == "ranges":
+                if not self.futures:
+                    self.submit_next(ahead)
+                buf, held = self._take(i, r, ahead)
+            else:
+                assert self._read is not None
+                buf = self._read(r.start, r.end)
+            try:
+                yield from self.layout.samples(buf, r)
+            finally:
+                ahead.release(held)
+            fill()
+
+    def _take(self, i: int, r: ReadRange, ahead: ReadAhead) -> tuple[bytes, int]:
+        future, held = self.futures.popleft()
+        try:
+            buf, seen = future.result()
+        except RangeNotSupported:
+            ahead.release(held)
+            self._to_stream(ahead)
+            assert self._read is not None
+            return self._read(r.start, r.end), 0
+        except BaseException:
+            ahead.release(held)
+            raise
+        self.counter.requests += 1
+        self.counter.bytes_read += len(buf)
+        try:
+            _check_fresh(self.req.url, self.info, self.options.verify, seen)
+        except BaseException:
+            ahead.release(held)
+            raise
+        return buf, held
+
+    def _open(self) -> None:
+        url, info, verify = self.req.url, self.info, self.options.verify
+        if self.mode == "local":
+            fd, seen = self.backend.open(url)  # type: ignore[attr-defined]
+            self._close = lambda: os.close(fd)
+            _check_fresh(local_path(url), info, verify, seen)
+            read_fd = self.backend.read_fd  # type: ignore[attr-defined]
+            counter = self.counter
+
+            def read(a: int, b: int) -> bytes:
+                data = read_fd(fd, url, a, b)
+                counter.bytes_read += len(data)
+                counter.requests += 1
+                return data
+
+            self._read = read
+        elif self.mode == "stream":
+            self._open_stream()
+        self.opened = True
+
+    def _open_stream(self) -> None:
+        raw, seen = self.backend.stream(self.req.url)
+        self._close = lambda: _close_stream(raw)
+        try:
+            _check_fresh(self.req.url, self.info, self.options.verify, seen)
+        except BaseException:
+            self._close()
+            raise
+        self._read = _sequential_reader(raw, self.info.compression is not None, self.counter, self.req.url)
+
+    def _to_stream(self, ahead: ReadAhead) -> None:
+        """The server ignores ``Range``: read the rest of this shard as one stream."""
+        log.info("%s: the server ignores Range requests; streaming the shard", self.req.url)
+        self.cancel(ahead)
+        self.mode = "stream"
+        self._open_stream()
+
+    def cancel(self, ahead: ReadAhead) -> None:
+        """Drop the reads still queued or in flight (their bytes are released)."""
+        while self.futures:
+            future, held = self.futures.popleft()
+            if not future.cancel() and future.done() and future.exception() is None:
+                self.counter.requests += 1
+                self.counter.bytes_read += len(future.result()[0])
+            ahead.release(held)
+
+    def finish(self, generation: int | None, ahead: ReadAhead) -> None:
+        """Close the shard and add its I/O to the epoch's counts."""
+        self.cancel(ahead)
+        try:
+            self._close()
+        finally:
+            if self.req.error is not None and not self.opened:
+                return
+            control, worker = self.ib.control, current_worker()
+            if self.empty:
+                control.add_io(worker, generation, shards_skipped=1,
+                               bytes_skipped=self.ib.index.shards[self.req.shard].filesize)
+            else:
+                control.add_io(worker, generation, bytes_read=self.counter.bytes_read, requests=self.counter.requests,
+                               shards_read=1, bytes_skipped=max(self.region - self.counter.bytes_read, 0))
+
+
+def read_requests(ib: "InfoBatch", requests: Iterable[ShardRequest], epoch: int, thresh: float,
+                  options: ReadOptions = ReadOptions(), *, handler: Callable[[Exception], bool] = reraise_exception,
+                  generation: int | None = None) -> Iterator[tuple[ShardRequest, dict[str, Any]]]:
+    """``(request, sample)`` for the kept samples of each request, in order, with reads of the
+    next ranges and shards in flight meanwhile (bounded by ``options``).
+
+    ``handler`` follows WebDataset: it gets a shard's exception (with the URL appended to its
+    args) and returns True to go on with the next shard (counted in ``shards_failed``); False
+    ends the stream; the default re-raises."""
+    ahead = ReadAhead(options.max_inflight, options.readahead_bytes)
+    jobs: deque[_Job] = deque()
+    source = iter(requests)
+    exhausted = False
+
+    def fill() -> None:
+        nonlocal exhausted
+        while True:
+            job = next((j for j in jobs if j.next_size() is not None), None)
+            if job is None:
+                if exhausted or len(jobs) > SHARDS_AHEAD:
+                    return
+                req = next(source, None)
+                if req is None:
+                    exhausted = True
+                    return
+                jobs.append(_Job(ib, req, epoch, thresh, options))
+                continue
+            size = job.next_size()
+            if size is None or not ahead.room_for(size):
+                return
+            job.submit_next(ahead)
+
+    try:
+        while True:
+            fill()
+            if not jobs:
+                return
+            job = jobs[0]
+            try:
+                for sample in job.samples(ahead, fill):
+                    yield job.req, sample
+            except Exception as exn:  # noqa: BLE001 - handed to the user's handler, as WebDataset does
+                job.cancel(ahead)
+                exn.args = exn.args + (job.req.url,)
+                if not handler(exn):
+                    return
+                ib.control.add_io(current_worker(), generation, shards_failed=1)
+            finally:
+                jobs.popleft()
+                job.finish(generation, ahead)
+    finally:
+        for job in jobs:  # abandoned early: reads ahead are dropped, what they read is counted
+            job.finish(generation, ahead) if job.opened or job.submitted else job.cancel(ahead)
+
+
 def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float, *,
                merge_gap: int | None = None, verify: str = "size+mtime",
                part: tuple[int, int] | None = None, only: np.ndarray | None = None,
                generation: int | None = None) -> Iterator[dict[str, Any]]:
-    """The kept samples of one shard, cut from the byte ranges that hold them: all of them, its
-    kept samples ``[first, stop)`` given ``part``, or those at the kept ordinals ``only``
-    (ascending; re-reading a resumed shuffle buffer)."""
-    index = ib.index
-    keep, boosted = ib.decide_shard(shard, epoch, thresh)
-    worker = current_worker()
-    kept = np.flatnonzero(keep)
-    first, stop = part if part is not None else (0, len(kept))
-    if stop <= first or (only is not None and len(only) == 0):
-        ib.control.add_io(worker, generation, shards_skipped=1, bytes_skipped=index.shards[shard].filesize)
-        return
-    lo, hi = index.slots(shard)
-    start, end = index.byte_ranges(shard)
-    region = _region(index.shards[shard], end, kept, first, stop) if only is None else 0
-    kept = kept[first:stop] if only is None else kept[np.asarray(only, dtype=np.int64)]
-    if merge_gap is None:
-        merge_gap = HTTP_MERGE_GAP if httpio.is_http(url) else LOCAL_MERGE_GAP
-    ranges = plan_ranges(start, end, kept, merge_gap, MAX_RANGE_BYTES)
-    member_first = np.asarray(index.array("member_first")[lo:hi + 1])
-    m0 = int(member_first[0])
-    offsets = np.asarray(index.array("data_offset")[m0:member_first[-1]]).tolist()
-    sizes = np.asarray(index.array("size")[m0:member_first[-1]]).tolist()
-    suffix_of = [index.suffixes[i] for i in np.asarray(index.array("suffix_id")[m0:member_first[-1]]).tolist()]
-    member_first = (member_first - m0).tolist()
-    keys = index.keys(shard)
-    kept_list, boosted_list = kept.tolist(), boosted.tolist()
-    counter = _Counter()
-    read, close = _open(url, index.shards[shard], verify, counter)
-    try:
-        for r in ranges:
-            buf = read(r.start, r.end)
-            if not _checksum_ok(buf[:BLOCK]):
-                raise StaleIndexError(
-                    f"shard {url}: no tar header at byte {r.start}, where the index puts sample "
-                    f"{keys[kept_list[r.first]]!r}; the shard changed since it was indexed: "
-                    "re-run `infobatch-stream index`")
-            for pos in kept_list[r.first:r.stop]:
-                sample: dict[str, Any] = {"__key__": keys[pos], "__url__": url}
-                for j in range(member_first[pos], member_first[pos + 1]):
-                    a = offsets[j] - r.start
-                    sample[suffix_of[j]] = buf[a:a + sizes[j]]
-                sample[META_KEY] = make_meta(lo + pos, epoch, boosted_list[pos], ib.tag)
-                yield sample
-    finally:
-        try:
-            close()
-        finally:
-            ib.control.add_io(worker, generation, bytes_read=counter.bytes_read, requests=counter.requests,
-                              shards_read=1, bytes_skipped=max(region - counter.bytes_read, 0))
+    """The kept samples of one shard (see :class:`ShardRequest` for ``part`` and ``only``)."""
+    options = ReadOptions(merge_gap=merge_gap, verify=verify)
+    request = ShardRequest(url, shard, part, only)
+    for _, sample in read_requests(ib, [request], epoch, thresh, options, generation=generation):
+        yield sample
 
 
-def read_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch", *,
-                 handler: Callable[[Exception], bool] = reraise_exception,
-                 merge_gap: int | None = None, verify: str = "size+mtime") -> Iterator[dict[str, Any]]:
-    """For each ``{"url": ...}`` from ``src``: the shard's kept samples, tagged with ``__ib__``.
-
-    ``handler`` follows WebDataset: it gets the exception (with the URL appended to its args)
-    and returns True to go on with the next shard; the default re-raises.
-    """
-    if verify not in ("size", "size+mtime"):
-        raise ValueError(f"verify must be 'size' or 'size+mtime', got {verify!r}")
-    epoch, thresh = ib.begin_pass()
-    generation = ib.control.generation
+def _requests_from(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[ShardRequest]:
+    """Shard requests for the ``{"url": ...}`` items of a shard list (``ib.shards()`` or any)."""
     for item in src:
         url = item["url"]
         try:
             shard = item[SHARD_KEY] if SHARD_KEY in item else ib.index.shard_of_url(url)
-            yield from read_shard(ib, url, shard, epoch, thresh, merge_gap=merge_gap, verify=verify,
-                                  part=item.get(PART_KEY), generation=generation)
-        except Exception as exn:  # noqa: BLE001 - handed to the user's handler, as WebDataset does
-            exn.args = exn.args + (url,)
-            if handler(exn):
-                ib.control.add_io(current_worker(), generation, shards_failed=1)
-                continue
-            break
+            yield ShardRequest(url, shard, item.get(PART_KEY))
+        except Exception as exn:  # noqa: BLE001 - reported in order, through the handler
+            yield ShardRequest(url, error=exn)
+
+
+def read_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch", *,
+                 handler: Callable[[Exception], bool] = reraise_exception,
+                 options: ReadOptions = ReadOptions(), merge_gap: int | None = None,
+                 verify: str | None = None) -> Iterator[dict[str, Any]]:
+    """For each ``{"url": ...}`` from ``src``: the shard's kept samples, tagged with ``__ib__``."""
+    if merge_gap is not None or verify is not None:
+        options = ReadOptions(merge_gap if merge_gap is not None else options.merge_gap, verify or options.verify,
+                              options.max_inflight, options.readahead_bytes)
+    epoch, thresh = ib.begin_pass()
+    generation = ib.control.generation
+    for _, sample in read_requests(ib, _requests_from(src, ib), epoch, thresh, options, handler=handler,
+                                   generation=generation):
+        yield sample
 
 
 class ReaderStage:
     """``ib.tarfile_to_samples()``: a picklable pipeline stage wrapping :func:`read_samples`."""
 
-    def __init__(self, ib: "InfoBatch", handler: Callable[[Exception], bool], merge_gap: int | None, verify: str) -> None:
-        self.ib, self.handler, self.merge_gap, self.verify = ib, handler, merge_gap, verify
+    def __init__(self, ib: "InfoBatch", handler: Callable[[Exception], bool], options: ReadOptions) -> None:
+        self.ib, self.handler, self.options = ib, handler, options
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        return read_samples(src, self.ib, handler=self.handler, merge_gap=self.merge_gap, verify=self.verify)
+        return read_samples(src, self.ib, handler=self.handler, options=self.options)

@@ -27,6 +27,10 @@ _REGULAR = {b"0", b"\0", b"7"}
 _SKIP_DATA_TYPES = {b"1", b"2", b"3", b"4", b"5", b"6"}  # links, devices, dirs, fifos: no body
 _SKIP_META = re.compile(r"__[^/]*__($|/)")
 _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_GNU_TYPES = {b"L", b"K", b"S"}  # tarfile puts no ustar prefix in front of these
+_EXTENDED = {b"L", b"K", b"x", b"X", b"g"}  # headers that describe the next one
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")  # tarfile's own record pattern
+_OTHER_NUMBERS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))  # mode ... devminor
 
 
 class TarFormatError(ValueError):
@@ -87,62 +91,141 @@ def _padded(size: int) -> int:
 
 
 def _nts(raw: bytes) -> str:
+    """``tarfile.nts``: text up to the first NUL, or the whole field if it has none."""
     end = raw.find(b"\0")
     if end >= 0:
         raw = raw[:end]
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _nti(raw: bytes, where: str) -> int:
-    """Tar numeric field: octal text, or GNU base-256 for large values."""
+def _number(raw: bytes) -> int | None:
+    """``tarfile.nti``: GNU base-256, or octal ASCII text; None where tarfile calls the header invalid
+    (non-ASCII bytes included: ``int`` would read e.g. Arabic-Indic digits that tarfile refuses)."""
     if raw[:1] in (b"\x80", b"\xff"):
         value = int.from_bytes(raw[1:], "big")
-        if raw[:1] == b"\xff":
-            value -= 256 ** (len(raw) - 1)
-        return value
-    text = _nts(raw).strip(" \0")
+        return value - 256 ** (len(raw) - 1) if raw[:1] == b"\xff" else value
+    end = raw.find(b"\0")
     try:
-        return int(text or "0", 8)
-    except ValueError:
-        raise TarFormatError(f"{where}: bad numeric field {raw!r}; the tar is corrupt, rewrite the shard") from None
+        return int(raw[:end if end >= 0 else None].decode("ascii").strip() or "0", 8)
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _nti(raw: bytes, where: str) -> int:
+    """Tar numeric field: octal text, or GNU base-256 for large values."""
+    value = _number(raw)
+    if value is None:
+        raise TarFormatError(f"{where}: bad numeric field {raw!r}; the tar is corrupt, rewrite the shard")
+    return value
 
 
 def _checksum_ok(block: bytes) -> bool:
-    stored = _nts(block[148:156]).strip(" \0")
-    if not stored:
-        return False
-    try:
-        expected = int(stored, 8)
-    except ValueError:
+    """``TarInfo.frombuf``'s test: the stored sum (any numeric form) is the unsigned or the signed one."""
+    stored = _number(block[148:156])
+    if stored is None:
         return False
     unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
-    if expected == unsigned:
+    if stored == unsigned:
         return True
     signed = sum(np.frombuffer(block[:148] + block[156:], dtype=np.int8).tolist()) + 8 * 32  # old tar writers
-    return expected == signed
+    return stored == signed
 
 
-def _parse_pax(data: bytes, where: str) -> dict[str, str]:
-    """PAX extended header records: ``"<len> <key>=<value>\\n"``."""
+def _check_numbers(block: bytes, where: str) -> None:
+    """``frombuf`` parses mode, ids, mtime and device numbers too, and a bad one ends tarfile's
+    reading there: name the header rather than index members WebDataset never sees."""
+    for lo, hi in _OTHER_NUMBERS:
+        _nti(block[lo:hi], where)
+
+
+def _header_name(block: bytes) -> tuple[str, bytes]:
+    """Name and type as ``TarInfo.frombuf`` derives them from one header.
+
+    The magic is not looked at: the 155-byte prefix goes in front of every entry but the GNU
+    ones (``L``, ``K``, ``S``), even in a GNU-magic header. The V7 rule (a ``\\0`` entry named
+    ``.../`` is a directory) and a directory's slash strip see the name field alone, before the
+    prefix is joined on.
+    """
+    name = _nts(block[0:100])
+    typ = block[156:157]
+    if typ == b"\0" and name.endswith("/"):
+        typ = b"5"
+    if typ == b"5":
+        name = name.rstrip("/")
+    prefix = _nts(block[345:500])
+    if prefix and typ not in _GNU_TYPES:
+        name = prefix + "/" + name
+    return name, typ
+
+
+def _parse_pax(data: bytes, size: int, where: str) -> dict[str, str]:
+    """PAX records ``"<len> <key>=<value>\\n"``, found the way ``_proc_pax`` finds them.
+
+    tarfile reads the whole padded block, so a record in the padding counts; it stops quietly at
+    anything that is not a record, which here is an error unless only NULs are left.
+    """
     out: dict[str, str] = {}
     pos = 0
     while pos < len(data):
-        if data[pos:pos + 1] == b"\0":
-            break
-        space = data.find(b" ", pos)
-        if space < 0:
+        match = _PAX_RECORD.match(data, pos)
+        if not match:
+            if data[pos:].count(0) == len(data) - pos:
+                break
             raise TarFormatError(f"{where}: malformed PAX header; rewrite the shard")
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise TarFormatError(f"{where}: malformed PAX record length; rewrite the shard") from None
-        if length <= space - pos or pos + length > len(data):  # would loop forever or run past the end
+        length = int(match.group(1))
+        end = pos + length
+        if length == 0 or end - 1 < match.end() or end > len(data) or pos < size < end:
             raise TarFormatError(f"{where}: malformed PAX record length {length}; rewrite the shard")
-        record = data[space + 1:pos + length - 1]
-        key, _, value = record.partition(b"=")
-        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
+        key = match.group(2).decode("utf-8", "surrogateescape")
+        out[key] = data[match.end():end - 1].decode("utf-8", "surrogateescape")
+        pos = end
     return out
+
+
+def _pax_size(value: str, where: str) -> int:
+    """A PAX size as ``int`` reads it; a bad or negative one would misplace every later header."""
+    try:
+        size = int(value)
+    except ValueError:  # tarfile reads 0 here: refuse instead
+        raise TarFormatError(f"{where}: bad PAX size {value!r}; rewrite the shard") from None
+    if size < 0:
+        raise TarFormatError(f"{where}: bad PAX size {value!r}; rewrite the shard")
+    return size
+
+
+def _apply_pax(name: str, size: int, records: dict[str, str], where: str) -> tuple[str, int]:
+    """``TarInfo._apply_pax_info`` for the fields that matter here; a path loses trailing slashes."""
+    if "path" in records:
+        name = records["path"].rstrip("/")
+    if "size" in records:
+        size = _pax_size(records["size"], where)
+    return name, size
+
+
+def _resolve(name: str, typ: bytes, size: int, global_pax: dict[str, str],
+             chain: list[str | dict[str, str]], where: str) -> tuple[str, int]:
+    """The name and size tarfile ends up with for a member behind extended headers.
+
+    ``_proc_builtin`` applies the global PAX records to the member's own header; then, as the
+    recursion through ``_proc_gnulong`` / ``_proc_pax`` unwinds, each extended header patches the
+    result, innermost first. So the *first* long name or PAX path in front of a member wins,
+    and an ``x`` header re-applies the global records it saw when it was read.
+    """
+    name, size = _apply_pax(name, size, global_pax, where)
+    if typ == b"5":
+        name = name.rstrip("/")
+    for header in reversed(chain):
+        if isinstance(header, str):  # a GNU long name
+            name = header.removesuffix("/") if typ == b"5" else header
+        else:
+            name, size = _apply_pax(name, size, header, where)
+    return name, size
+
+
+def _refuse_sparse(name: str, dicts: list[dict[str, str]], where: str) -> None:
+    if any(k.startswith("GNU.sparse.") for d in dicts for k in d):
+        raise TarFormatError(f"{where}: sparse member {name!r} (PAX GNU.sparse) is not supported; "
+                             "rewrite the shard without sparse files")
 
 
 def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) -> Iterator[TarMember]:
@@ -158,9 +241,9 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
         filesize = fileobj.seek(0, 2) - here
         fileobj.seek(here)
     pos = 0
-    longname: str | None = None
-    pax: dict[str, str] = {}
-    entry_start: int | None = None  # offset of the first L/K/x header of the pending entry
+    chain: list[str | dict[str, str]] = []  # the pending entry's long names and PAX records, in order
+    chain_start: int | None = None  # offset of its first extended header (L/K/x/X/g)
+    entry_start: int | None = None  # offset of its first L/K/x/X header: tarfile's TarInfo.offset
     global_pax: dict[str, str] = {}
 
     def read_full(n: int) -> bytes:
@@ -200,9 +283,9 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
 
     while True:
         block = read_full(BLOCK)
-        if entry_start is not None and block.count(0) == len(block):
+        if chain_start is not None and block.count(0) == len(block):
             raise TarFormatError(
-                f"{shard}: truncated tar, the extended header at byte {entry_start} is not followed by a member "
+                f"{shard}: truncated tar, the extended header at byte {chain_start} is not followed by a member "
                 f"(stream ends or archive ends at byte {pos}); the shard is incomplete: re-download or rewrite it"
             )
         if not block:
@@ -219,57 +302,39 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
         where = f"{shard}: header at byte {pos}"
         if not _checksum_ok(block):
             raise TarFormatError(f"{where} has a bad checksum; the shard is corrupt: rewrite it")
+        _check_numbers(block, where)
         header_offset = pos
         pos += BLOCK
-        name = _nts(block[0:100])
         size = _nti(block[124:136], where)
         if size < 0:  # base-256 can say so; the scanner would seek backwards, possibly forever
             raise TarFormatError(f"{where}: negative size {size}; the shard is corrupt: rewrite it")
         typ = block[156:157]
-        prefix = _nts(block[345:500])
-        if typ in (b"L", b"K", b"x", b"X") and entry_start is None:
-            entry_start = header_offset
-        if typ in (b"L", b"K"):
-            data = read_exact(_padded(size), f"GNU long name of {size} bytes")
+        if typ in _EXTENDED:
+            if chain_start is None:
+                chain_start = header_offset
+            if typ != b"g" and entry_start is None:
+                entry_start = header_offset
+            what = f"GNU long name of {size} bytes" if typ in (b"L", b"K") else f"PAX header of {size} bytes"
+            data = read_exact(_padded(size), what)
             pos += _padded(size)
             if typ == b"L":
-                longname = _nts(data[:size])
-            continue
-        if typ in (b"x", b"g", b"X"):
-            data = read_exact(_padded(size), f"PAX header of {size} bytes")
-            pos += _padded(size)
-            records = _parse_pax(data[:size], where)
-            if typ == b"g":
+                chain.append(_nts(data))  # the whole padded block, as _proc_gnulong reads it
+            elif typ in (b"x", b"X"):
+                chain.append({**global_pax, **_parse_pax(data, size, where)})
+            elif typ == b"g":
+                records = _parse_pax(data, size, where)
+                if "size" in records:  # tarfile would skip the header's size but read this one
+                    raise TarFormatError(f"{where}: a global PAX size is not supported; rewrite the shard")
                 global_pax.update(records)
-            else:
-                pax.update(records)
             continue
+        name, typ = _header_name(block)
         if typ == b"S":
             raise TarFormatError(f"{where}: sparse member {name!r} is not supported; rewrite the shard without sparse files")
-        if prefix and typ not in (b"L", b"K", b"S"):
-            name = prefix + "/" + name
-        if typ == b"\0" and name.endswith("/"):
-            typ = b"5"
-        if typ == b"5":
-            name = name.rstrip("/")
-        if longname is not None:
-            name = longname
-        info = {**global_pax, **pax}
-        if any(k.startswith("GNU.sparse.") for k in info):
-            raise TarFormatError(f"{where}: sparse member {name!r} (PAX GNU.sparse) is not supported; "
-                                 "rewrite the shard without sparse files")
-        if "path" in info:
-            name = info["path"]
-        if "size" in info:
-            try:
-                size = int(info["size"])
-            except ValueError:
-                raise TarFormatError(f"{where}: bad PAX size {info['size']!r}; rewrite the shard") from None
-            if size < 0:
-                raise TarFormatError(f"{where}: bad PAX size {info['size']!r}; rewrite the shard")
+        _refuse_sparse(name, [global_pax] + [h for h in chain if isinstance(h, dict)], where)
+        name, size = _resolve(name, typ, size, global_pax, chain, where)
         if entry_start is not None:
             header_offset = entry_start
-        longname, pax, entry_start = None, {}, None
+        chain, chain_start, entry_start = [], None, None
         member = TarMember(name=name, type=typ, header_offset=header_offset, data_offset=pos, size=size)
         yield member
         if typ not in _SKIP_DATA_TYPES:
@@ -360,7 +425,9 @@ def scan_shard(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) ->
     return samples
 
 
-_COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
+# At least every prefix that tarfile's "r|*" (WebDataset's mode) takes for compression, LZMA-alone
+# and a 5-byte xz magic included: a file starting so is no tar to WebDataset, so none to index.
+_COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ", "xz"), (b"\x5d\x00\x00\x80", "xz"))
 
 
 def decompressed(raw: BinaryIO, where: str = "shard") -> tuple[BinaryIO, str | None]:

@@ -171,6 +171,8 @@ def test_index_of_a_cut_shard_is_a_prefix_or_a_clear_error(layout, where):
 
 @FUZZ
 @given(layouts(), st.booleans(), st.floats(0, 1, exclude_max=True), st.binary(min_size=1, max_size=40))
+@example(([("dd", None)] * 9 + [("d/sub/" + "k" * 122 + ".jpg", b"")], tarfile.GNU_FORMAT), True, 0.85706,
+         b"\x01\x01\x01")  # over the NUL that ends a GNU long name: tarfile reads on into the padding
 def test_index_of_an_overwritten_shard_agrees_or_is_a_clear_error(layout, in_header, where, junk):
     """Bytes overwritten anywhere, or in header bytes only: a ``TarFormatError`` naming the shard
     and a byte, or the samples WebDataset reads from the damaged file (never a third answer,

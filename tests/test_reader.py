@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from _data import make_index, slot_loss, train_epochs
 from infobatch_stream import META_KEY, DatasetIndex, InfoBatch, build_index, policy
 from infobatch_stream import reader as reader_mod
-from infobatch_stream.httpio import HTTPShardError
+from infobatch_stream.storage import StorageError
 from infobatch_stream.reader import HTTP_MERGE_GAP, LOCAL_MERGE_GAP, StaleIndexError, plan_ranges
 from shards import HAVE_GNU_TAR, gnu_tar, make_tree, write_wds_shards
 
@@ -395,7 +395,9 @@ def test_identity_http_without_range_support(corpus):
         for run in runs:
             assert run.plan.ranges > run.plan.opened  # several ranges per shard were planned...
             assert run.served["requests"] == run.stats["requests"] == run.plan.opened  # ...one GET each
-            assert run.served["bytes"] == run.stats["bytes_read"] == run.plan.opened_filesize
+            # the stream is closed after the last kept sample: the reader takes no more than that,
+            # the server had already sent (into socket buffers) the whole body
+            assert run.stats["bytes_read"] <= run.served["bytes"] == run.plan.opened_filesize
     finally:
         srv.stop()
 
@@ -622,7 +624,7 @@ def test_stale_over_http(corpus, server):
     assert urls[0] in str(err.value)
     # Truncated: the server cannot deliver the indexed bytes.
     os.truncate(path, index.shards[0].filesize // 2)
-    with pytest.raises((StaleIndexError, HTTPShardError), match="re-index|re-run"):
+    with pytest.raises((StaleIndexError, StorageError), match="re-index|re-run"):
         _read_all(index, urls, verify="size")
     # The handler skips it and reads the other shard.
     got = _read_all(index, urls, handler=wds.ignore_and_continue)

@@ -26,6 +26,7 @@ from infobatch_stream.tarscan import (
     TarFormatError,
     TarMember,
     _nti,
+    decompressed,
     iter_members,
     key_and_suffix,
     scan_shard,
@@ -662,6 +663,148 @@ def test_sparse_members_are_refused(tmp_path, fmt):
     with pytest.raises(TarFormatError, match=r"sparse-.*\.tar: header at byte \d+: sparse member"):
         with open(out, "rb") as f:
             scan_shard(f, out, filesize=os.path.getsize(out))
+
+
+# ---- headers that tarfile reads its own way -------------------------------------------------------
+# Hand-made entries (tarfile's writers would not make them, damage can): the scanner must derive the
+# same names as tarfile, or refuse the shard; never a third answer.
+
+END = b"\0" * (2 * BLOCK)
+
+
+def header(name: bytes, typ: bytes = b"0", size: int = 0, prefix: bytes = b"", magic: bytes = b"ustar\x0000",
+           mode: bytes = b"0000644\0") -> bytes:
+    """One ustar header with a valid checksum."""
+    block = bytearray(BLOCK)
+    block[0:len(name)] = name
+    block[100:108] = mode
+    block[124:136] = b"%011o\0" % size
+    block[136:148] = b"%011o\0" % 1_700_000_000
+    block[156:157] = typ
+    block[257:265] = magic
+    block[345:345 + len(prefix)] = prefix
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def entry(name: bytes, data: bytes = b"", typ: bytes = b"0", size: int | None = None, **kw) -> bytes:
+    """A header and its padded body; ``size`` may declare less than ``data`` (the rest is padding)."""
+    body = data + b"\0" * (-len(data) % BLOCK)
+    return header(name, typ, len(data) if size is None else size, **kw) + body
+
+
+def pax_record(key: bytes, value: bytes) -> bytes:
+    """``"<len> <key>=<value>\\n"``, the length counting its own digits."""
+    rest = b" %s=%s\n" % (key, value)
+    n = len(rest) + 1
+    while len(str(n)) + len(rest) != n:
+        n = len(str(n)) + len(rest)
+    return b"%d%s" % (n, rest)
+
+
+def longname(name: bytes) -> bytes:
+    return entry(b"././@LongLink", name + b"\0", typ=b"L")
+
+
+def pax_path(path: bytes) -> bytes:
+    return entry(b"././@PaxHeader", pax_record(b"path", path), typ=b"x")
+
+
+def assert_reads_as_tarfile(raw: bytes) -> list[TarMember]:
+    """Same members as tarfile, same samples as WebDataset."""
+    members = members_of(raw)
+    assert_members_match_tarfile(members, raw)
+    assert_samples_match_wds(scan_bytes(raw), raw, wds_samples_of_bytes(raw))
+    return members
+
+
+def test_an_overwritten_long_name_end_reads_as_tarfile():
+    """The fuzz example: junk over the NUL after a GNU long name and the padding behind it. tarfile
+    reads the name up to the first NUL of the whole padded block, not of its declared size."""
+    raw = bytearray(write_tar_bytes([("dd", None)] * 9 + [("d/sub/" + "k" * 122 + ".jpg", b"")], tarfile.GNU_FORMAT))
+    g = raw.index(b".jpg\0") + 3
+    raw[g:g + 3] = b"\x01\x01\x01"  # 'g', the NUL that ends the declared 133 bytes, and a padding byte
+    raw = bytes(raw)
+    members = assert_reads_as_tarfile(raw)
+    assert members[-1].name == "d/sub/" + "k" * 122 + ".jp\x01\x01\x01"
+    assert key_and_suffix(members[-1].name)[1] == "jp\x01\x01\x01"
+
+
+def test_the_first_extended_name_wins():
+    """tarfile patches a member as its recursion through extended headers unwinds, innermost first."""
+    cls = entry(b"m.cls", b"1")
+    for chain, name in [
+        (longname(b"first.jpg") + longname(b"second.jpg"), "first.jpg"),
+        (pax_path(b"pax.jpg") + longname(b"long.jpg"), "pax.jpg"),
+        (longname(b"long.jpg") + pax_path(b"pax.jpg"), "long.jpg"),
+        (pax_path(b"one.jpg") + pax_path(b"two.jpg"), "one.jpg"),
+    ]:
+        raw = chain + cls + END
+        members = assert_reads_as_tarfile(raw)
+        assert [m.name for m in members] == [name] and members[0].header_offset == 0
+
+
+def test_pax_paths_and_records_in_the_padding():
+    members = assert_reads_as_tarfile(pax_path(b"dir/a.jpg//") + entry(b"x.cls", b"1") + END)
+    assert members[0].name == "dir/a.jpg"  # _apply_pax_info strips a path's trailing slashes
+    first, second = pax_record(b"path", b"a.jpg"), pax_record(b"path", b"b.jpg")
+    ext = entry(b"././@PaxHeader", first + second, typ=b"x", size=len(first))  # the second lies in the padding
+    members = assert_reads_as_tarfile(ext + entry(b"x.cls", b"1") + END)
+    assert members[0].name == "b.jpg"
+    junk = entry(b"././@PaxHeader", first + b"junk", typ=b"x", size=len(first))
+    with pytest.raises(TarFormatError, match="mem.tar: header at byte 0: malformed PAX"):
+        members_of(junk + entry(b"x.cls", b"1") + END)  # tarfile ignores it; refusing is the clear answer
+
+
+@pytest.mark.parametrize("block,name,typ", [
+    (header(b"a.jpg", prefix=b"p", magic=b"ustar  \0"), "p/a.jpg", b"0"),  # no magic test: a GNU header too
+    (header(b"", typ=b"\0", prefix=b"p.jpg"), "p.jpg/", b"\0"),  # the V7 rule sees the name field only
+    (header(b"a/", typ=b"\0", prefix=b"p"), "p/a", b"5"),
+    (header(b"a//", typ=b"5", prefix=b"p"), "p/a", b"5"),
+    (header(b"a.jpg", typ=b"\0", prefix=b"p" * 155), "p" * 155 + "/a.jpg", b"\0"),  # unterminated prefix
+    (header(b"n" * 100, prefix=b"p"), "p/" + "n" * 100, b"0"),  # unterminated name
+], ids=["gnu-magic", "v7-empty-name", "v7-dir", "dir-slashes", "long-prefix", "long-name"])
+def test_name_and_prefix_fields(block, name, typ):
+    members = assert_reads_as_tarfile(block + entry(b"z.cls", b"1") + END)
+    assert (members[0].name, members[0].type) == (name, typ)
+
+
+@pytest.mark.parametrize("field,value", [
+    (slice(124, 136), b"\xd9\xa3" + b"\0" * 10),  # U+0663, a digit to int() but not to tarfile
+    (slice(100, 108), b"0009999\0"),  # mode: not octal
+    (slice(136, 148), b"1x" + b"\0" * 10),  # mtime
+], ids=["size", "mode", "mtime"])
+def test_a_field_tarfile_refuses_ends_the_scan_with_an_error(field, value):
+    raw = bytearray(write_tar_bytes([("a.jpg", b"1"), ("b.jpg", b"2")], tarfile.GNU_FORMAT))
+    rewrite_header(raw, BLOCK * 2, slice(BLOCK * 2 + field.start, BLOCK * 2 + field.stop), value)
+    raw = bytes(raw)
+    assert [t.name for t in tarfile.open(fileobj=io.BytesIO(raw))] == ["a.jpg"]  # stops there, silently
+    with pytest.raises(TarFormatError, match=rf"mem\.tar: header at byte {2 * BLOCK}: bad numeric field"):
+        members_of(raw)
+
+
+def test_a_global_header_needs_a_member():
+    raw = entry(b"a.jpg", b"1") + entry(b"././@GlobalHead", pax_record(b"comment", b"x"), typ=b"g") + END
+    with pytest.raises(tarfile.ReadError):
+        tarfile.open(fileobj=io.BytesIO(raw)).getmembers()
+    with pytest.raises(TarFormatError, match=f"extended header at byte {2 * BLOCK} is not followed"):
+        members_of(raw)
+
+
+def test_lzma_alone_magic_is_compression(tmp_path):
+    """tarfile's ``r|*`` takes these bytes for LZMA: not a tar to WebDataset, so not indexed as one."""
+    raw = bytearray(entry(b"a.jpg", b"1") + END)
+    rewrite_header(raw, 0, slice(0, 4), b"\x5d\x00\x00\x80")
+    path = tmp_path / "lz.tar"
+    path.write_bytes(raw)
+    assert members_of(bytes(raw))[0].name == "]"  # a valid header ...
+    with pytest.raises(tarfile.ReadError):
+        wds_samples(str(path))  # ... that WebDataset does not read
+    stream, kind = decompressed(io.BytesIO(bytes(raw)), str(path))
+    assert kind == "xz"
+    with pytest.raises(TarFormatError, match="lz.tar"):
+        scan_shard(stream, str(path))
 
 
 # ---- random layouts (hypothesis) ---------------------------------------------------------------
