@@ -31,10 +31,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import main_bench
+    profiles = tuple(p for p in args.profile if p != "objectstore")
+    if profiles:
+        from .bench import main_bench
 
-    main_bench(args.out, tuple(args.profile), args.repeats, http=not args.no_http, json_path=args.json,
-               progress=not args.quiet)
+        main_bench(args.out, profiles, args.repeats, http=not args.no_http, json_path=args.json,
+                   progress=not args.quiet)
+    if "objectstore" in args.profile:
+        from . import bench_objstore
+
+        json_path = args.json if not profiles or not args.json else os.path.splitext(args.json)[0] + "-objectstore.json"
+        bench_objstore.main(args.out, args.repeats, json_path, progress=not args.quiet)
     return 0
 
 
@@ -84,13 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     b = sub.add_parser(
-        "bench", help="time the skip-aware reader against plain WebDataset (local and HTTP)",
+        "bench", help="time the skip-aware reader against plain WebDataset (local, HTTP, object stores)",
         description="Generate JPEG shards (ImageNet-like ~100 KB, CIFAR-like ~3 KB samples), prune ~40%% of them, "
                     "and time plain WebDataset, WebDataset + ib.filter() and ib.tarfile_to_samples(), from local "
-                    "files and from an HTTP server with Range support on 127.0.0.1.",
-        epilog="example: infobatch-stream bench --repeats 5 --json bench.json")
+                    "files and from an HTTP server with Range support on 127.0.0.1. --profile objectstore: ~60 KB "
+                    "samples from a server with 20 ms to first byte and 50 MB/s per connection, and from an S3 API "
+                    "server (moto), with 0 and 4 DataLoader workers.",
+        epilog="example: infobatch-stream bench --repeats 5 --json bench.json\n"
+               "         infobatch-stream bench --profile objectstore --repeats 3")
     b.add_argument("--out", default="bench_out", help="folder for the generated shards (reused if present)")
-    b.add_argument("--profile", nargs="+", choices=["imagenet", "cifar"], default=["imagenet", "cifar"])
+    b.add_argument("--profile", nargs="+", choices=["imagenet", "cifar", "objectstore"],
+                   default=["imagenet", "cifar"])
     b.add_argument("--repeats", type=int, default=5, help="alternating repeats per cell (medians are reported)")
     b.add_argument("--no-http", action="store_true", help="local files only")
     b.add_argument("--json", help="also write the results as JSON to this file")
