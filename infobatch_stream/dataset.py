@@ -144,8 +144,8 @@ class ResumableDataset(IterableDataset):
         urls = self.ib.index.urls
         if only is None:
             requests = [ShardRequest(urls[p.shard], p.shard, (p.first, p.stop)) for p in skip(parts, ordinal)]
-            for _, sample in read_requests(self.ib, requests, epoch, thresh, self.options, handler=self._handle,
-                                           generation=generation):
+            for sample in read_requests(self.ib, requests, epoch, thresh, self.options, handler=self._handle,
+                                        generation=generation):
                 yield ordinal, sample
                 ordinal += 1
             return
@@ -153,7 +153,7 @@ class ResumableDataset(IterableDataset):
         shares = {id(r): share for r, (_, _, share) in zip(requests, only)}
         taken: dict[int, int] = {}
         for req, sample in read_requests(self.ib, requests, epoch, thresh, self.options, handler=self._handle,
-                                         generation=generation):
+                                         generation=generation, tagged=True):
             k = taken.get(id(req), 0)
             taken[id(req)] = k + 1
             yield shares[id(req)][k], sample

@@ -247,6 +247,7 @@ class _Job:
         self.ranges: list[ReadRange] = []
         self.futures: deque[tuple[Future, int]] = deque()
         self.submitted = 0
+        self.held = 0  # bytes of the range being yielded, released when it is done
         self.opened = False
         self.region = 0
         self.empty = False
@@ -308,19 +309,24 @@ class _Job:
         if self.empty:
             return
         self._open()
+        cut = self.layout.samples
+        if self.mode != "ranges":
+            read = self._read
+            assert read is not None
+            for r in self.ranges:
+                yield from cut(read(r.start, r.end), r)
+            return
         for i, r in enumerate(self.ranges):
-            held = 0
-            if self.mode == "ranges":
-                if not self.futures:
-                    self.submit_next(ahead)
-                buf, held = self._take(i, r, ahead)
-            else:
+            if self.mode != "ranges":  # the server turned out to ignore Range: streamed from here
                 assert self._read is not None
-                buf = self._read(r.start, r.end)
-            try:
-                yield from self.layout.samples(buf, r)
-            finally:
-                ahead.release(held)
+                yield from cut(self._read(r.start, r.end), r)
+                continue
+            if not self.futures:
+                self.submit_next(ahead)
+            buf, self.held = self._take(i, r, ahead)
+            yield from cut(buf, r)
+            ahead.release(self.held)
+            self.held = 0
             fill()
 
     def _take(self, i: int, r: ReadRange, ahead: ReadAhead) -> tuple[bytes, int]:
@@ -383,6 +389,8 @@ class _Job:
 
     def cancel(self, ahead: ReadAhead) -> None:
         """Drop the reads still queued or in flight (their bytes are released)."""
+        ahead.release(self.held)
+        self.held = 0
         while self.futures:
             future, held = self.futures.popleft()
             if not future.cancel() and future.done() and future.exception() is None:
@@ -409,35 +417,42 @@ class _Job:
 
 def read_requests(ib: "InfoBatch", requests: Iterable[ShardRequest], epoch: int, thresh: float,
                   options: ReadOptions = ReadOptions(), *, handler: Callable[[Exception], bool] = reraise_exception,
-                  generation: int | None = None) -> Iterator[tuple[ShardRequest, dict[str, Any]]]:
-    """``(request, sample)`` for the kept samples of each request, in order, with reads of the
-    next ranges and shards in flight meanwhile (bounded by ``options``).
+                  generation: int | None = None, tagged: bool = False) -> Iterator[Any]:
+    """The kept samples of each request, in order (``(request, sample)`` pairs with ``tagged``),
+    with reads of the next ranges and shards in flight meanwhile (bounded by ``options``).
 
     ``handler`` follows WebDataset: it gets a shard's exception (with the URL appended to its
     args) and returns True to go on with the next shard (counted in ``shards_failed``); False
     ends the stream; the default re-raises."""
     ahead = ReadAhead(options.max_inflight, options.readahead_bytes)
-    jobs: deque[_Job] = deque()
+    jobs: deque[_Job] = deque()  # planned shards, the one being yielded first
+    submitting: deque[_Job] = deque()  # those of them with ranges still to request
     source = iter(requests)
     exhausted = False
 
     def fill() -> None:
+        """Request ranges while there is room, planning the next shards when they are remote."""
         nonlocal exhausted
         while True:
-            job = next((j for j in jobs if j.next_size() is not None), None)
-            if job is None:
-                if exhausted or len(jobs) > SHARDS_AHEAD:
+            while submitting and submitting[0].next_size() is None:
+                submitting.popleft()
+            if not submitting:
+                # plan ahead only behind remote shards: a local read never waits
+                if exhausted or len(jobs) > SHARDS_AHEAD or (jobs and jobs[-1].mode != "ranges"):
                     return
                 req = next(source, None)
                 if req is None:
                     exhausted = True
                     return
-                jobs.append(_Job(ib, req, epoch, thresh, options))
+                job = _Job(ib, req, epoch, thresh, options)
+                jobs.append(job)
+                if job.next_size() is not None:
+                    submitting.append(job)
                 continue
-            size = job.next_size()
+            size = submitting[0].next_size()
             if size is None or not ahead.room_for(size):
                 return
-            job.submit_next(ahead)
+            submitting[0].submit_next(ahead)
 
     try:
         while True:
@@ -446,8 +461,11 @@ def read_requests(ib: "InfoBatch", requests: Iterable[ShardRequest], epoch: int,
                 return
             job = jobs[0]
             try:
-                for sample in job.samples(ahead, fill):
-                    yield job.req, sample
+                if tagged:
+                    for sample in job.samples(ahead, fill):
+                        yield job.req, sample
+                else:
+                    yield from job.samples(ahead, fill)
             except Exception as exn:  # noqa: BLE001 - handed to the user's handler, as WebDataset does
                 job.cancel(ahead)
                 exn.args = exn.args + (job.req.url,)
@@ -469,8 +487,7 @@ def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float,
     """The kept samples of one shard (see :class:`ShardRequest` for ``part`` and ``only``)."""
     options = ReadOptions(merge_gap=merge_gap, verify=verify)
     request = ShardRequest(url, shard, part, only)
-    for _, sample in read_requests(ib, [request], epoch, thresh, options, generation=generation):
-        yield sample
+    yield from read_requests(ib, [request], epoch, thresh, options, generation=generation)
 
 
 def _requests_from(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[ShardRequest]:
@@ -494,9 +511,8 @@ def read_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch", *,
                               options.max_inflight, options.readahead_bytes)
     epoch, thresh = ib.begin_pass()
     generation = ib.control.generation
-    for _, sample in read_requests(ib, _requests_from(src, ib), epoch, thresh, options, handler=handler,
-                                   generation=generation):
-        yield sample
+    yield from read_requests(ib, _requests_from(src, ib), epoch, thresh, options, handler=handler,
+                             generation=generation)
 
 
 class ReaderStage:

@@ -302,3 +302,22 @@ def test_readahead_budget_bounds_what_is_buffered():
 def test_unknown_scheme_says_what_to_install():
     with pytest.raises(StorageError, match="fsspec|pip install|no backend"):
         backend_for("nosuchproto://x/y.tar").read("nosuchproto://x/y.tar", 0, 10)
+
+
+def test_fsspec_protocol_equals_webdataset(local_shards):
+    """A protocol served by fsspec (here its in-memory filesystem): index and reader agree with
+    plain WebDataset on the local copies."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    urls = []
+    for path in local_shards[:3]:
+        url = f"memory://fsspec-test/{os.path.basename(path)}"
+        with fs.open(url, "wb") as f:
+            f.write(open(path, "rb").read())
+        urls.append(url)
+    index = build_index(urls)
+    assert index.fingerprint == build_index(local_shards[:3]).fingerprint
+    ib = InfoBatch(index, num_epochs=10, prune_ratio=0.8, delta=1.0, seed=0)
+    prune(ib)
+    assert view(read(ib, urls, merge_gap=0)) == reference(local_shards[:3], urls, ib)
