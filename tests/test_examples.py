@@ -64,18 +64,15 @@ def test_single_process_without_process_group(out_dir):
 
 def test_torchrun_two_ranks_from_s3(s3_server, tmp_path):
     """The same example with its shards in an S3 bucket (moto on 127.0.0.1), listed by a glob."""
-    import numpy as np
-
     from infobatch_stream.demo import write_digits_shards
 
-    urls, x_test, y_test = write_digits_shards(str(tmp_path / "local"), num_shards=8, seed=0)
+    urls, _, _ = write_digits_shards(str(tmp_path / "local"), num_shards=8, seed=0)
     out = tmp_path / "s3run"
     out.mkdir()
-    np.savez(out / "digits-test.npz", x=x_test, y=y_test)
     s3_server.upload("ddp-bucket", urls, "train")
     summary = run_example([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(EXAMPLE), "--quick", "--shards", "s3://ddp-bucket/train/*.tar", "--out", str(out)])
     assert summary["world_size"] == 2
     steps = summary["steps_per_rank"]
-    assert steps[0] == steps[1] > 0 and summary["saved"] > 0
-    assert summary["accuracy"] > 0.8
+    assert steps[0] == steps[1] > 0 and summary["saved"] > 0  # user shards: the example does not evaluate
+    assert summary["samples"] > 0
