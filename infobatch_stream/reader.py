@@ -248,6 +248,7 @@ class _Job:
         self.futures: deque[tuple[Future, int]] = deque()
         self.submitted = 0
         self.held = 0  # bytes of the range being yielded, released when it is done
+        self.cancelled = False  # failed or abandoned: nothing more is requested
         self.opened = False
         self.region = 0
         self.empty = False
@@ -291,7 +292,7 @@ class _Job:
     # ---- submission (called by the scheduler) ---------------------------------------------------
     def next_size(self) -> int | None:
         """Bytes of the next range to submit, or None when this job submits nothing more."""
-        if self.req.error is not None or self.mode != "ranges" or self.submitted >= len(self.ranges):
+        if self.req.error is not None or self.mode != "ranges" or self.submitted >= len(self.ranges) or self.cancelled:
             return None
         r = self.ranges[self.submitted]
         return r.end - r.start
@@ -324,6 +325,7 @@ class _Job:
             if not self.futures:
                 self.submit_next(ahead)
             buf, self.held = self._take(i, r, ahead)
+            self.opened = True
             yield from cut(buf, r)
             ahead.release(self.held)
             self.held = 0
@@ -368,7 +370,7 @@ class _Job:
             self._read = read
         elif self.mode == "stream":
             self._open_stream()
-        self.opened = True
+        self.opened = self.mode != "ranges"  # a remote shard counts as opened at its first response
 
     def _open_stream(self) -> None:
         raw, seen = self.backend.stream(self.req.url)
@@ -377,6 +379,7 @@ class _Job:
             _check_fresh(self.req.url, self.info, self.options.verify, seen)
         except BaseException:
             self._close()
+            self._close = lambda: None
             raise
         self._read = _sequential_reader(raw, self.info.compression is not None, self.counter, self.req.url)
 
@@ -388,7 +391,8 @@ class _Job:
         self._open_stream()
 
     def cancel(self, ahead: ReadAhead) -> None:
-        """Drop the reads still queued or in flight (their bytes are released)."""
+        """Drop the reads still queued or in flight (their bytes are released); request no more."""
+        self.cancelled = True
         ahead.release(self.held)
         self.held = 0
         while self.futures:
@@ -399,20 +403,21 @@ class _Job:
             ahead.release(held)
 
     def finish(self, generation: int | None, ahead: ReadAhead) -> None:
-        """Close the shard and add its I/O to the epoch's counts."""
+        """Close the shard and add its I/O to the epoch's counts: a shard counts as read once its
+        turn came and it opened; one read ahead and dropped adds only the bytes it moved."""
         self.cancel(ahead)
         try:
             self._close()
         finally:
-            if self.req.error is not None and not self.opened:
-                return
             control, worker = self.ib.control, current_worker()
             if self.empty:
                 control.add_io(worker, generation, shards_skipped=1,
                                bytes_skipped=self.ib.index.shards[self.req.shard].filesize)
-            else:
+            elif self.opened:
                 control.add_io(worker, generation, bytes_read=self.counter.bytes_read, requests=self.counter.requests,
                                shards_read=1, bytes_skipped=max(self.region - self.counter.bytes_read, 0))
+            elif self.counter.requests:
+                control.add_io(worker, generation, bytes_read=self.counter.bytes_read, requests=self.counter.requests)
 
 
 def read_requests(ib: "InfoBatch", requests: Iterable[ShardRequest], epoch: int, thresh: float,
@@ -440,7 +445,11 @@ def read_requests(ib: "InfoBatch", requests: Iterable[ShardRequest], epoch: int,
                 # plan ahead only behind remote shards: a local read never waits
                 if exhausted or len(jobs) > SHARDS_AHEAD or (jobs and jobs[-1].mode != "ranges"):
                     return
-                req = next(source, None)
+                try:
+                    req = next(source, None)
+                except Exception as exn:  # noqa: BLE001 - the shard list failed: reported in its turn
+                    req = ShardRequest("<shard list>", error=exn)
+                    exhausted = True
                 if req is None:
                     exhausted = True
                     return
@@ -476,8 +485,8 @@ def read_requests(ib: "InfoBatch", requests: Iterable[ShardRequest], epoch: int,
                 jobs.popleft()
                 job.finish(generation, ahead)
     finally:
-        for job in jobs:  # abandoned early: reads ahead are dropped, what they read is counted
-            job.finish(generation, ahead) if job.opened or job.submitted else job.cancel(ahead)
+        for job in jobs:  # abandoned early: reads ahead are dropped, what they moved is counted
+            job.finish(generation, ahead)
 
 
 def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float, *,
@@ -493,8 +502,10 @@ def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float,
 def _requests_from(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[ShardRequest]:
     """Shard requests for the ``{"url": ...}`` items of a shard list (``ib.shards()`` or any)."""
     for item in src:
-        url = item["url"]
+        url = str(item.get("url")) if isinstance(item, dict) else repr(item)
         try:
+            if not isinstance(item, dict) or "url" not in item:
+                raise ValueError(f"ib.tarfile_to_samples() needs shard items like {{'url': ...}}, got {item!r}")
             shard = item[SHARD_KEY] if SHARD_KEY in item else ib.index.shard_of_url(url)
             yield ShardRequest(url, shard, item.get(PART_KEY))
         except Exception as exn:  # noqa: BLE001 - reported in order, through the handler

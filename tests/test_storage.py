@@ -321,3 +321,35 @@ def test_fsspec_protocol_equals_webdataset(local_shards):
     ib = InfoBatch(index, num_epochs=10, prune_ratio=0.8, delta=1.0, seed=0)
     prune(ib)
     assert view(read(ib, urls, merge_gap=0)) == reference(local_shards[:3], urls, ib)
+
+
+def test_a_failed_remote_shard_under_a_handler_does_not_end_the_epoch(tmp_path):
+    """A shard that disappears after indexing, with several ranges in flight and a small budget:
+    the handler skips it, every other shard is read, and it is counted as failed, not read."""
+    folder = tmp_path / "gone"
+    paths = write_shards(str(folder), num_shards=6, per_shard=30)
+    with RangeServer(str(folder)) as base:
+        urls = [f"{base}/{os.path.basename(p)}" for p in paths]
+        index = build_index(urls)
+        ib = InfoBatch(index, num_epochs=10, prune_ratio=0.8, delta=1.0, seed=0)
+        prune(ib)
+        expected = {s["__key__"] for s in read(ib, urls, merge_gap=0) if not s["__url__"].endswith("part-001.tar")}
+        os.remove(paths[1])
+        ib.set_epoch(1)  # a fresh pass of the same epoch: the same plan
+        with deadline(60):
+            got = read(ib, urls, merge_gap=0, handler=lambda exn: True, max_inflight=2, readahead_bytes=4096)
+        assert {s["__key__"] for s in got} == {k for k in expected} and len(got) == len(expected)
+        io = ib.stats()[-1]
+        assert io["shards_failed"] == 1 and io["shards_read"] == 5
+
+
+def test_urls_that_are_not_patterns_are_left_alone(tmp_path, s3_server, local_shards):
+    from infobatch_stream.storage import expand_listing
+
+    odd = tmp_path / "shard[1].tar"
+    odd.write_bytes(b"x")
+    for url in ("pipe:curl -s 'https://h/a.tar?dl=1'", "https://h/a.tar?X-Amz-Signature=1", str(odd)):
+        assert expand_listing(url) == [url]
+    urls = s3_server.upload("nested-bucket", local_shards[:2], "train")
+    s3_server.upload("nested-bucket", local_shards[2:3], "train/old")
+    assert expand_listing("s3://nested-bucket/train/*.tar") == urls  # not train/old/, like a local glob

@@ -163,14 +163,16 @@ def _make(kind: str) -> Backend:
 def expand_listing(url: str) -> list[str]:
     """A URL with ``*``/``?``/``[`` in its last parts, expanded by listing the folder or prefix
     (local glob, or an object-store listing); any other URL is returned as it is."""
-    if not any(c in url for c in "*?["):
-        return [url]
+    scheme = _scheme(url)
+    if not any(c in url for c in "*?[") or scheme in ("pipe", "http", "https"):
+        return [url]  # commands and HTTP URLs (query strings) are never patterns
     if is_local(url):
+        if os.path.exists(local_path(url)):
+            return [url]  # a file whose name has brackets
         found = sorted(glob.glob(local_path(url)))
         if not found:
             raise FileNotFoundError(f"no file matches {url}")
         return found
-    scheme = _scheme(url)
     if scheme in _OBJECT_STORE_SCHEMES:
         from .objstore import list_prefix
 
@@ -179,7 +181,8 @@ def expand_listing(url: str) -> list[str]:
         from .fsspec_backend import list_prefix as fs_list
 
         names = fs_list(url)
-    found = sorted(n for n in names if fnmatch.fnmatchcase(n, url))
+    depth = url.count("/")  # like a local glob, * stays within one folder level
+    found = sorted(n for n in names if n.count("/") == depth and fnmatch.fnmatchcase(n, url))
     if not found:
         raise FileNotFoundError(f"no object matches {url}")
     return found

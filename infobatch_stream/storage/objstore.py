@@ -94,7 +94,13 @@ def _store(url: str) -> tuple[Any, str]:
     store = _stores.get(key)
     if store is None:
         _obstore()
-        store = _make_store(scheme, netloc)
+        try:
+            store = _make_store(scheme, netloc)
+        except ImportError as exc:
+            raise StorageError(f"{url}: {exc}; AWS_PROFILE is resolved through boto3: pip install boto3") from None
+        except Exception as exc:  # noqa: BLE001 - a bad setting: name the URL
+            raise StorageError(f"{url}: cannot configure the client ({exc}); check the endpoint and credential "
+                               "settings") from None
         _stores[key] = store
         _used_in = os.getpid()
     return store, path
