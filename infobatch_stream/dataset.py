@@ -27,7 +27,7 @@ from webdataset.handlers import reraise_exception
 from . import policy
 from .balance import Part
 from .reader import ReadOptions, ShardRequest, read_requests
-from .stages import account_empty, current_worker, epoch_parts, loader_worker
+from .stages import account_empty, epoch_parts, loader_worker
 
 if TYPE_CHECKING:
     from .infobatch import InfoBatch

@@ -342,7 +342,7 @@ class DatasetIndex:
                 url = os.path.normpath(os.path.join(base, local))
             shards.append(ShardInfo(url, int(entry["nsamples"]), int(entry.get("filesize", 0)), entry.get("mtime"),
                                     entry.get("etag"), entry.get("compression"), entry.get("ranges", True) is not False))
-        pipes = [s.url for s in shards if s.url.startswith("pipe:")]
+        pipes = [s.url for s in shards if s.url[:5].lower() == "pipe:"]  # WebDataset lower-cases the scheme
         if pipes and not allow_pipes:
             raise PermissionError(
                 f"index {path} lists {len(pipes)} shard URLs that run shell commands (e.g. {pipes[0]!r}); load it with "

@@ -5,9 +5,7 @@ same shards, and only the kept bytes may cross the wire."""
 from __future__ import annotations
 
 import os
-import signal
 import threading
-from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -16,7 +14,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from _data import slot_loss, write_shards
+from _data import write_shards
+from _guards import deadline
 from infobatch_stream import InfoBatch, build_index
 from infobatch_stream.rangeserver import RangeServer
 from infobatch_stream.reader import StaleIndexError
@@ -24,21 +23,6 @@ from infobatch_stream.readahead import ReadAhead
 from infobatch_stream.storage import StorageError, backend_for, identity
 
 # ---- helpers -----------------------------------------------------------------------------------
-
-
-@contextmanager
-def deadline(seconds: int) -> Iterator[None]:
-    """A hang is a failure, not a stuck CI run."""
-    def boom(*_: Any) -> None:
-        raise TimeoutError(f"no answer in {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def prune(ib: InfoBatch, epoch: int = 1) -> None:
@@ -353,3 +337,20 @@ def test_urls_that_are_not_patterns_are_left_alone(tmp_path, s3_server, local_sh
     urls = s3_server.upload("nested-bucket", local_shards[:2], "train")
     s3_server.upload("nested-bucket", local_shards[2:3], "train/old")
     assert expand_listing("s3://nested-bucket/train/*.tar") == urls  # not train/old/, like a local glob
+
+
+def test_an_index_with_upper_case_pipe_urls_is_refused(local_shards, tmp_path):
+    """WebDataset's gopen lower-cases the scheme, so ``PIPE:`` must never come out as a command:
+    it is a path relative to the index (what the reader opens, as a file), never a pipe."""
+    import json
+
+    from infobatch_stream import DatasetIndex
+
+    path = str(tmp_path / "index.json")
+    build_index(local_shards[:1], path)
+    doc = json.load(open(path))
+    doc["shardlist"][0]["url"] = f"PIPE:cat {local_shards[0]}"
+    json.dump(doc, open(path, "w"))
+    url = DatasetIndex.load(path).urls[0]
+    assert url.startswith(str(tmp_path)) and url[:5].lower() != "pipe:"
+    assert backend_for("PIPE:cat x").__class__.__name__ == "LocalBackend"  # never a shell in our reader

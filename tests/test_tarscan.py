@@ -8,14 +8,13 @@ Every shard here is a real tar written by ``webdataset.ShardWriter``, Python's `
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import signal
 import subprocess
 import tarfile
 
 import pytest
+from _guards import deadline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -567,20 +566,9 @@ def test_bad_numeric_field_names_the_header():
         scan_shard(io.BytesIO(bytes(raw)), "bad.tar", filesize=len(raw))
 
 
-@contextlib.contextmanager
-def fails_instead_of_hanging(seconds: int = 5):
+def fails_instead_of_hanging(seconds: int = 5):  # type: ignore[no-untyped-def]
     """Corrupt input must end in an error; turn an endless loop into a test failure."""
-
-    def on_alarm(signum, frame):
-        raise AssertionError(f"still running after {seconds} s: endless loop on corrupt input")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+    return deadline(seconds, "endless loop on corrupt input")
 
 
 def pax_shard(record: bytes) -> bytes:

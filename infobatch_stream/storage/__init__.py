@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ..tarscan import TarFormatError  # noqa: F401 - re-exported for backends' errors
-
 __all__ = ["ObjectInfo", "Backend", "StorageError", "RangeNotSupported", "backend_for", "is_local", "local_path",
            "identity", "expand_listing", "uses_obstore", "REMOTE_EXTRA"]
 
