@@ -64,11 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         "index", help="index tar shards (keys, byte ranges, sample counts)",
         description="Walk the tar headers of every shard and write a wids-style shard list JSON "
                     "plus memory-mapped per-sample arrays beside it.",
-        epilog="example: infobatch-stream index 'shards/data-{000..099}.tar' -o shards/index.json --workers 4",
+        epilog="example: infobatch-stream index 'shards/data-{000..099}.tar' -o shards/index.json --workers 4\n"
+               "         infobatch-stream index 's3://bucket/train/*.tar' -o index.json   (pip install "
+               "'infobatch-stream[remote]')",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("shards", nargs="+", help="shard paths or URLs; brace patterns like data-{000..099}.tar expand")
+    p.add_argument("shards", nargs="+", help="shard paths or URLs (s3://, gs://, az://, http(s)://, pipe:); brace patterns like "
+                                         "data-{000..099}.tar and globs like s3://bucket/train/*.tar expand")
     p.add_argument("-o", "--output", required=True, help="index JSON to write (arrays go to <name>.arrays/)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel scanning processes")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel scanning processes (remote shards: at least 16 at a time)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_index)
 
