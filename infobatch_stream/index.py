@@ -43,16 +43,19 @@ def normalize_url(url: str) -> str:
     return identity(url)
 
 
-def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Brace-expand a WebDataset URL pattern (``data-{000..099}.tar``) or pass a list through."""
+def expand_braces(urls: str | Sequence[str]) -> list[str]:
+    """Brace-expand a WebDataset URL pattern (``data-{000..099}.tar``, ``a::b``) or pass a list through."""
     if isinstance(urls, str):
         import braceexpand
 
-        out: list[str] = []
-        for part in urls.split("::"):
-            for url in braceexpand.braceexpand(part):
-                out.extend(expand_listing(url))  # s3://bucket/prefix/*.tar, shards/*.tar
-        return out
+        return [url for part in urls.split("::") for url in braceexpand.braceexpand(part)]
+    return list(urls)
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """:func:`expand_braces`, then globs listed (``s3://bucket/prefix/*.tar``, ``shards/*.tar``)."""
+    if isinstance(urls, str):
+        return [u for url in expand_braces(urls) for u in expand_listing(url)]
     return list(urls)
 
 
@@ -420,20 +423,9 @@ def from_scans(urls: Sequence[str], scans: Sequence[ShardSamples], mtimes: Seque
 
 
 def _scan_remote(urls: list[str], concurrency: int) -> Iterable[ScanResult]:
-    """Scan remote shards ``concurrency`` at a time, in spawned processes: the object-store
-    client's threads would not survive the DataLoader forking this process later (see
-    :mod:`infobatch_stream.storage.objstore`), so this process does not start them."""
-    from .storage import objstore
-
-    if objstore.used_here() or not any(uses_obstore(u) for u in urls):
-        with ThreadPoolExecutor(max_workers=concurrency) as threads:
-            yield from threads.map(_scan_one, urls)
-        return
-    import multiprocessing
-
-    with ProcessPoolExecutor(max_workers=min(concurrency, len(urls)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(_scan_one, urls)
+    """Scan remote shards ``concurrency`` at a time on threads: the wait is the network's."""
+    with ThreadPoolExecutor(max_workers=concurrency) as threads:
+        yield from threads.map(_scan_one, urls)
 
 
 def build_index(urls: str | Iterable[str], output: str | None = None, *, workers: int = 1,
@@ -444,9 +436,28 @@ def build_index(urls: str | Iterable[str], output: str | None = None, *, workers
     listed) or a list. Local files are scanned with seeks in ``workers`` processes; other URLs
     (object stores, HTTP, ``pipe:``) are streamed through the storage layer, ``remote_concurrency``
     at a time on threads (the wait is the network's), each object's version (ETag) recorded for
-    the stale check.
+    the stale check. Shards read through obstore are indexed in a fresh interpreter
+    (:mod:`infobatch_stream.remote_index`): obstore's threads would not survive the DataLoader
+    forking this process later (see :mod:`infobatch_stream.storage.objstore`).
     """
-    url_list = expand_urls(urls if isinstance(urls, str) else list(urls))
+    from .storage import objstore
+
+    patterns = expand_braces(urls if isinstance(urls, str) else list(urls))
+    globbing = isinstance(urls, str)
+    if any(uses_obstore(u) for u in patterns) and not objstore.used_here():
+        from .remote_index import index_in_subprocess
+
+        index = index_in_subprocess(patterns, globbing, remote_concurrency, progress)
+    else:
+        url_list = [u for p in patterns for u in expand_listing(p)] if globbing else patterns
+        index = _index_here(url_list, workers, progress, remote_concurrency)
+    if output is not None:
+        index.save(output)
+    return index
+
+
+def _index_here(url_list: list[str], workers: int, progress: bool, remote_concurrency: int) -> DatasetIndex:
+    """Scan ``url_list`` in this process (and its pools)."""
     if not url_list:
         raise ValueError("no shards to index: the URL pattern expanded to nothing")
     results: list[ScanResult]
@@ -479,6 +490,4 @@ def build_index(urls: str | Iterable[str], output: str | None = None, *, workers
         bar.close()
     index = from_scans(url_list, *(list(column) for column in zip(*results)))
     log.info("indexed %d shards, %d samples", index.num_shards, index.num_samples)
-    if output is not None:
-        index.save(output)
     return index

@@ -113,7 +113,7 @@ def test_s3_reader_equals_webdataset_and_reads_only_kept_bytes(s3_server, s3_sha
 
 def test_s3_with_dataloader_workers_and_dataset(s3_server, s3_shards):
     """ib.shards() + ib.tarfile_to_samples() and ib.dataset(), forked workers, over S3: every kept
-    slot once (the index was built in spawned processes, so forked workers can use obstore)."""
+    slot once (through obstore, or fsspec where this process used obstore before forking)."""
     index = build_index(s3_shards)
     ib = InfoBatch(index, num_epochs=10, prune_ratio=0.8, delta=1.0, seed=0)
     prune(ib)
@@ -354,3 +354,28 @@ def test_an_index_with_upper_case_pipe_urls_is_refused(local_shards, tmp_path):
     url = DatasetIndex.load(path).urls[0]
     assert url.startswith(str(tmp_path)) and url[:5].lower() != "pipe:"
     assert backend_for("PIPE:cat x").__class__.__name__ == "LocalBackend"  # never a shell in our reader
+
+
+def test_indexing_leaves_the_process_free_to_fork_obstore_workers(s3_server, s3_shards):
+    """build_index of s3:// shards runs obstore in a child interpreter, so DataLoader workers
+    forked afterwards read through obstore, not the fsspec fallback (a fresh process checks)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import warnings, torch, webdataset as wds
+from torch.utils.data import DataLoader
+from infobatch_stream import InfoBatch, build_index
+from infobatch_stream.storage import objstore
+index = build_index({s3_shards!r})
+assert not objstore.used_here(), "indexing started obstore in this process"
+ib = InfoBatch(index, num_epochs=4, prune_ratio=0.5, delta=1.0)
+ib.set_epoch(0)
+loader = DataLoader(wds.DataPipeline(ib.shards(), ib.tarfile_to_samples(), wds.to_tuple("__ib__")),
+                    batch_size=None, num_workers=2, multiprocessing_context="fork")
+print("samples", sum(1 for _ in loader))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"samples {build_index(s3_shards).num_samples}" in out.stdout
+    assert "reading through fsspec instead" not in out.stderr
