@@ -321,11 +321,20 @@ class DatasetIndex:
         ``pipe:`` shard URLs run shell commands when read, so an index that lists them is refused
         unless ``allow_pipes=True``: pass it only for an index you (or someone you trust) built."""
         path = os.path.abspath(path)
+        if os.path.isdir(path):
+            raise IndexMismatchError(
+                f"{path} is a folder, not an index: build one with `infobatch-stream index '{path}/*.tar' -o "
+                f"{os.path.join(path, 'index.json')}` and pass that JSON file")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 doc = json.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"index {path} does not exist; build it with `infobatch-stream index`") from None
+        except UnicodeDecodeError:
+            raise IndexMismatchError(
+                f"{path} is not an index JSON (binary content{', a tar shard?' if path.endswith('.tar') else ''}): "
+                f"build the index with `infobatch-stream index 'shards/*.tar' -o shards/index.json` and pass "
+                "that file") from None
         except json.JSONDecodeError as e:
             raise IndexMismatchError(f"index {path} is not valid JSON ({e}); rebuild it with `infobatch-stream index`") from None
         ours = doc.get("infobatch_stream")

@@ -282,7 +282,13 @@ def plot_run(run: Run, summary: dict[str, Any], path: str) -> None:
     if panels == 3:
         assert run.scores is not None
         seen = run.scores[np.isfinite(run.scores)]
-        axes[2].hist(seen, bins=min(100, max(10, int(math.sqrt(seen.size)))), color="tab:gray")
+        nbins = min(100, max(10, int(math.sqrt(seen.size))))
+        if seen.size and seen.min() > 0 and seen.max() > seen.min():  # losses span decades: log bins
+            axes[2].hist(seen, bins=np.geomspace(seen.min(), seen.max(), nbins + 1), color="tab:gray")
+            axes[2].set_xscale("log")
+        else:
+            axes[2].hist(seen, bins=nbins, color="tab:gray")
+        axes[2].set_yscale("log")  # a few well-learned bins would otherwise flatten the rest
         if summary["final_threshold"] is not None:
             axes[2].axvline(summary["final_threshold"], color="tab:red", label="last epoch's threshold")
         axes[2].axvline(summary["scores"]["mean"], color="tab:red", linestyle="--", label="mean now (next threshold)")

@@ -379,3 +379,12 @@ print("samples", sum(1 for _ in loader))
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"samples {build_index(s3_shards).num_samples}" in out.stdout
     assert "reading through fsspec instead" not in out.stderr
+
+
+def test_a_folder_or_a_shard_given_as_the_index_says_what_to_do(local_shards):
+    from infobatch_stream.index import IndexMismatchError
+
+    with pytest.raises(IndexMismatchError, match="is a folder.*infobatch-stream index"):
+        InfoBatch(os.path.dirname(local_shards[0]), num_epochs=2)
+    with pytest.raises(IndexMismatchError, match="not an index JSON.*tar shard"):
+        InfoBatch(local_shards[0], num_epochs=2)
