@@ -388,3 +388,20 @@ def test_a_folder_or_a_shard_given_as_the_index_says_what_to_do(local_shards):
         InfoBatch(os.path.dirname(local_shards[0]), num_epochs=2)
     with pytest.raises(IndexMismatchError, match="not an index JSON.*tar shard"):
         InfoBatch(local_shards[0], num_epochs=2)
+
+
+def test_fsspec_shard_that_grew_since_indexing_is_stale(local_shards):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    url = "memory://fsspec-stale/part.tar"
+    data = open(local_shards[0], "rb").read()
+    with fs.open(url, "wb") as f:
+        f.write(data)
+    index = build_index([url])
+    with fs.open(url, "wb") as f:
+        f.write(data + b"\0" * 1024)
+    ib = InfoBatch(index, num_epochs=4, prune_ratio=0.5, delta=1.0)
+    ib.set_epoch(0)
+    with pytest.raises(StaleIndexError, match="fsspec-stale.*size"):
+        read(ib, [url])

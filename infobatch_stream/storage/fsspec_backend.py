@@ -48,6 +48,15 @@ class FsspecBackend:
 
     def __init__(self, after_fork_of: str | None = None) -> None:
         self.after_fork_of = after_fork_of
+        self._sizes: dict[str, int] = {}  # per process: one metadata request per shard
+
+    def _size(self, fs: Any, path: str, url: str) -> int:
+        """The object's size, asked once per process, for the stale-index check of every read
+        (ETags are not compared here: their spelling differs between clients)."""
+        size = self._sizes.get(url)
+        if size is None:
+            size = self._sizes[url] = _info(fs.info(path), url).size
+        return size
 
     def info(self, url: str) -> ObjectInfo:
         fs, path = _filesystem(url)
@@ -59,6 +68,7 @@ class FsspecBackend:
     def read(self, url: str, start: int, end: int) -> tuple[bytes, ObjectInfo | None]:
         fs, path = _filesystem(url)
         try:
+            size = self._size(fs, path, url)
             data = fs.cat_file(path, start=start, end=end)
         except FileNotFoundError:
             raise FileNotFoundError(f"{url} does not exist") from None
@@ -67,7 +77,7 @@ class FsspecBackend:
         if len(data) != end - start:
             raise StorageError(f"shard {url}: asked for bytes {start}-{end - 1}, got {len(data)} bytes; the shard "
                                "changed since it was indexed (re-index it) or the server ignores Range requests")
-        return bytes(data), None
+        return bytes(data), ObjectInfo(size)
 
     def stream(self, url: str) -> tuple[BinaryIO, ObjectInfo | None]:
         fs, path = _filesystem(url)
