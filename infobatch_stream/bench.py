@@ -89,11 +89,11 @@ def write_profile(out: str, profile: str) -> list[str]:
     return urls
 
 
-class _Server:
-    """``python -m infobatch_stream.rangeserver`` in a subprocess."""
+class RangeServerProcess:
+    """``python -m infobatch_stream.rangeserver ROOT [options]`` in a subprocess."""
 
-    def __init__(self, root: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "infobatch_stream.rangeserver", root],
+    def __init__(self, root: str, *options: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "infobatch_stream.rangeserver", root, *options],
                                      stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         self.url = line.strip().rsplit(" ", 1)[-1]
@@ -113,13 +113,14 @@ class _Server:
         self.proc.wait(timeout=10)
 
 
-def _prune_scores(ib: InfoBatch, well_learned: float, seed: int = 1) -> None:
+def prune_scores(ib: InfoBatch, well_learned: float, seed: int = 1) -> None:
     """Mark a random ``well_learned`` share as low-loss: r x that share gets pruned."""
     rng = np.random.default_rng(seed)
     ib.store.scores[:] = np.where(rng.random(len(ib.store)) < well_learned, 0.0, 1.0).astype(np.float32)
 
 
-def _kept_bytes(ib: InfoBatch) -> tuple[int, int]:
+def kept_totals(ib: InfoBatch) -> tuple[int, int]:
+    """Bytes and count of the samples the published epoch keeps (what the reader should read)."""
     index, kept_bytes, kept = ib.index, 0, 0
     thresh = ib.control.threshold
     for shard in range(index.num_shards):
@@ -150,10 +151,10 @@ def run_bench(out: str = "bench_out", profiles: tuple[str, ...] = ("imagenet", "
     for profile in profiles:
         urls = write_profile(out, profile)
         folder = os.path.dirname(urls[0])
-        sources: list[tuple[str, list[str], str, _Server | None]] = [("local", urls, os.path.join(folder, "index.json"), None)]
+        sources: list[tuple[str, list[str], str, RangeServerProcess | None]] = [("local", urls, os.path.join(folder, "index.json"), None)]
         server = None
         if http:
-            server = _Server(folder)
+            server = RangeServerProcess(folder)
             http_urls = [f"{server.url}/{os.path.basename(u)}" for u in urls]
             http_index = os.path.join(folder, "index-http.json")  # rebuilt: the server's port is new each run
             build_index(http_urls, http_index)
@@ -171,19 +172,19 @@ def run_bench(out: str = "bench_out", profiles: tuple[str, ...] = ("imagenet", "
 BLOCK = 8  # the block size of the granularity row
 
 
-def _bench_source(profile: str, source: str, urls: list[str], index: DatasetIndex, server: _Server | None,
+def _bench_source(profile: str, source: str, urls: list[str], index: DatasetIndex, server: RangeServerProcess | None,
                   repeats: int, well_learned: float, progress: bool) -> list[Result]:
     # setup label -> (InfoBatch, pipelines, kept bytes, kept samples); (a) of "0%" is the full epoch
     setups: dict[str, tuple[InfoBatch, dict[str, Callable[[], Any]], int, int]] = {}
     for label, share, block in (("0%", 0.0, 1), ("40%", well_learned, 1), (f"40% k={BLOCK}", well_learned, BLOCK)):
         ib = InfoBatch(index, num_epochs=10, prune_ratio=0.5, delta=1.0, granularity=block)
         if share:
-            _prune_scores(ib, share)
+            prune_scores(ib, share)
         ib.set_epoch(1)
         pipes = _pipelines(urls, ib)
         if block > 1:  # only the reader differs: blocks of k pruned together
             pipes = {f"(c) ib reader, blocks of {block}": pipes["(c) ib reader"]}
-        setups[label] = (ib, pipes, *_kept_bytes(ib))
+        setups[label] = (ib, pipes, *kept_totals(ib))
     times: dict[tuple[str, str], list[float]] = {}
     nbytes: dict[tuple[str, str], int] = {}
     nreq: dict[tuple[str, str], int] = {}

@@ -37,6 +37,7 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from .bench import RangeServerProcess, kept_totals, prune_scores
 from .index import DatasetIndex, build_index
 from .infobatch import InfoBatch
 
@@ -113,22 +114,6 @@ class _Process:
             self.proc.wait(timeout=10)
 
 
-def _latency_source(paths: list[str]) -> tuple[_Process, list[str], Callable[[], dict[str, int]], Callable[[], None]]:
-    port = _port()
-    base = f"http://127.0.0.1:{port}"
-    server = _Process([sys.executable, "-m", "infobatch_stream.rangeserver", os.path.dirname(paths[0]), "--port",
-                       str(port), "--ttfb", "0.02", "--bandwidth", "50e6"], base + "/__stats__")
-
-    def stats() -> dict[str, int]:
-        with urllib.request.urlopen(base + "/__stats__") as r:
-            return json.load(r)
-
-    def reset() -> None:
-        urllib.request.urlopen(base + "/__reset__").read()
-
-    return server, [f"{base}/{os.path.basename(p)}" for p in paths], stats, reset
-
-
 def _s3_source(paths: list[str]) -> tuple[_Process, list[str], list[str]]:
     try:
         import boto3
@@ -164,21 +149,6 @@ def _loader(pipeline: Any, workers: int) -> DataLoader:
     return DataLoader(pipeline, batch_size=None, num_workers=workers, **kw)
 
 
-def _prune(ib: InfoBatch) -> None:
-    rng = np.random.default_rng(1)
-    ib.store.scores[:] = np.where(rng.random(len(ib.store)) < 0.8, 0.0, 1.0).astype(np.float32)
-
-
-def _kept_bytes(ib: InfoBatch) -> tuple[int, int]:
-    total, kept = 0, 0
-    for shard in range(ib.index.num_shards):
-        keep, _ = ib.decide_shard(shard, ib.epoch, ib.control.threshold)
-        start, end = ib.index.byte_ranges(shard)
-        total += int((end - start)[keep].sum())
-        kept += int(keep.sum())
-    return total, kept
-
-
 def _bench_source(source: str, read_urls: list[str], plain_urls: list[str], index: DatasetIndex, repeats: int,
                   stats: Callable[[], dict[str, int]] | None, reset: Callable[[], None] | None,
                   progress: bool) -> list[Row]:
@@ -191,10 +161,10 @@ def _bench_source(source: str, read_urls: list[str], plain_urls: list[str], inde
         for label, pruned in (("(c) ib, 0%", False), ("(c) ib, ~40%", True)):
             ib = InfoBatch(index, num_epochs=10, prune_ratio=0.5, delta=1.0)
             if pruned:
-                _prune(ib)
+                prune_scores(ib, 0.8)
             ib.set_epoch(1)
             pipe = wds.DataPipeline(ib.shards(), ib.tarfile_to_samples(), *_tail())
-            setups[label] = (ib, _loader(pipe, workers), *_kept_bytes(ib))
+            setups[label] = (ib, _loader(pipe, workers), *kept_totals(ib))
         times: dict[str, list[float]] = {k: [] for k in setups}
         sent: dict[str, int] = {}
         requests: dict[str, int] = {}
@@ -251,10 +221,11 @@ def run(out: str = "bench_out", repeats: int = 3, sources: tuple[str, ...] = ("l
     paths = write_shards(os.path.join(out, "objectstore"))
     rows: list[Row] = []
     if "latency" in sources:
-        server, urls, stats, reset = _latency_source(paths)
+        server = RangeServerProcess(os.path.dirname(paths[0]), "--ttfb", "0.02", "--bandwidth", "50e6")
+        urls = [f"{server.url}/{os.path.basename(p)}" for p in paths]
         try:
             index = build_index(urls, os.path.join(out, "objectstore", "index-latency.json"))
-            rows += _bench_source("latency", urls, urls, index, repeats, stats, reset, progress)
+            rows += _bench_source("latency", urls, urls, index, repeats, server.stats, server.reset, progress)
         finally:
             server.close()
     if "s3" in sources:

@@ -150,13 +150,10 @@ class ResumableDataset(IterableDataset):
                 ordinal += 1
             return
         requests = [ShardRequest(urls[parts[i].shard], parts[i].shard, only=kept) for i, kept, _ in only]
-        shares = {id(r): share for r, (_, _, share) in zip(requests, only)}
-        taken: dict[int, int] = {}
+        shares = {id(r): iter(share) for r, (_, _, share) in zip(requests, only)}  # in the order read
         for req, sample in read_requests(self.ib, requests, epoch, thresh, self.options, handler=self._handle,
                                          generation=generation, tagged=True):
-            k = taken.get(id(req), 0)
-            taken[id(req)] = k + 1
-            yield shares[id(req)][k], sample
+            yield next(shares[id(req)]), sample
 
     def _handle(self, exn: Exception) -> bool:
         if not self.handler(exn):

@@ -52,11 +52,14 @@ def expand_braces(urls: str | Sequence[str]) -> list[str]:
     return list(urls)
 
 
+def listed(urls: list[str], globbing: bool = True) -> list[str]:
+    """``urls`` with globs listed (``s3://bucket/prefix/*.tar``, ``shards/*.tar``) when ``globbing``."""
+    return [u for url in urls for u in expand_listing(url)] if globbing else list(urls)
+
+
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """:func:`expand_braces`, then globs listed (``s3://bucket/prefix/*.tar``, ``shards/*.tar``)."""
-    if isinstance(urls, str):
-        return [u for url in expand_braces(urls) for u in expand_listing(url)]
-    return list(urls)
+    """:func:`expand_braces`, then, for a pattern string, its globs listed (a list passes through)."""
+    return listed(expand_braces(urls), isinstance(urls, str))
 
 
 @dataclass(frozen=True)
@@ -225,8 +228,6 @@ class DatasetIndex:
         candidates = [url]
         if url.startswith("pipe:") and url.split():
             candidates.append(url.split()[-1])
-        if identity(url) != url:  # a presigned URL signed anew
-            candidates.append(identity(url))
         for candidate in candidates:
             local = _strip_file_scheme(candidate)
             if _is_local(local) and os.path.abspath(local) in lookup:
@@ -458,8 +459,7 @@ def build_index(urls: str | Iterable[str], output: str | None = None, *, workers
 
         index = index_in_subprocess(patterns, globbing, remote_concurrency, progress)
     else:
-        url_list = [u for p in patterns for u in expand_listing(p)] if globbing else patterns
-        index = _index_here(url_list, workers, progress, remote_concurrency)
+        index = _index_here(listed(patterns, globbing), workers, progress, remote_concurrency)
     if output is not None:
         index.save(output)
     return index

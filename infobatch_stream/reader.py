@@ -223,7 +223,7 @@ class _Layout:
         self.kept, self.boosted = kept.tolist(), boosted.tolist()
 
     def samples(self, buf: bytes, r: ReadRange) -> Iterator[dict[str, Any]]:
-        if not _checksum_ok(bytes(buf[:BLOCK])):
+        if not _checksum_ok(buf[:BLOCK]):
             raise StaleIndexError(
                 f"shard {self.url}: no tar header at byte {r.start}, where the index puts sample "
                 f"{self.keys[self.kept[r.first]]!r}; the shard changed since it was indexed: "
@@ -311,27 +311,22 @@ class _Job:
             return
         self._open()
         cut = self.layout.samples
-        if self.mode != "ranges":
-            read = self._read
-            assert read is not None
-            for r in self.ranges:
-                yield from cut(read(r.start, r.end), r)
-            return
-        for i, r in enumerate(self.ranges):
-            if self.mode != "ranges":  # the server turned out to ignore Range: streamed from here
+        for r in self.ranges:
+            if self.mode == "ranges":
+                if not self.futures:
+                    self.submit_next(ahead)
+                buf, self.held = self._take(r, ahead)  # may turn the job to "stream" (no Range)
+                self.opened = True
+            else:
                 assert self._read is not None
-                yield from cut(self._read(r.start, r.end), r)
-                continue
-            if not self.futures:
-                self.submit_next(ahead)
-            buf, self.held = self._take(i, r, ahead)
-            self.opened = True
+                buf = self._read(r.start, r.end)
             yield from cut(buf, r)
-            ahead.release(self.held)
-            self.held = 0
-            fill()
+            if self.held:
+                ahead.release(self.held)
+                self.held = 0
+                fill()
 
-    def _take(self, i: int, r: ReadRange, ahead: ReadAhead) -> tuple[bytes, int]:
+    def _take(self, r: ReadRange, ahead: ReadAhead) -> tuple[bytes, int]:
         future, held = self.futures.popleft()
         try:
             buf, seen = future.result()

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .index import DatasetIndex, IndexMismatchError, _index_here
-from .storage import StorageError, expand_listing
+from .index import DatasetIndex, IndexMismatchError, _index_here, listed
+from .storage import StorageError
 from .tarscan import TarFormatError
 
 _ERRORS: dict[str, type[Exception]] = {c.__name__: c for c in (TarFormatError, IndexMismatchError, StorageError,
@@ -51,8 +51,7 @@ def index_in_subprocess(patterns: list[str], globbing: bool, concurrency: int, p
 def main() -> None:
     job: dict[str, Any] = json.load(sys.stdin)
     try:
-        patterns = job["patterns"]
-        urls = [u for p in patterns for u in expand_listing(p)] if job["globbing"] else patterns
+        urls = listed(job["patterns"], job["globbing"])
         _index_here(urls, 1, job["progress"], job["concurrency"]).save(job["output"])
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         with open(job["error"], "w") as f:

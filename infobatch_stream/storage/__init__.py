@@ -12,9 +12,10 @@ other schemes fsspec knows (``hf://``...)  :mod:`.fsspec_backend`, also signed `
 ``pipe:command``                           :mod:`.pipe`: a shell command's stdout, sequential only
 =========================================  ==========================================================
 
-Every backend gives the same three things (:class:`Backend`): the object's size and version
-(:class:`ObjectInfo`), exact byte ranges (thread-safe, so a reader can keep several in flight),
-and a sequential stream. Remote backends live in the ``remote`` extra; a missing one is an
+Every backend gives the same two things (:class:`Backend`): exact byte ranges (thread-safe, so
+a reader can keep several in flight) and a sequential stream, each with the object's size and
+version (:class:`ObjectInfo`) where the response tells them, so the stale-index check costs no
+extra request. Remote backends live in the ``remote`` extra; a missing one is an
 error that says what to install.
 """
 
@@ -61,10 +62,6 @@ class Backend(Protocol):
     """One scheme's way to a shard's bytes (see the module docstring)."""
 
     concurrent: bool  # several requests in flight pay off (each one waits for the network)
-
-    def info(self, url: str) -> ObjectInfo:
-        """Size and version of the object (one metadata request on remote stores)."""
-        ...
 
     def read(self, url: str, start: int, end: int) -> tuple[bytes, ObjectInfo | None]:
         """Exactly bytes ``[start, end)`` and, where the response says, the object's info.

@@ -58,13 +58,6 @@ class FsspecBackend:
             size = self._sizes[url] = _info(fs.info(path), url).size
         return size
 
-    def info(self, url: str) -> ObjectInfo:
-        fs, path = _filesystem(url)
-        try:
-            return _info(fs.info(path), url)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{url} does not exist") from None
-
     def read(self, url: str, start: int, end: int) -> tuple[bytes, ObjectInfo | None]:
         fs, path = _filesystem(url)
         try:

@@ -11,10 +11,6 @@ from . import ObjectInfo, StorageError, local_path
 class LocalBackend:
     concurrent = False  # a page-cached pread returns in microseconds: nothing to overlap
 
-    def info(self, url: str) -> ObjectInfo:
-        st = os.stat(local_path(url))
-        return ObjectInfo(st.st_size, st.st_mtime)
-
     def open(self, url: str) -> tuple[int, ObjectInfo]:
         """A descriptor and the file's info at open (what the reader checks against the index)."""
         path = local_path(url)

@@ -145,15 +145,6 @@ class ObjectStoreBackend:
             self._fallback = FsspecBackend(after_fork_of=url)
         return self._fallback
 
-    def info(self, url: str) -> ObjectInfo:
-        if _forked_after_use:
-            return self._delegate(url).info(url)
-        store, path = _store(url)
-        try:
-            return _info(_obstore().head(store, path))
-        except Exception as exc:  # noqa: BLE001 - translated
-            raise _translate(url, exc) from None
-
     def read(self, url: str, start: int, end: int) -> tuple[bytes, ObjectInfo | None]:
         if _forked_after_use:
             return self._delegate(url).read(url, start, end)

@@ -14,9 +14,6 @@ from . import ObjectInfo, StorageError
 class PipeBackend:
     concurrent = False
 
-    def info(self, url: str) -> ObjectInfo:
-        raise StorageError(f"{url}: a pipe: shard has no size until it has been read; it is streamed")
-
     def read(self, url: str, start: int, end: int) -> tuple[bytes, ObjectInfo | None]:
         raise StorageError(f"{url}: a pipe: shard cannot be read by ranges; it is streamed")
 
