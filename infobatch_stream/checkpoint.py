@@ -16,13 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from .errors import CheckpointError
+
 MAGIC = b"IBSTATE1"
 _ALIGN = 64
 _DTYPES = {"<f4", "<f8", "<i8", "<i4", "|u1", "|b1"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is not one, is damaged, or does not belong to this dataset."""
 
 
 def _split(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -20,20 +20,17 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .errors import IndexMismatchError, TarFormatError
 from .storage import backend_for, expand_listing, identity, uses_obstore
 from .storage import is_local as _is_local
 from .storage import local_path as _strip_file_scheme
-from .tarscan import ShardSamples, TarFormatError, decompressed, scan_shard
+from .tarscan import ShardSamples, decompressed, scan_shard
 
 log = logging.getLogger(__name__)
 
 INDEX_KIND = "wids-shard-index-v1"
 FORMAT_VERSION = 1
 _ARRAYS = ("start", "end", "member_first", "data_offset", "size", "suffix_id", "key_offsets", "keys")
-
-
-class IndexMismatchError(LookupError):
-    """A sample or shard does not match the index; the message says what to re-index."""
 
 
 def normalize_url(url: str) -> str:

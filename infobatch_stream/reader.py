@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 import numpy as np
 from webdataset.handlers import reraise_exception
 
+from .errors import StaleIndexError, handle
 from .index import ShardInfo
 from .meta import META_KEY, make_meta
 from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT, ReadAhead
@@ -57,10 +58,6 @@ MAX_RANGE_BYTES = 16 << 20  # bounds the buffer of one local read
 MIN_REMOTE_RANGE = 256 << 10
 SHARDS_AHEAD = 8  # shards planned ahead of the one being yielded (their tables are in memory)
 VERIFY = ("size", "size+mtime")
-
-
-class StaleIndexError(RuntimeError):
-    """A shard differs from what the index recorded: reading at stale offsets would return garbage."""
 
 
 @dataclass(frozen=True)
@@ -472,8 +469,7 @@ def read_requests(ib: "InfoBatch", requests: Iterable[ShardRequest], epoch: int,
                     yield from job.samples(ahead, fill)
             except Exception as exn:  # noqa: BLE001 - handed to the user's handler, as WebDataset does
                 job.cancel(ahead)
-                exn.args = exn.args + (job.req.url,)
-                if not handler(exn):
+                if not handle(handler, exn, job.req.url):
                     return
                 ib.control.add_io(current_worker(), generation, shards_failed=1)
             finally:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import MAGIC, load_state
+from .errors import ReportError
 from .infobatch import EpochStats
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,6 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since torch 1.6
 _EXPECTED = ("expected a file written by ib.save(), a torch.save() checkpoint holding ib.state_dict(), "
              "or a JSON list of ib.stats() (or an object with a \"stats\" list)")
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
-
-
-class ReportError(ValueError):
-    """A file the report cannot read; the message names the file and what was expected."""
 
 
 @dataclass

@@ -22,6 +22,8 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from .errors import TarFormatError
+
 BLOCK = 512
 _REGULAR = {b"0", b"\0", b"7"}
 _SKIP_DATA_TYPES = {b"1", b"2", b"3", b"4", b"5", b"6"}  # links, devices, dirs, fifos: no body
@@ -31,10 +33,6 @@ _GNU_TYPES = {b"L", b"K", b"S"}  # tarfile puts no ustar prefix in front of thes
 _EXTENDED = {b"L", b"K", b"x", b"X", b"g"}  # headers that describe the next one
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")  # tarfile's own record pattern
 _OTHER_NUMBERS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))  # mode ... devminor
-
-
-class TarFormatError(ValueError):
-    """A shard is not a readable tar: the message names the shard and the byte offset."""
 
 
 @dataclass(frozen=True)

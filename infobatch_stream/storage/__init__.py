@@ -32,6 +32,8 @@ __all__ = ["ObjectInfo", "Backend", "StorageError", "RangeNotSupported", "backen
            "identity", "expand_listing", "uses_obstore", "REMOTE_EXTRA"]
 
 REMOTE_EXTRA = "pip install 'infobatch-stream[remote]'"
+from ..errors import RangeNotSupported, StorageError  # noqa: F401 - re-exported for the backends
+
 _OBJECT_STORE_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "azure", "adl"}
 # query parameters of presigned URLs: they change at every signing, the object does not
 _SIGNATURE_PARAMS = {"x-amz-signature", "x-amz-credential", "x-amz-date", "x-amz-expires", "x-amz-security-token",
@@ -39,14 +41,6 @@ _SIGNATURE_PARAMS = {"x-amz-signature", "x-amz-credential", "x-amz-date", "x-amz
                      "x-goog-expires", "x-goog-algorithm", "x-goog-signedheaders", "signature", "expires",
                      "googleaccessid", "awsaccesskeyid", "sig", "se", "st", "sp", "sv", "sr", "skoid", "sktid", "skt",
                      "ske", "sks", "skv", "spr", "token", "policy", "key-pair-id"}
-
-
-class StorageError(IOError):
-    """A shard's bytes could not be had; the message names the URL and what to do."""
-
-
-class RangeNotSupported(StorageError):
-    """The server answers a Range request with the whole object: read the shard as a stream."""
 
 
 @dataclass(frozen=True)
