@@ -44,7 +44,8 @@ from .meta import META_KEY, make_meta
 from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT, ReadAhead
 from .stages import PART_KEY, SHARD_KEY, current_worker
 from .storage import ObjectInfo, RangeNotSupported, backend_for, is_local, local_path
-from .tarscan import BLOCK, _checksum_ok, _read_full, decompressed
+from . import verify
+from .tarscan import BLOCK, _read_full, decompressed
 
 if TYPE_CHECKING:
     from .infobatch import InfoBatch
@@ -204,27 +205,32 @@ def _region(info: ShardInfo, end: np.ndarray, kept: np.ndarray, first: int, stop
 
 
 class _Layout:
-    """Where each kept sample's members lie in the shard: enough to cut samples from buffers."""
+    """Where each kept sample's members lie in the shard: enough to cut samples from buffers, and
+    to check each member's header in the buffer against the index (:mod:`infobatch_stream.verify`)."""
 
-    def __init__(self, ib: "InfoBatch", shard: int, url: str, epoch: int, kept: np.ndarray, boosted: np.ndarray) -> None:
+    def __init__(self, ib: "InfoBatch", shard: int, url: str, epoch: int, kept: np.ndarray, boosted: np.ndarray,
+                 start: np.ndarray) -> None:
         index = ib.index
         self.url, self.epoch, self.tag = url, epoch, ib.tag
         self.lo, hi = index.slots(shard)
         member_first = np.asarray(index.array("member_first")[self.lo:hi + 1])
         m0, m1 = int(member_first[0]), int(member_first[-1])
-        self.offsets = np.asarray(index.array("data_offset")[m0:m1]).tolist()
-        self.sizes = np.asarray(index.array("size")[m0:m1]).tolist()
-        self.suffix_of = [index.suffixes[i] for i in np.asarray(index.array("suffix_id")[m0:m1]).tolist()]
+        offsets = np.asarray(index.array("data_offset")[m0:m1])
+        sizes = np.asarray(index.array("size")[m0:m1])
+        suffix_ids = np.asarray(index.array("suffix_id")[m0:m1])
+        self.offsets, self.sizes = offsets.tolist(), sizes.tolist()
+        self.suffix_of = [index.suffixes[i] for i in suffix_ids.tolist()]
         self.member_first = (member_first - m0).tolist()
         self.keys = index.keys(shard)
         self.kept, self.boosted = kept.tolist(), boosted.tolist()
+        key_offsets = np.asarray(index.array("key_offsets")[self.lo:hi + 1])
+        self.members = verify.KeptMembers(
+            kept=kept, member_first=member_first - m0, offsets=offsets, sizes=sizes, starts=start,
+            key_blob=np.asarray(index.array("keys")[key_offsets[0]:key_offsets[-1]]),
+            key_offsets=key_offsets - key_offsets[0], suffix_ids=suffix_ids, suffixes=index.suffixes)
 
     def samples(self, buf: bytes, r: ReadRange) -> Iterator[dict[str, Any]]:
-        if not _checksum_ok(buf[:BLOCK]):
-            raise StaleIndexError(
-                f"shard {self.url}: no tar header at byte {r.start}, where the index puts sample "
-                f"{self.keys[self.kept[r.first]]!r}; the shard changed since it was indexed: "
-                "re-run `infobatch-stream index`")
+        self.check(buf, r)
         offsets, sizes, suffix_of, member_first = self.offsets, self.sizes, self.suffix_of, self.member_first
         for pos in self.kept[r.first:r.stop]:
             sample: dict[str, Any] = {"__key__": self.keys[pos], "__url__": self.url}
@@ -233,6 +239,34 @@ class _Layout:
                 sample[suffix_of[j]] = buf[a:a + sizes[j]]
             sample[META_KEY] = make_meta(self.lo + pos, self.epoch, self.boosted[pos], self.tag)
             yield sample
+
+    def check(self, buf: bytes, r: ReadRange) -> None:
+        """Refuse the buffer unless every kept member's header in it names that member's key and
+        suffix and has its size: a shard changed under the index yields an error, never wrong bytes."""
+        table = self.members
+        rows = table.rows(r.first, r.stop)
+        if rows.stop == rows.start:
+            return
+        if len(buf) != r.end - r.start or not table.in_bounds(rows, r.start, len(buf)):
+            self._stale(int(table.owners[rows.start]), int(table.members[rows.start]),
+                        "the index's offsets do not fit the bytes read")
+        bad = np.flatnonzero(~table.fast_ok(buf, r.start, rows)) + rows.start
+        for i in bad.tolist():
+            j, pos = int(table.members[i]), int(table.owners[i])
+            entry = buf[int(table.entry[i]) - r.start:offsets_end(table, i) - r.start]
+            if not verify.exact_ok(entry, self.keys[pos], self.suffix_of[j], self.sizes[j], self.url):
+                self._stale(pos, j, "the tar header there names another member or size")
+
+    def _stale(self, pos: int, j: int, why: str) -> None:
+        raise StaleIndexError(
+            f"shard {self.url}: member {self.keys[pos]}.{self.suffix_of[j]} ({self.sizes[j]} bytes at byte "
+            f"{self.offsets[j]}) is not where the index puts it: {why}; the shard changed since it was indexed: "
+            "re-run `infobatch-stream index`")
+
+
+def offsets_end(table: verify.KeptMembers, i: int) -> int:
+    """Where member row ``i``'s body starts: the end of its headers."""
+    return int(table.header[i]) + BLOCK
 
 
 class _Job:
@@ -284,7 +318,7 @@ class _Job:
             gap = LOCAL_MERGE_GAP if local else REMOTE_MERGE_GAP
         cap = MAX_RANGE_BYTES if self.mode != "ranges" else self.options.remote_range_bytes()
         self.ranges = plan_ranges(start, end, kept, gap, cap)
-        self.layout = _Layout(ib, req.shard, url, epoch, kept, boosted)
+        self.layout = _Layout(ib, req.shard, url, epoch, kept, boosted, start)
 
     # ---- submission (called by the scheduler) ---------------------------------------------------
     def next_size(self) -> int | None:
@@ -490,17 +524,22 @@ def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float,
     yield from read_requests(ib, [request], epoch, thresh, options, generation=generation)
 
 
-def _requests_from(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[ShardRequest]:
-    """Shard requests for the ``{"url": ...}`` items of a shard list (``ib.shards()`` or any)."""
+def _requests_from(src: Iterable[dict[str, Any]], ib: "InfoBatch", done: list[bool]) -> Iterator[ShardRequest]:
+    """Shard requests for the ``{"url": ...}`` items of a shard list (``ib.shards()`` or any);
+    ``done[0]`` turns True when ``src`` is exhausted."""
+    announced = ib._announced_parts
     for item in src:
         url = str(item.get("url")) if isinstance(item, dict) else repr(item)
         try:
             if not isinstance(item, dict) or "url" not in item:
                 raise ValueError(f"ib.tarfile_to_samples() needs shard items like {{'url': ...}}, got {item!r}")
             shard = item[SHARD_KEY] if SHARD_KEY in item else ib.index.shard_of_url(url)
+            if announced.active:
+                announced.pop(ib.index.shard_of_url(url))  # keyed as ib.shards() announced it
             yield ShardRequest(url, shard, item.get(PART_KEY))
         except Exception as exn:  # noqa: BLE001 - reported in order, through the handler
             yield ShardRequest(url, error=exn)
+    done[0] = True
 
 
 def read_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch", *,
@@ -513,8 +552,11 @@ def read_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch", *,
                               options.max_inflight, options.readahead_bytes)
     epoch, thresh = ib.begin_pass()
     generation = ib.control.generation
-    yield from read_requests(ib, _requests_from(src, ib), epoch, thresh, options, handler=handler,
+    done = [False]
+    yield from read_requests(ib, _requests_from(src, ib, done), epoch, thresh, options, handler=handler,
                              generation=generation)
+    if done[0]:
+        ib._announced_parts.check_all_read("ib.tarfile_to_samples()")
 
 
 class ReaderStage:
