@@ -15,13 +15,14 @@ import logging
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from . import indexcheck
 from .errors import IndexMismatchError, TarFormatError
-from .storage import backend_for, expand_listing, identity, uses_obstore
+from .storage import backend_for, expand_listing, identity, runs_command, uses_obstore
 from .storage import is_local as _is_local
 from .storage import local_path as _strip_file_scheme
 from .tarscan import ShardSamples, decompressed, scan_shard
@@ -68,6 +69,7 @@ class ShardInfo:
     etag: str | None = None
     compression: str | None = None  # gzip, bz2 or xz: offsets refer to the decompressed tar
     ranges: bool = True  # False: the server answers Range requests with the whole body (stream it)
+    crc: int | None = None  # CRC32 of the shard's rows in the arrays (indexes built before it have none)
 
 
 def _serves_ranges(url: str, scan: ShardSamples, compression: str | None) -> bool:
@@ -134,11 +136,8 @@ class DatasetIndex:
         self._real_lookup: dict[str, int] | None = None
         self._base_lookup: dict[str, int] = {}
         self._keys_cache: tuple[int, list[str]] | None = None
-        if len(self._arrays["start"]) != self.num_samples:
-            raise IndexMismatchError(
-                f"index {path or '<memory>'}: shard list counts {self.num_samples} samples but the arrays hold "
-                f"{len(self._arrays['start'])}; the index is damaged: rebuild it with `infobatch-stream index`"
-            )
+        self._checked: set[int] = set()  # shards whose rows this process has checked
+        indexcheck.check_layout(self._arrays, self.num_samples, path or "<memory>")
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -168,10 +167,28 @@ class DatasetIndex:
     def array(self, name: str) -> np.ndarray:
         return self._arrays[name]
 
+    def check_shard(self, shard: int) -> None:
+        """Refuse a shard whose rows are damaged or changed (once per shard and process): see
+        :mod:`infobatch_stream.indexcheck`. Every reader of a shard's rows goes through here."""
+        if shard in self._checked:
+            return
+        lo, hi = self.slots(shard)
+        info = self.shards[shard]
+        where = f"{self.path or '<memory>'} (shard {info.url})"
+        indexcheck.check_shard(self._arrays, lo, hi, info.filesize, info.compression is not None, len(self.suffixes),
+                               where)
+        if info.crc is not None and indexcheck.shard_crc(self._arrays, lo, hi) != info.crc:
+            raise IndexMismatchError(
+                f"index {where}: the shard's rows do not match their checksum: the arrays were damaged, or the "
+                "index was rebuilt at this path after this run loaded it (restart the run), or "
+                "rebuild it with `infobatch-stream index`")
+        self._checked.add(shard)
+
     def keys(self, shard: int) -> list[str]:
         """The sample keys of one shard, in tar order (cached for the last shard asked)."""
         if self._keys_cache is not None and self._keys_cache[0] == shard:
             return self._keys_cache[1]
+        self.check_shard(shard)
         lo, hi = self.slots(shard)
         offsets = np.asarray(self._arrays["key_offsets"][lo:hi + 1])
         blob = self._arrays["keys"][offsets[0]:offsets[-1]].tobytes()
@@ -182,6 +199,7 @@ class DatasetIndex:
 
     def byte_ranges(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """Start and end offsets of each sample of a shard (headers and padding included)."""
+        self.check_shard(shard)
         lo, hi = self.slots(shard)
         return np.asarray(self._arrays["start"][lo:hi]), np.asarray(self._arrays["end"][lo:hi])
 
@@ -292,6 +310,8 @@ class DatasetIndex:
                 entry["compression"] = s.compression
             if not s.ranges:
                 entry["ranges"] = False
+            if s.crc is not None:
+                entry["crc"] = s.crc
             shardlist.append(entry)
         doc = {
             "__kind__": INDEX_KIND,
@@ -343,29 +363,27 @@ class DatasetIndex:
             )
         if ours.get("format") != FORMAT_VERSION:
             raise IndexMismatchError(f"index {path} has format {ours.get('format')}, expected {FORMAT_VERSION}; rebuild it")
-        base = os.path.dirname(path)
-        shards = []
-        for entry in doc["shardlist"]:
-            url = entry["url"]
-            local = _strip_file_scheme(url)
-            if _is_local(local) and not os.path.isabs(local):
-                url = os.path.normpath(os.path.join(base, local))
-            shards.append(ShardInfo(url, int(entry["nsamples"]), int(entry.get("filesize", 0)), entry.get("mtime"),
-                                    entry.get("etag"), entry.get("compression"), entry.get("ranges", True) is not False))
-        pipes = [s.url for s in shards if s.url[:5].lower() == "pipe:"]  # WebDataset lower-cases the scheme
+        shards = _shard_list(doc, path)
+        pipes = [s.url for s in shards if runs_command(s.url)]  # as WebDataset's gopen would open it
         if pipes and not allow_pipes:
             raise PermissionError(
                 f"index {path} lists {len(pipes)} shard URLs that run shell commands (e.g. {pipes[0]!r}); load it with "
                 "allow_pipes=True (InfoBatch(..., allow_pipes=True)) only if you trust whoever wrote it")
-        sidecar = os.path.join(base, ours["arrays"])
+        sidecar = os.path.join(os.path.dirname(path), str(ours.get("arrays")))
         arrays = {}
         for name in _ARRAYS:
             file = os.path.join(sidecar, f"{name}.npy")
             try:
-                arrays[name] = np.load(file, mmap_mode="r")
+                arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
             except FileNotFoundError:
                 raise IndexMismatchError(f"index {path}: missing array file {file}; rebuild the index") from None
-        return cls(shards, arrays, list(ours["suffixes"]), path=path, fingerprint=ours.get("fingerprint"))
+            except (ValueError, OSError, EOFError) as e:
+                raise IndexMismatchError(f"index {path}: array file {file} is damaged ({e}); rebuild the index") from None
+        suffixes, fingerprint = ours.get("suffixes"), ours.get("fingerprint")
+        if not isinstance(suffixes, list) or not all(isinstance(x, str) for x in suffixes) or not (
+                fingerprint is None or isinstance(fingerprint, str) and len(fingerprint) >= 8):
+            raise IndexMismatchError(f"index {path}: damaged suffix list or fingerprint; rebuild the index")
+        return cls(shards, arrays, suffixes, path=path, fingerprint=fingerprint)
 
     def __getstate__(self) -> dict:
         # Workers reopen a saved index by path instead of receiving its arrays through a pipe.
@@ -379,9 +397,46 @@ class DatasetIndex:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._checked = set()
         if self._arrays is None:
-            # the shard list travels in the state (already accepted by whoever loaded it)
-            self._arrays = DatasetIndex.load(self.path, allow_pipes=True)._arrays
+            # the shard list travels in the state (already accepted by whoever loaded it); the
+            # arrays are reopened by path, so they must still be the ones it describes
+            reopened = DatasetIndex.load(self.path, allow_pipes=True)
+            if reopened.fingerprint != self.fingerprint or reopened.num_samples != self.num_samples:
+                raise IndexMismatchError(
+                    f"index {self.path} changed after the training process loaded it (rebuilt while the run is "
+                    "going?): a loader worker would read other samples than the plan; restart the run, or write "
+                    "new indexes to a new path")
+            self._arrays = reopened._arrays
+
+
+def _shard_list(doc: dict, path: str) -> list[ShardInfo]:
+    """The shard entries of an index JSON, checked: a damaged entry is an error naming it."""
+    base = os.path.dirname(path)
+    entries = doc.get("shardlist")
+    if not isinstance(entries, list):
+        raise IndexMismatchError(f"index {path} has no shard list; rebuild it with `infobatch-stream index`")
+    shards = []
+    for i, entry in enumerate(entries):
+        try:
+            url = entry["url"]
+            nsamples, filesize = entry["nsamples"], entry.get("filesize", 0)
+            mtime, etag, crc = entry.get("mtime"), entry.get("etag"), entry.get("crc")
+            compression = entry.get("compression")
+            if (not isinstance(url, str) or type(nsamples) is not int or type(filesize) is not int or nsamples < 0
+                    or filesize < 0 or not (mtime is None or isinstance(mtime, (int, float)))
+                    or not (etag is None or isinstance(etag, str)) or not (crc is None or type(crc) is int)
+                    or compression not in (None, "gzip", "bz2", "xz")):
+                raise TypeError
+        except (KeyError, TypeError, AttributeError):
+            raise IndexMismatchError(f"index {path}: shard entry {i} is damaged ({str(entry)[:200]}); rebuild the "
+                                     "index with `infobatch-stream index`") from None
+        local = _strip_file_scheme(url)
+        if _is_local(local) and not os.path.isabs(local):
+            url = os.path.normpath(os.path.join(base, local))
+        shards.append(ShardInfo(url, nsamples, filesize, mtime, etag, compression,
+                                entry.get("ranges", True) is not False, crc))
+    return shards
 
 
 def _sidecar(path: str) -> str:
@@ -426,13 +481,37 @@ def from_scans(urls: Sequence[str], scans: Sequence[ShardSamples], mtimes: Seque
         "key_offsets": key_offsets,
         "keys": np.frombuffer(b"".join(key_parts), dtype=np.uint8).copy(),
     }
-    return DatasetIndex(shards, arrays, list(suffixes))
+    index = DatasetIndex(shards, arrays, list(suffixes))
+    first = index.shard_first.tolist()
+    index.shards = [replace(s, crc=indexcheck.shard_crc(arrays, first[i], first[i + 1])) for i, s in enumerate(shards)]
+    return index
 
 
-def _scan_remote(urls: list[str], concurrency: int) -> Iterable[ScanResult]:
+def _scan_or_error(url: str) -> ScanResult | Exception:
+    """One shard's scan, or the reason it cannot be indexed (so every bad shard can be named)."""
+    try:
+        return _scan_one(url)
+    except (TarFormatError, OSError, ValueError) as exn:  # StorageError and FileNotFoundError are OSErrors
+        return exn
+
+
+def _scan_remote(urls: list[str], concurrency: int) -> Iterable[ScanResult | Exception]:
     """Scan remote shards ``concurrency`` at a time on threads: the wait is the network's."""
     with ThreadPoolExecutor(max_workers=concurrency) as threads:
-        yield from threads.map(_scan_one, urls)
+        yield from threads.map(_scan_or_error, urls)
+
+
+def _raise_failures(failures: list[Exception], total: int) -> None:
+    """One error naming every shard that could not be indexed (the first 20 in full)."""
+    if not failures:
+        return
+    if len(failures) == 1:
+        raise failures[0]
+    kinds = {type(f) for f in failures}
+    cls = kinds.pop() if len(kinds) == 1 else TarFormatError
+    lines = "\n".join(f"  - {f}" for f in failures[:20])
+    more = f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else ""
+    raise cls(f"{len(failures)} of {total} shards could not be indexed:\n{lines}{more}")
 
 
 def build_index(urls: str | Iterable[str], output: str | None = None, *, workers: int = 1,
@@ -466,7 +545,7 @@ def _index_here(url_list: list[str], workers: int, progress: bool, remote_concur
     """Scan ``url_list`` in this process (and its pools)."""
     if not url_list:
         raise ValueError("no shards to index: the URL pattern expanded to nothing")
-    results: list[ScanResult]
+    results: list[ScanResult | Exception]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -482,18 +561,19 @@ def _index_here(url_list: list[str], workers: int, progress: bool, remote_concur
     elif workers > 1 and len(url_list) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = []
-            for r in pool.map(_scan_one, url_list, chunksize=max(1, len(url_list) // (workers * 8))):
+            for r in pool.map(_scan_or_error, url_list, chunksize=max(1, len(url_list) // (workers * 8))):
                 results.append(r)
                 if bar:
                     bar.update()
     else:
         results = []
         for url in url_list:
-            results.append(_scan_one(url))
+            results.append(_scan_or_error(url))
             if bar:
                 bar.update()
     if bar:
         bar.close()
-    index = from_scans(url_list, *(list(column) for column in zip(*results)))
+    _raise_failures([r for r in results if isinstance(r, Exception)], len(url_list))
+    index = from_scans(url_list, *(list(column) for column in zip(*results)))  # type: ignore[arg-type]
     log.info("indexed %d shards, %d samples", index.num_shards, index.num_samples)
     return index
