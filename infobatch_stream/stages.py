@@ -7,6 +7,7 @@ they read the epoch, threshold and scores from shared memory when a pass starts.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import deque
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -14,6 +15,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .balance import Part, assign, within_part
+from .errors import ShardAssignmentError, StaleIndexError
 from .meta import META_KEY, make_meta
 
 if TYPE_CHECKING:
@@ -48,6 +50,21 @@ class Announcements:
     def pop(self, key: int) -> Part | None:
         queued = self._parts.get(key)
         return queued.popleft() if queued else None
+
+    def check_all_read(self, where: str) -> None:
+        """At the end of a pass: every shard ``ib.shards()`` handed this worker must have arrived.
+        A stage that drops shards (``wds.split_by_worker``, ``wds.split_by_node``) loses their
+        samples silently, and unequal ranks hang DDP."""
+        if not self.active:
+            return
+        missing = [part for queued in self._parts.values() for part in queued]
+        if missing:
+            raise ShardAssignmentError(
+                f"{len(missing)} of the shards ib.shards() handed this worker never reached {where} (e.g. shard "
+                f"{missing[0].shard}): a stage between them dropped them. ib.shards() already splits the epoch over "
+                "ranks and loader workers: remove wds.split_by_worker / wds.split_by_node (or any other splitter) "
+                "from the pipeline. (With ib.filter(), a shard that failed to open and was skipped by a handler= "
+                "also ends here: read with ib.tarfile_to_samples(handler=...), which counts skipped shards.)")
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
@@ -129,7 +146,7 @@ class _ShardCursor:
                     self._positions.setdefault(k, []).append(i)
             candidates = self._positions.get(key)
             if not candidates:
-                raise KeyError(
+                raise StaleIndexError(
                     f"sample {key!r} of shard {self.url} is not in the index: the shard changed since it was "
                     "indexed; re-run `infobatch-stream index`"
                 )
@@ -157,6 +174,8 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[d
                 "ib.filter() needs samples with '__url__' and '__key__': place it right after "
                 f"tarfile_to_samples() and before decoding or to_tuple (got {fields})"
             )
+        if cursor is None:
+            _warn_if_decoded(sample)
         url = sample["__url__"]
         key = sample["__key__"]
         if cursor is None or url != cursor.url or cursor.restarted(key):
@@ -177,6 +196,19 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[d
         if cursor.keep[pos]:
             sample[META_KEY] = make_meta(cursor.first_slot + pos, epoch, cursor.boosted[pos], tag)
             yield sample
+    announced.check_all_read("ib.filter()")
+
+
+def _warn_if_decoded(sample: dict[str, Any]) -> None:
+    """ib.filter() after ``wds.decode()`` still prunes correctly, but every pruned sample was
+    decoded for nothing: say so once per pass."""
+    decoded = [k for k, v in sample.items() if not k.startswith("__") and not isinstance(v, (bytes, bytearray, memoryview))]
+    if decoded:
+        message = (f"ib.filter() got decoded fields ({decoded[0]!r} is a {type(sample[decoded[0]]).__name__}, not "
+                   "bytes): pruned samples are decoded before being dropped; put ib.filter() right after "
+                   "tarfile_to_samples() and decode after it")
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
 class FilterStage:

@@ -32,6 +32,7 @@ _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _GNU_TYPES = {b"L", b"K", b"S"}  # tarfile puts no ustar prefix in front of these
 _EXTENDED = {b"L", b"K", b"x", b"X", b"g"}  # headers that describe the next one
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")  # tarfile's own record pattern
+MAX_EXTENDED = 16 << 20  # a long name or PAX header larger than this is damage, not metadata
 _OTHER_NUMBERS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))  # mode ... devminor
 
 
@@ -170,7 +171,10 @@ def _parse_pax(data: bytes, size: int, where: str) -> dict[str, str]:
             if data[pos:].count(0) == len(data) - pos:
                 break
             raise TarFormatError(f"{where}: malformed PAX header; rewrite the shard")
-        length = int(match.group(1))
+        try:
+            length = int(match.group(1))
+        except ValueError:  # more digits than int() takes: no real record is that long
+            raise TarFormatError(f"{where}: malformed PAX record length; rewrite the shard") from None
         end = pos + length
         if length == 0 or end - 1 < match.end() or end > len(data) or pos < size < end:
             raise TarFormatError(f"{where}: malformed PAX record length {length}; rewrite the shard")
@@ -313,6 +317,9 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
             if typ != b"g" and entry_start is None:
                 entry_start = header_offset
             what = f"GNU long name of {size} bytes" if typ in (b"L", b"K") else f"PAX header of {size} bytes"
+            if size > MAX_EXTENDED:
+                raise TarFormatError(f"{where}: {what} is absurd (over {MAX_EXTENDED >> 20} MiB); the shard is "
+                                     "corrupt: rewrite it")
             data = read_exact(_padded(size), what)
             pos += _padded(size)
             if typ == b"L":

@@ -74,6 +74,27 @@ def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:") or url.startswith("file://")
 
 
+def runs_command(url: str) -> bool:
+    """Whether opening ``url`` may run a shell command: here only an exact ``pipe:`` does, but
+    WebDataset's ``gopen`` (``wds.tarfile_to_samples()``) applies ``GOPEN_REWRITE`` and parses the
+    scheme with ``urlparse``, which lower-cases it and strips leading blanks (``" PIPE:cmd"``)."""
+    candidates = [url]
+    try:
+        from webdataset.gopen import rewrite_url
+
+        candidates.append(rewrite_url(url))
+    except Exception:  # noqa: BLE001 - no WebDataset, or a rewrite rule that fails: gopen fails too
+        pass
+    for candidate in candidates:
+        try:
+            scheme = urlsplit(candidate).scheme
+        except ValueError:  # gopen's urlparse raises too: it would not open it
+            scheme = ""
+        if candidate.startswith("pipe:") or scheme == "pipe":
+            return True
+    return False
+
+
 def local_path(url: str) -> str:
     """The file path of a local URL (``file://`` and ``file:`` stripped)."""
     if url.startswith("file://"):
