@@ -137,6 +137,7 @@ class DatasetIndex:
         self._base_lookup: dict[str, int] = {}
         self._keys_cache: tuple[int, list[str]] | None = None
         self._checked: set[int] = set()  # shards whose rows this process has checked
+        self._changed: str | None = None  # why the arrays reopened by a worker are not these
         indexcheck.check_layout(self._arrays, self.num_samples, path or "<memory>")
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -172,6 +173,8 @@ class DatasetIndex:
         :mod:`infobatch_stream.indexcheck`. Every reader of a shard's rows goes through here."""
         if shard in self._checked:
             return
+        if self._changed:
+            raise IndexMismatchError(self._changed)
         lo, hi = self.slots(shard)
         info = self.shards[shard]
         where = f"{self.path or '<memory>'} (shard {info.url})"
@@ -363,8 +366,8 @@ class DatasetIndex:
             )
         if ours.get("format") != FORMAT_VERSION:
             raise IndexMismatchError(f"index {path} has format {ours.get('format')}, expected {FORMAT_VERSION}; rebuild it")
-        shards = _shard_list(doc, path)
-        pipes = [s.url for s in shards if runs_command(s.url)]  # as WebDataset's gopen would open it
+        shards, written = _shard_list(doc, path)
+        pipes = [u for u in written if runs_command(u)]  # as written, and as WebDataset's gopen would open it
         if pipes and not allow_pipes:
             raise PermissionError(
                 f"index {path} lists {len(pipes)} shard URLs that run shell commands (e.g. {pipes[0]!r}); load it with "
@@ -397,26 +400,28 @@ class DatasetIndex:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._checked = set()
+        self._checked, self._changed = set(), None
         if self._arrays is None:
             # the shard list travels in the state (already accepted by whoever loaded it); the
             # arrays are reopened by path, so they must still be the ones it describes
             reopened = DatasetIndex.load(self.path, allow_pipes=True)
             if reopened.fingerprint != self.fingerprint or reopened.num_samples != self.num_samples:
-                raise IndexMismatchError(
-                    f"index {self.path} changed after the training process loaded it (rebuilt while the run is "
-                    "going?): a loader worker would read other samples than the plan; restart the run, or write "
-                    "new indexes to a new path")
+                # raised when a shard is first used, inside the worker's iteration, so that the
+                # DataLoader hands the message to the training process (not at unpickling)
+                self._changed = (f"index {self.path} changed after the training process loaded it (rebuilt while the "
+                                 "run is going?): a loader worker would read other samples than the plan; restart "
+                                 "the run, or write new indexes to a new path")
             self._arrays = reopened._arrays
 
 
-def _shard_list(doc: dict, path: str) -> list[ShardInfo]:
-    """The shard entries of an index JSON, checked: a damaged entry is an error naming it."""
+def _shard_list(doc: dict, path: str) -> tuple[list[ShardInfo], list[str]]:
+    """The shard entries of an index JSON, checked (a damaged entry is an error naming it), and
+    the URLs as written (before relative paths are resolved)."""
     base = os.path.dirname(path)
     entries = doc.get("shardlist")
     if not isinstance(entries, list):
         raise IndexMismatchError(f"index {path} has no shard list; rebuild it with `infobatch-stream index`")
-    shards = []
+    shards, written = [], []
     for i, entry in enumerate(entries):
         try:
             url = entry["url"]
@@ -431,12 +436,13 @@ def _shard_list(doc: dict, path: str) -> list[ShardInfo]:
         except (KeyError, TypeError, AttributeError):
             raise IndexMismatchError(f"index {path}: shard entry {i} is damaged ({str(entry)[:200]}); rebuild the "
                                      "index with `infobatch-stream index`") from None
+        written.append(url)
         local = _strip_file_scheme(url)
         if _is_local(local) and not os.path.isabs(local):
             url = os.path.normpath(os.path.join(base, local))
         shards.append(ShardInfo(url, nsamples, filesize, mtime, etag, compression,
                                 entry.get("ranges", True) is not False, crc))
-    return shards
+    return shards, written
 
 
 def _sidecar(path: str) -> str:

@@ -524,9 +524,9 @@ def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float,
     yield from read_requests(ib, [request], epoch, thresh, options, generation=generation)
 
 
-def _requests_from(src: Iterable[dict[str, Any]], ib: "InfoBatch", done: list[bool]) -> Iterator[ShardRequest]:
+def _requests_from(src: Iterable[dict[str, Any]], ib: "InfoBatch", done: list[bool], mark: int) -> Iterator[ShardRequest]:
     """Shard requests for the ``{"url": ...}`` items of a shard list (``ib.shards()`` or any);
-    ``done[0]`` turns True when ``src`` is exhausted."""
+    ``done[0]`` turns True when ``src`` is exhausted; ``mark``: see :meth:`Announcements.started_since`."""
     announced = ib._announced_parts
     for item in src:
         url = str(item.get("url")) if isinstance(item, dict) else repr(item)
@@ -534,7 +534,7 @@ def _requests_from(src: Iterable[dict[str, Any]], ib: "InfoBatch", done: list[bo
             if not isinstance(item, dict) or "url" not in item:
                 raise ValueError(f"ib.tarfile_to_samples() needs shard items like {{'url': ...}}, got {item!r}")
             shard = item[SHARD_KEY] if SHARD_KEY in item else ib.index.shard_of_url(url)
-            if announced.active:
+            if announced.started_since(mark):
                 announced.pop(ib.index.shard_of_url(url))  # keyed as ib.shards() announced it
             yield ShardRequest(url, shard, item.get(PART_KEY))
         except Exception as exn:  # noqa: BLE001 - reported in order, through the handler
@@ -552,11 +552,11 @@ def read_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch", *,
                               options.max_inflight, options.readahead_bytes)
     epoch, thresh = ib.begin_pass()
     generation = ib.control.generation
-    done = [False]
-    yield from read_requests(ib, _requests_from(src, ib, done), epoch, thresh, options, handler=handler,
+    done, mark = [False], ib._announced_parts.passes
+    yield from read_requests(ib, _requests_from(src, ib, done, mark), epoch, thresh, options, handler=handler,
                              generation=generation)
-    if done[0]:
-        ib._announced_parts.check_all_read("ib.tarfile_to_samples()")
+    if done[0]:  # not when the handler stopped the stream: a splitter is told from a short read
+        ib._announced_parts.check_all_read("ib.tarfile_to_samples()", mark)
 
 
 class ReaderStage:

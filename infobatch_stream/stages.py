@@ -34,11 +34,19 @@ class Announcements:
 
     def __init__(self) -> None:
         self.active = False  # ib.shards() runs in this process's current pass
+        self.passes = 0  # passes of ib.shards() started in this process
         self._parts: dict[int, deque[Part]] = {}
 
     def start(self) -> None:
         self.active = True
+        self.passes += 1
         self._parts.clear()
+
+    def started_since(self, mark: int) -> bool:
+        """Whether ib.shards() started a pass after ``mark`` (``passes`` when the caller's pass
+        began) and it is still the one announced: otherwise what is queued belongs to a pass that
+        ended without reaching its end (an error), not to the caller's."""
+        return self.active and self.passes != mark
 
     def clear(self) -> None:
         self.active = False
@@ -51,11 +59,11 @@ class Announcements:
         queued = self._parts.get(key)
         return queued.popleft() if queued else None
 
-    def check_all_read(self, where: str) -> None:
+    def check_all_read(self, where: str, mark: int) -> None:
         """At the end of a pass: every shard ``ib.shards()`` handed this worker must have arrived.
         A stage that drops shards (``wds.split_by_worker``, ``wds.split_by_node``) loses their
         samples silently, and unequal ranks hang DDP."""
-        if not self.active:
+        if not self.started_since(mark):
             return
         missing = [part for queued in self._parts.values() for part in queued]
         if missing:
@@ -118,12 +126,18 @@ class ShardSource(IterableDataset):
         account_empty(ib, parts)
         index = ib.index
         urls = index.urls
-        for part in parts:
-            if part.first == part.stop:
-                continue
-            url = urls[part.shard]
-            announced.push(index.shard_of_url(url), part)
-            yield {"url": url, PART_KEY: (part.first, part.stop), SHARD_KEY: part.shard}
+        finished = False
+        try:
+            for part in parts:
+                if part.first == part.stop:
+                    continue
+                url = urls[part.shard]
+                announced.push(index.shard_of_url(url), part)
+                yield {"url": url, PART_KEY: (part.first, part.stop), SHARD_KEY: part.shard}
+            finished = True
+        finally:
+            if not finished:  # the pass was abandoned or failed: a later pass of another source owes it nothing
+                announced.clear()
 
 
 class _ShardCursor:
@@ -166,6 +180,7 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[d
     index = ib.index
     tag = ib.tag
     announced = ib._announced_parts
+    mark = announced.passes
     cursor: _ShardCursor | None = None
     for sample in src:
         if not isinstance(sample, dict) or "__url__" not in sample or "__key__" not in sample:
@@ -180,8 +195,8 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[d
         key = sample["__key__"]
         if cursor is None or url != cursor.url or cursor.restarted(key):
             shard = index.shard_of_url(url)
-            part = announced.pop(shard)
-            if part is None and announced.active:
+            part = announced.pop(shard) if announced.started_since(mark) else None
+            if part is None and announced.started_since(mark):
                 raise ValueError(
                     f"shard {url} reached ib.filter() but ib.shards() did not hand it to this worker: a stage "
                     "between them added or repeated shards; put ib.filter() right after tarfile_to_samples()")
@@ -196,7 +211,7 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[d
         if cursor.keep[pos]:
             sample[META_KEY] = make_meta(cursor.first_slot + pos, epoch, cursor.boosted[pos], tag)
             yield sample
-    announced.check_all_read("ib.filter()")
+    announced.check_all_read("ib.filter()", mark)
 
 
 def _warn_if_decoded(sample: dict[str, Any]) -> None:
