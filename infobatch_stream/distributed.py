@@ -13,6 +13,11 @@ all_reduce (and, across nodes, their plan bits with the same chunked gather), so
 
 Node sharing: the local ranks of a node attach to one shared-memory store and plan created by
 the node's lowest rank, which alone applies the exchanged updates.
+
+Agreement: ``InfoBatch()``, ``set_epoch`` and ``load_state_dict`` first gather one small dict
+per rank (the call, the index fingerprint, the settings, the epoch) and compare them
+(:func:`agree`). Any difference, or a rank that failed before that point, raises on every rank
+before the collectives that would otherwise hang on the ranks that went on.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from .errors import SettingsMismatchError
 from .shm import SharedArray
 
 log = logging.getLogger(__name__)
@@ -126,17 +132,96 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-def check_same(what: str, value: str) -> None:
-    """Raise on every rank unless all ranks pass the same ``value`` (a collective)."""
-    rank, size = world()
+def gather_object(value: Any) -> list[Any]:
+    """Every rank's ``value`` (small and picklable), by rank (a collective); ``[value]`` without
+    a process group."""
+    _, size = world()
     if size == 1:
-        return
+        return [value]
     values: list = [None] * size
     torch.distributed.all_gather_object(values, value)
-    differ = [r for r in range(size) if values[r] != values[0]]
+    return values
+
+
+def ranks_phrase(ranks: list[int]) -> str:
+    """``"rank 3"``, ``"ranks 0 and 2"``, ``"ranks 0-5, 7 and 9"``: runs of ranks shortened."""
+    runs: list[list[int]] = []
+    for r in sorted(ranks):
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    items: list[str] = []
+    for first, last in runs:
+        if first == last:
+            items.append(str(first))
+        else:
+            items += [str(first), str(last)] if last == first + 1 else [f"{first}-{last}"]
+    listed = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    return ("rank " if len(ranks) == 1 else "ranks ") + listed
+
+
+def differences(values: list[dict[str, Any]], shown: list[dict[str, str]] | None = None) -> list[tuple[str, str]]:
+    """``(key, "KEY differs across ranks: ranks 0 and 2 have 0, rank 1 has 7")`` for each key
+    whose value is not the same on every rank (``values``: one dict per rank, by rank).
+    ``shown``: per rank, text that replaces some values' ``repr`` (e.g. a path with a fingerprint)."""
+    out = []
+    for key in dict.fromkeys(k for d in values for k in d):
+        groups: list[tuple[Any, list[int]]] = []  # (value, the ranks holding it), by first rank
+        for r, d in enumerate(values):
+            v = d.get(key)
+            for held, ranks in groups:
+                if held == v:
+                    ranks.append(r)
+                    break
+            else:
+                groups.append((v, [r]))
+        if len(groups) > 1:
+            def text(v: Any, r: int) -> str:
+                return shown[r][key] if shown and key in shown[r] else repr(v)
+            holders = ", ".join(f"{ranks_phrase(rs)} {'has' if len(rs) == 1 else 'have'} {text(v, rs[0])}"
+                                for v, rs in groups)
+            out.append((key, f"{key} differs across ranks: {holders}"))
+    return out
+
+
+def agree(values: dict[str, Any], hints: dict[str, str], shown: dict[str, str] | None = None,
+          failure: BaseException | None = None, peer_error: type[Exception] = RuntimeError,
+          extra: Any = None) -> list[Any]:
+    """Check that every rank passes equal ``values`` (one collective: a gather of small dicts).
+
+    Raises on every rank, so that none goes on into a collective the others never join:
+
+    - when ``values["call"]`` differs (ranks in different collectives, matched by accident):
+      :class:`SettingsMismatchError` naming each rank's call;
+    - when some rank passes a ``failure`` (it failed before this point): that rank re-raises
+      it, the others raise ``peer_error`` naming the rank and the error;
+    - when any other value differs: :class:`SettingsMismatchError` naming each differing key
+      and which ranks hold which value, then the ``hints`` of those keys (``"*"``: the default).
+
+    ``shown`` prints some values otherwise than their ``repr`` (they are compared as given).
+    Returns every rank's ``extra``, by rank."""
+    if world()[1] == 1:
+        if failure is not None:
+            raise failure
+        return [extra]
+    problem = None if failure is None else f"{type(failure).__name__}: {failure}"
+    gathered = gather_object((values, shown or {}, problem, extra))
+    every_shown = [g[1] for g in gathered]
+    calls = differences([{"call": g[0].get("call")} for g in gathered], every_shown)
+    if calls:
+        raise SettingsMismatchError(f"{calls[0][1]}; {hints.get('call', hints['*'])}")
+    if failure is not None:
+        raise failure
+    failed = [r for r, g in enumerate(gathered) if g[2] is not None]
+    if failed:
+        raise peer_error(f"{ranks_phrase(failed)} failed in {values.get('call')} ({gathered[failed[0]][2]}); "
+                         "this rank stops too rather than wait for it in a collective")
+    differ = differences([g[0] for g in gathered], every_shown)
     if differ:
-        raise RuntimeError(f"ranks {differ} have another {what} than rank 0 ({values[differ[0]]!r} vs {values[0]!r}): "
-                           "every rank must use the same one")
+        said = dict.fromkeys(hints.get(key, hints["*"]) for key, _ in differ)
+        raise SettingsMismatchError("; ".join([text for _, text in differ] + list(said)))
+    return [g[3] for g in gathered]
 
 
 def barrier() -> None:

@@ -12,6 +12,8 @@ Three changed lines on top of a WebDataset loop::
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -24,6 +26,7 @@ from . import distributed, policy
 from .balance import num_batches, samples_per_rank
 from .checkpoint import check_state, load_state, save_state
 from .control import EpochControl, EpochPlan
+from .errors import CheckpointError, MetadataError, SettingsMismatchError
 from .index import DatasetIndex
 from .meta import BOOSTED, EPOCH, SLOT, TAG, as_meta_array, index_tag
 from .planner import decision_ids, plan_epoch
@@ -36,6 +39,44 @@ if TYPE_CHECKING:
     from .dataset import ResumableDataset
 
 log = logging.getLogger(__name__)
+
+MID_EPOCH_SETTINGS = ("seed", "remainder", "prune_ratio")
+"""Settings a state saved partway through an epoch must be resumed with: the seed draws the
+epoch's shard order (so which sample each saved reading position means) and the shuffle picks,
+``remainder`` cuts the epoch over the ranks, and ``prune_ratio`` weights the kept well-learned
+samples the saved plan kept with probability ``1 - r``. The others (``num_epochs``, ``delta``,
+``granularity``, ``ema_decay``) only shape the epochs planned later (or the scores recorded from
+now on): the restored epoch keeps its saved plan."""
+
+_AGREE_HINTS = {
+    "*": "every rank must create InfoBatch with the same settings",
+    "index": "every rank must load the same index (the same shards, indexed once)",
+    "epoch": "call ib.set_epoch(epoch) with the same epoch on every rank",
+    "call": "InfoBatch(), ib.set_epoch() and ib.load_state_dict() are collectives: call them on every rank, "
+            "in the same order",
+}
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes ``warnings.warn``, called by the caller of this function,
+    point at the first frame outside this package: the user's line, however deep the call."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _progress(state: dict[str, Any]) -> tuple[int, int] | None:
+    """``(trained, per_rank)`` when ``state`` was saved partway through its current epoch: the
+    rank had trained some of its share but not all. None at an epoch boundary (nothing trained
+    in it yet, or the whole share trained)."""
+    epoch = int(state["epoch"])
+    for d in state["stats"]:
+        if int(d["epoch"]) == epoch:
+            trained, per_rank = int(d.get("trained", 0)), int(d.get("per_rank") or d.get("kept", 0))
+            return (trained, per_rank) if 0 < trained < per_rank else None
+    return None
 
 
 @dataclass
@@ -91,30 +132,39 @@ class InfoBatch:
 
     With ``torch.distributed`` initialised, create it on every rank (it is a collective): the
     local ranks of a node share one store, every rank plans the same epoch, and every rank gets
-    the same number of samples.
+    the same number of samples. Every rank must pass the same index and settings (all but
+    ``allow_pipes``): the ranks compare them, and the epoch at each ``set_epoch``, in one small
+    gather, and all raise :class:`SettingsMismatchError` naming what differs where.
     """
 
     def __init__(self, index: DatasetIndex | str, num_epochs: int, prune_ratio: float = 0.5,
                  delta: float = 0.875, seed: int = 0, granularity: str | int = "sample",
                  remainder: str = "pad", sync_every: int | None = None, share_store: bool = True,
                  allow_pipes: bool = False, ema_decay: float = 0.0) -> None:
-        self.index = index if isinstance(index, DatasetIndex) else DatasetIndex.load(index, allow_pipes=allow_pipes)
-        if granularity == "sample":
-            granularity = 1
-        if isinstance(granularity, bool) or not isinstance(granularity, int):
-            raise ValueError(f"granularity must be 'sample' or a block size k >= 1, got {granularity!r}")
-        self.config = policy.PruneConfig(num_epochs=num_epochs, prune_ratio=prune_ratio, delta=delta, seed=seed,
-                                         block_size=granularity)
-        samples_per_rank(0, 1, remainder)  # validates it
-        if sync_every is not None and (isinstance(sync_every, bool) or int(sync_every) < 1):
-            raise ValueError(f"sync_every must be None or a number of update() calls >= 1, got {sync_every!r}")
-        if not 0.0 <= float(ema_decay) < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) (0: the last loss is the score), got {ema_decay!r}")
+        failure = None
+        try:  # a rank that fails here tells the others, which would otherwise wait for it below
+            self.index = (index if isinstance(index, DatasetIndex)
+                          else DatasetIndex.load(index, allow_pipes=allow_pipes))
+            if granularity == "sample":
+                granularity = 1
+            if isinstance(granularity, bool) or not isinstance(granularity, int):
+                raise ValueError(f"granularity must be 'sample' or a block size k >= 1, got {granularity!r}")
+            self.config = policy.PruneConfig(num_epochs=num_epochs, prune_ratio=prune_ratio, delta=delta, seed=seed,
+                                             block_size=granularity)
+            samples_per_rank(0, 1, remainder)  # validates it
+            if sync_every is not None and (isinstance(sync_every, bool) or int(sync_every) < 1):
+                raise ValueError(f"sync_every must be None or a number of update() calls >= 1, got {sync_every!r}")
+            if not 0.0 <= float(ema_decay) < 1.0:
+                raise ValueError(f"ema_decay must be in [0, 1) (0: the last loss is the score), got {ema_decay!r}")
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank
+            failure = e
         self.remainder = remainder
-        self.sync_every = sync_every
-        self.ema_decay = float(ema_decay)
+        self.sync_every = None if sync_every is None or failure else int(sync_every)
+        self.ema_decay = 0.0 if failure else float(ema_decay)
+        self.share_store = bool(share_store)
+        # The first collective: every rank has the same index and settings, or every rank raises.
+        self._agree("InfoBatch()", failure=failure)
         self.tag = index_tag(self.index.fingerprint)
-        distributed.check_same("index (fingerprint)", self.index.fingerprint)  # slots must mean the same samples
         n, num_shards = self.index.num_samples, self.index.num_shards
         def create() -> list:
             return [ScoreStore.create(n).shared, EpochPlan.create(n).shared]
@@ -130,7 +180,7 @@ class InfoBatch:
         self._updates = 0  # update() calls, for sync_every
         self._announced_parts = Announcements()  # per process: ib.shards() -> ib.filter()
         self.epoch = -1
-        self.set_epoch(0)
+        self._plan_epoch(0)
 
     # ---- pipeline stages -----------------------------------------------------------------------
     def shards(self) -> ShardSource:
@@ -182,9 +232,15 @@ class InfoBatch:
         """Freeze the threshold, plan the epoch and publish it to the loader workers.
 
         Call it before each pass over the loader. The plan is exact: ``kept`` is the number of
-        samples the pass will yield over all shards.
+        samples the pass will yield over all shards. With several ranks it is a collective: call
+        it on every rank with the same epoch (compared first, so a mismatch raises
+        :class:`SettingsMismatchError` on every rank instead of hanging one).
         """
         epoch = int(epoch)
+        self._agree("ib.set_epoch()", epoch=epoch)  # before any other collective: a mismatch raises everywhere
+        return self._plan_epoch(epoch)
+
+    def _plan_epoch(self, epoch: int) -> EpochStats:
         if epoch < 0:
             raise ValueError(f"set_epoch({epoch}): epochs start at 0")
         if epoch < self.epoch:
@@ -272,7 +328,7 @@ class InfoBatch:
         sample, is stored instead of the loss when given: e.g. a diffusion loss divided by the
         mean loss at its timestep, so that samples are ranked by difficulty, not by the draw.
         """
-        arr = as_meta_array(meta)
+        arr = as_meta_array(meta, self.index.num_samples)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"update() needs the per-sample loss as a torch.Tensor, got {type(loss).__name__}")
         if loss.ndim == 0:
@@ -292,7 +348,7 @@ class InfoBatch:
             )
         slots, epochs, boosted = arr[:, SLOT], arr[:, EPOCH], arr[:, BOOSTED].astype(bool)
         if len(slots) and (np.any(arr[:, TAG] != self.tag) or slots.min() < 0 or slots.max() >= self.index.num_samples):
-            raise ValueError(
+            raise MetadataError(
                 "update() got metadata from another index (its index tag or slots do not match this "
                 f"InfoBatch's {self.index.num_samples}-sample index {self.index.path or '<memory>'}): pass the "
                 "'__ib__' field of batches read through this InfoBatch's stages"
@@ -356,7 +412,7 @@ class InfoBatch:
         if (kind, epoch) not in self._warned:
             self._warned.add((kind, epoch))
             log.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
 
     def stats(self) -> list[dict[str, Any]]:
         """Per-epoch figures: threshold, seen, well_learned, pruned, kept, trained, nonfinite,
@@ -403,20 +459,44 @@ class InfoBatch:
         }
 
     def _settings(self) -> dict[str, Any]:
+        """The settings a state records (and a mid-epoch resume must keep some of)."""
         c = self.config
-        return {"num_epochs": c.num_epochs, "prune_ratio": c.prune_ratio, "delta": c.delta, "seed": c.seed,
-                "granularity": c.block_size, "remainder": self.remainder, "ema_decay": self.ema_decay}
+        return {"num_epochs": int(c.num_epochs), "prune_ratio": float(c.prune_ratio), "delta": float(c.delta),
+                "seed": int(c.seed), "granularity": int(c.block_size), "remainder": self.remainder,
+                "ema_decay": self.ema_decay}
+
+    def _agree(self, call: str, failure: BaseException | None = None, peer_error: type[Exception] = RuntimeError,
+               extra: Any = None, **values: Any) -> list[Any]:
+        """Every rank has the same index, settings and ``values`` in this ``call``, or every rank
+        raises (one small gather; see :func:`distributed.agree`). Every rank's ``extra``, by rank."""
+        shown = {"call": call}
+        if failure is None:
+            values = {"call": call, **values, **self._settings(), "sync_every": self.sync_every,
+                      "share_store": self.share_store, "index": self.index.fingerprint}
+            shown["index"] = f"fingerprint {self.index.fingerprint[:12]} ({self.index.path or '<memory>'})"
+        else:
+            values = {"call": call}
+        return distributed.agree(values, _AGREE_HINTS, shown, failure, peer_error, extra)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`: the store, the epoch and its frozen plan (republished as
-        saved, not recomputed). With several ranks, call it on every rank (a collective)."""
-        check_state(state, self.index)
-        mine = self._settings()
-        saved = {"ema_decay": 0.0, **state["config"]}  # states written before the option existed
-        changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
-        if changed:
-            log.warning("restoring a state saved with other settings, keeping this InfoBatch's: %s",
-                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        saved, not recomputed). With several ranks, call it on every rank (a collective).
+
+        A state saved partway through an epoch resumes only with the settings that decide the
+        rest of that epoch (``seed``, ``remainder``, ``prune_ratio``, see
+        :data:`MID_EPOCH_SETTINGS`): :class:`SettingsMismatchError` otherwise. Other changes,
+        and any change at an epoch boundary, are kept from this InfoBatch with a warning."""
+        failure, saved, progress = None, None, None
+        try:
+            check_state(state, self.index)
+            config = {"ema_decay": 0.0, **state["config"]}  # states written before the option existed
+            saved = {"epoch": int(state["epoch"]), **{k: config.get(k) for k in self._settings()}}
+            progress = _progress(state)
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank
+            failure = e
+        extras = self._agree("ib.load_state_dict()", failure=failure, peer_error=CheckpointError,
+                             extra={"saved": saved, "progress": progress})
+        self._check_resume(extras)
         if self._writer:
             self.store.scores[:] = np.asarray(state["scores"])
             self.plan.shared.array[:] = np.asarray(state["plan"])
@@ -435,6 +515,39 @@ class InfoBatch:
         slots, losses = np.asarray(state["pending_slots"]), np.asarray(state["pending_losses"])
         self._pending = [distributed.pack_updates(slots, losses)] if len(slots) else []
         self._announced_parts.clear()
+
+    def _check_resume(self, extras: list[dict[str, Any]]) -> None:
+        """Refuse, on every rank alike (``extras``: every rank's saved settings and progress), a
+        mid-epoch resume that would change the rest of the epoch; warn about other changes."""
+        saved_by_rank = [{f"saved {k}": v for k, v in x["saved"].items()} for x in extras]
+        differ = distributed.differences(saved_by_rank)
+        if differ:
+            raise SettingsMismatchError("; ".join(text for _, text in differ) + "; every rank must load a state "
+                                        "saved by this run at the same step (each rank's own, or rank 0's after "
+                                        "ib.sync_scores())")
+        saved, mine = extras[0]["saved"], self._settings()
+        epoch = saved.pop("epoch")
+        changed = {k: (saved[k], v) for k, v in mine.items() if saved[k] != v}
+        if not changed:
+            return
+        partway = [(r, x["progress"]) for r, x in enumerate(extras) if x["progress"] is not None]
+        refused = {k: ab for k, ab in changed.items() if k in MID_EPOCH_SETTINGS}
+        listing = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
+        if partway and refused:
+            r, (trained, per_rank) = partway[0]
+            who = "" if len(extras) == 1 else f"rank {r} "
+            keep = ", ".join(f"{k}={a!r}" for k, (a, _) in refused.items())
+            raise SettingsMismatchError(
+                f"this state was saved partway through epoch {epoch} ({who}had trained {trained} of its {per_rank} "
+                f"samples) with other settings than this InfoBatch's: "
+                + "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in refused.items())
+                + f". They decide which samples the rest of epoch {epoch} reads and how they are weighted: some "
+                f"would be trained twice and others never. Resume with the saved settings (InfoBatch(..., {keep})), "
+                "or resume from a state saved at an epoch boundary to change them")
+        when = f"the rest of epoch {epoch} keeps its saved plan" if partway else "the next epoch planned uses them"
+        message = f"restoring a state saved with other settings, keeping this InfoBatch's ({when}): {listing}"
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
 
     def save(self, path: str) -> None:
         """Write :meth:`state_dict` to one file, atomically (temp file, fsync, rename): a crash or a

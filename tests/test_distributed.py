@@ -23,7 +23,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from _data import make_index, slot_loss, write_sized_shards
-from infobatch_stream import META_KEY, InfoBatch, build_index
+from infobatch_stream import META_KEY, CheckpointError, InfoBatch, SettingsMismatchError, build_index
 from infobatch_stream import planner
 from infobatch_stream.distributed import all_gather_updates
 from infobatch_stream.stages import shard_order
@@ -163,11 +163,8 @@ def _two_rank_scenarios(index_path: str, skewed_path: str) -> dict:
     result["ddp"] = _ddp_skewed(skewed_path)
     ib = InfoBatch(skewed_path, **CONFIG, remainder="drop")
     result["drop"] = _train(ib, _loader(ib, "reader", 2), epochs=1)
-    try:  # rank 1 loads another dataset's index: every rank must refuse, none may hang
-        InfoBatch(index_path if rank == 0 else skewed_path, **CONFIG)
-        result["mixed_index"] = "accepted"
-    except RuntimeError as e:
-        result["mixed_index"] = str(e)
+    # rank 1 loads another dataset's index: every rank must refuse, none may hang
+    result["mixed_index"] = _outcome(lambda: InfoBatch(index_path if rank == 0 else skewed_path, **CONFIG))
     return result
 
 
@@ -175,7 +172,69 @@ def _four_rank_scenarios(index_path: str) -> dict:
     return {"matrix": _matrix(index_path, [(0, "filter"), (2, "reader")], share_store=False, sync_every=None)}
 
 
-SCENARIOS = {"two": _two_rank_scenarios, "four": _four_rank_scenarios}
+def _outcome(call) -> dict:
+    """What a call did on this rank: accepted, or the error's type and message."""
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - recorded, compared by the tests
+        return {"error": type(e).__name__, "message": str(e), "mismatch": isinstance(e, SettingsMismatchError),
+                "checkpoint": isinstance(e, CheckpointError)}
+    return {"error": None}
+
+
+# rank 1's value of each setting that every rank must share (rank 0 keeps CONFIG's / the default)
+RANK1_SETTINGS = {"seed": 8, "num_epochs": 4, "prune_ratio": 0.7, "delta": 0.5, "granularity": 4,
+                  "remainder": "drop", "ema_decay": 0.5, "sync_every": 3, "share_store": False}
+
+
+def _trained_part(ib: InfoBatch, epoch: int, n: int = 8) -> None:
+    """``n`` of this rank's samples of ``epoch`` through update(): the epoch is then partway."""
+    rank = dist.get_rank()
+    meta = torch.tensor([[rank * 50 + i, epoch, 0, ib.tag] for i in range(n)], dtype=torch.int64)
+    ib.update(meta, torch.ones(n))
+
+
+def _mismatch_scenarios(index_path: str, other_path: str) -> dict:
+    """Ranks that disagree, one way after another: every rank must raise each time (a rank
+    that went on would wait forever in the next collective and fail the group's deadline)."""
+    rank = dist.get_rank()
+    out: dict = {}
+    for key, value in RANK1_SETTINGS.items():
+        mine = {**CONFIG, key: value} if rank == 1 else dict(CONFIG)
+        out[f"init-{key}"] = _outcome(lambda: InfoBatch(index_path, **mine))
+    out["init-several"] = _outcome(lambda: InfoBatch(index_path, **{**CONFIG, **(
+        {"seed": 9, "remainder": "drop"} if rank == 1 else {})}))
+    out["init-fails-on-one"] = _outcome(lambda: InfoBatch(index_path, **CONFIG, remainder="pad" if rank == 0 else "x"))
+    out["init-no-index-on-one"] = _outcome(lambda: InfoBatch(index_path if rank == 0 else index_path + ".gone",
+                                                             **CONFIG))
+
+    ib = InfoBatch(index_path, **CONFIG)
+    out["epochs"] = _outcome(lambda: ib.set_epoch(1 if rank == 0 else 2))
+    out["negative-epoch"] = _outcome(lambda: ib.set_epoch(-1 if rank == 0 else 0))
+    at_start = ib.state_dict()  # epoch 0, nothing trained
+    out["calls"] = _outcome(lambda: ib.set_epoch(1) if rank == 0 else ib.load_state_dict(at_start))
+    out["same-epoch-after"] = _outcome(lambda: ib.set_epoch(1))  # the group is still in step
+    boundary = ib.state_dict()  # epoch 1 planned, nothing trained in it
+    _trained_part(ib, 1)
+    partway = ib.state_dict()
+
+    def resume(state, **change):
+        return _outcome(lambda: InfoBatch(index_path, **{**CONFIG, **change}).load_state_dict(state))
+
+    out["resume-partway-seed"] = resume(partway, seed=8)
+    out["resume-partway-one-rank"] = resume(partway if rank == 0 else boundary, seed=8)
+    out["resume-partway-num-epochs"] = resume(partway, num_epochs=EPOCHS + 2)
+    out["resume-boundary-seed"] = resume(boundary, seed=8)
+    out["resume-partway-same"] = resume(partway)
+    out["resume-saved-epochs-differ"] = resume(boundary if rank == 0 else at_start)
+    other = InfoBatch(other_path, **CONFIG).state_dict()
+    out["resume-other-index-on-one"] = resume(partway if rank == 0 else other)
+    ib.set_epoch(2)  # after all of that, the ranks still plan together
+    out["final_kept"] = ib.stats()[-1]["kept"]
+    return out
+
+
+SCENARIOS = {"two": _two_rank_scenarios, "four": _four_rank_scenarios, "mismatch": _mismatch_scenarios}
 
 
 # ---- the tests -------------------------------------------------------------------------------------
@@ -261,7 +320,11 @@ def test_ddp_over_skewed_shards_takes_equal_steps(data):
 
 def test_ranks_with_different_indexes_all_refuse(data):
     for got in data[2]:
-        assert "ranks [1] have another index (fingerprint) than rank 0" in got["mixed_index"]
+        outcome = got["mixed_index"]
+        assert outcome["mismatch"], outcome
+        assert outcome["message"].startswith("index differs across ranks: rank 0 has fingerprint ")
+        assert "rank 1 has fingerprint" in outcome["message"] and "skewed" in outcome["message"]
+        assert outcome["message"].endswith("every rank must load the same index (the same shards, indexed once)")
 
 
 def test_drop_remainder_reads_each_sample_at_most_once(data):
@@ -270,3 +333,92 @@ def test_drop_remainder_reads_each_sample_at_most_once(data):
     union = [s for r in ranks for s in r["slots"][0]]
     assert len(union) == len(set(union)) == 2 * ranks[0]["per_rank"][0] == len(reference) - 1
     assert ranks[0]["dropped"][0] == 1 and set(union) < set(reference)
+
+
+# ---- ranks that disagree ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mismatch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mismatch")
+    _, index = make_index(str(root / "a"), num_shards=4, per_shard=25)
+    _, other = make_index(str(root / "b"), num_shards=2, per_shard=10)
+    return run_group(2, "mismatch", (index.path, other.path), str(root / "out"))  # fails on a hang
+
+
+def _both(ranks: list[dict], case: str) -> list[dict]:
+    got = [r[case] for r in ranks]
+    assert all(g["error"] for g in got), f"{case}: a rank went on while another raised: {got}"
+    return got
+
+
+@pytest.mark.parametrize("key", list(RANK1_SETTINGS))
+def test_every_rank_refuses_a_setting_that_differs(mismatch, key):
+    default = {"granularity": 1, "remainder": "pad", "ema_decay": 0.0, "sync_every": None, "share_store": True}
+    rank0 = CONFIG.get(key, default.get(key))
+    rank1 = RANK1_SETTINGS[key]
+    if key in ("prune_ratio", "delta", "ema_decay"):
+        rank0, rank1 = float(rank0), float(rank1)
+    for got in _both(mismatch, f"init-{key}"):
+        assert got["mismatch"], got
+        assert got["message"] == (f"{key} differs across ranks: rank 0 has {rank0!r}, rank 1 has {rank1!r}; "
+                                  "every rank must create InfoBatch with the same settings")
+
+
+def test_several_differing_settings_are_all_named(mismatch):
+    for got in _both(mismatch, "init-several"):
+        assert got["message"] == ("seed differs across ranks: rank 0 has 7, rank 1 has 9; remainder differs across "
+                                  "ranks: rank 0 has 'pad', rank 1 has 'drop'; every rank must create InfoBatch with "
+                                  "the same settings")
+
+
+def test_a_rank_that_fails_to_start_stops_the_others(mismatch):
+    rank0, rank1 = _both(mismatch, "init-fails-on-one")
+    assert rank1["error"] == "ValueError" and "remainder must be one of" in rank1["message"]
+    assert rank0["error"] == "RuntimeError" and rank0["message"].startswith("rank 1 failed in InfoBatch() (ValueError:")
+    rank0, rank1 = _both(mismatch, "init-no-index-on-one")
+    assert rank1["error"] == "FileNotFoundError"
+    assert rank0["message"].startswith("rank 1 failed in InfoBatch() (FileNotFoundError")
+
+
+def test_every_rank_refuses_different_epochs(mismatch):
+    for got in _both(mismatch, "epochs"):
+        assert got["mismatch"] and got["message"] == ("epoch differs across ranks: rank 0 has 1, rank 1 has 2; call "
+                                                      "ib.set_epoch(epoch) with the same epoch on every rank")
+    for got in _both(mismatch, "negative-epoch"):  # compared before the local checks: no rank goes on alone
+        assert got["mismatch"] and "rank 0 has -1, rank 1 has 0" in got["message"]
+
+
+def test_ranks_in_different_collectives_all_refuse(mismatch):
+    for got in _both(mismatch, "calls"):
+        assert got["mismatch"] and got["message"].startswith(
+            "call differs across ranks: rank 0 has ib.set_epoch(), rank 1 has ib.load_state_dict(); InfoBatch(), "
+            "ib.set_epoch() and ib.load_state_dict() are collectives")
+    assert [r["same-epoch-after"] for r in mismatch] == [{"error": None}] * 2  # still in step
+
+
+def test_a_partway_resume_with_another_seed_is_refused_on_every_rank(mismatch):
+    for case in ("resume-partway-seed", "resume-partway-one-rank"):  # the second: only rank 0's state is partway
+        for got in _both(mismatch, case):
+            assert got["mismatch"], got
+            assert got["message"].startswith("this state was saved partway through epoch 1 (rank 0 had trained 8 of "
+                                             "its 50 samples) with other settings than this InfoBatch's: seed: saved "
+                                             "7, now 8.")
+            assert got["message"].endswith("Resume with the saved settings (InfoBatch(..., seed=7)), or resume from a "
+                                           "state saved at an epoch boundary to change them")
+
+
+def test_resumes_that_keep_the_rest_of_the_epoch_are_taken_on_every_rank(mismatch):
+    for case in ("resume-partway-num-epochs", "resume-boundary-seed", "resume-partway-same"):
+        assert [r[case] for r in mismatch] == [{"error": None}] * 2, case
+    assert mismatch[0]["final_kept"] == mismatch[1]["final_kept"] > 0
+
+
+def test_states_of_different_steps_or_indexes_are_refused_on_every_rank(mismatch):
+    for got in _both(mismatch, "resume-saved-epochs-differ"):
+        assert got["mismatch"] and got["message"].startswith(
+            "saved epoch differs across ranks: rank 0 has 1, rank 1 has 0; every rank must load a state saved by "
+            "this run at the same step")
+    rank0, rank1 = _both(mismatch, "resume-other-index-on-one")
+    assert rank1["checkpoint"] and "saved for another index" in rank1["message"]
+    assert rank0["checkpoint"] and rank0["message"].startswith("rank 1 failed in ib.load_state_dict() (CheckpointError")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 
@@ -12,7 +13,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from _data import make_index, slot_loss, train_epochs, write_sized_shards
-from infobatch_stream import META_KEY, IndexMismatchError, InfoBatch, build_index
+from infobatch_stream import META_KEY, IndexMismatchError, InfoBatch, MetadataError, StaleIndexError, build_index
+from infobatch_stream.meta import as_meta_array
 from infobatch_stream.stages import shard_order
 
 EPOCHS = 4
@@ -130,7 +132,7 @@ def test_metadata_survives_default_collate(dataset):
 def test_unknown_key_and_shard_are_named(dataset, tmp_path):
     urls, index = dataset
     ib = InfoBatch(index, num_epochs=2)
-    with pytest.raises(KeyError, match="not in the index.*re-run"):
+    with pytest.raises(StaleIndexError, match="not in the index.*re-run"):
         list(ib.filter()(iter([{"__url__": urls[0], "__key__": "nope"}])))
     with pytest.raises(IndexMismatchError, match="other.tar"):
         list(ib.filter()(iter([{"__url__": str(tmp_path / "other.tar"), "__key__": "x"}])))
@@ -371,3 +373,138 @@ def _twice(src):
     for item in src:  # a stage that repeats every shard: the filter must not keep the repeat
         yield item
         yield {"url": item["url"]}
+
+
+# ---- metadata that went through a cast --------------------------------------------------------
+
+
+def _real_batch(ib: InfoBatch, kind: str, size: int = 8):
+    """A batch's ``__ib__`` field as a real pipeline hands it over: a torch int64 tensor from the
+    DataLoader's default collate, or a numpy int64 array from ``wds.batched``."""
+    if kind == "torch":
+        pipeline = wds.DataPipeline(ib.shards(), ib.tarfile_to_samples(), wds.to_tuple("cls", META_KEY))
+        meta = next(iter(DataLoader(pipeline, batch_size=size, num_workers=0)))[1]
+        assert isinstance(meta, torch.Tensor) and meta.dtype == torch.int64
+    else:
+        pipeline = wds.DataPipeline(ib.shards(), ib.tarfile_to_samples(), wds.to_tuple("cls", META_KEY),
+                                    wds.batched(size))
+        meta = next(iter(pipeline))[1]
+        assert isinstance(meta, np.ndarray) and meta.dtype == np.int64
+    return meta
+
+
+def _cast(meta, kind: str, dtype: str):
+    if kind == "torch":
+        return meta.to(getattr(torch, dtype))
+    with np.errstate(over="ignore"):  # the tag overflows float16: that is the point
+        return meta.astype(dtype)
+
+
+WIDE = ["float32", "float64", "int32", "int64"]
+NARROW = {"torch": ["float16", "bfloat16", "int16", "int8", "uint8"], "numpy": ["float16", "int16", "int8", "uint8"]}
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_metadata_cast_to_a_wide_dtype_is_accepted(dataset, kind):
+    """float32/int32 hold the 23-bit index tag and these slots exactly: the scores land on the
+    same samples as with the int64 field."""
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=2)
+    meta = _real_batch(ib, kind)
+    slots = np.asarray(meta)[:, 0]
+    assert 0 < ib.tag < 2 ** 23
+    for i, dtype in enumerate(WIDE):
+        loss = torch.arange(len(slots), dtype=torch.float32) + 10 * i
+        ib.update(_cast(meta, kind, dtype), loss)
+        np.testing.assert_array_equal(ib.store.scores[slots], loss.numpy())
+    assert ib.stats()[0]["trained"] == len(WIDE) * len(slots)
+    assert np.isnan(np.delete(np.asarray(ib.store.scores), slots)).all()
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_metadata_cast_to_a_narrow_dtype_is_refused_by_name(dataset, kind):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=2)
+    meta = _real_batch(ib, kind)
+    for dtype in NARROW[kind]:
+        with pytest.raises(MetadataError, match=rf"as (torch\.)?{dtype}, which holds integers exactly only up to "
+                                                r"\d+.*Keep the field int64"):
+            ib.update(_cast(meta, kind, dtype), torch.ones(len(meta)))
+    assert isinstance(MetadataError("x"), ValueError)
+    assert np.isnan(ib.store.scores).all() and ib.stats()[0]["trained"] == 0
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_cast_metadata_of_another_index_or_not_whole_is_still_refused(dataset, tmp_path, kind):
+    _, index = dataset
+    _, other = make_index(str(tmp_path), num_shards=2, per_shard=5)
+    ib, other_ib = InfoBatch(index, num_epochs=2), InfoBatch(other, num_epochs=2)
+    meta = _real_batch(other_ib, kind, size=4)  # slots 0-3 exist in both indexes: only the tag differs
+    for dtype in WIDE:
+        with pytest.raises(MetadataError, match="another index"):
+            ib.update(_cast(meta, kind, dtype), torch.ones(4))
+    halves = _cast(_real_batch(ib, kind, size=4), kind, "float64") + 0.5
+    with pytest.raises(MetadataError, match="float64 holds values that are not whole numbers"):
+        ib.update(halves, torch.ones(4))
+    assert np.isnan(ib.store.scores).all()
+
+
+def test_wide_dtypes_are_refused_where_the_slots_outgrow_them():
+    """float32 is exact up to 2**24 and int32 up to 2**31 - 1: a larger index's slots would be
+    rounded or wrapped (and a rounded slot is still a whole number), so the dtype is refused."""
+    meta = torch.tensor([[3, 1, 0, 12345]])
+    assert as_meta_array(meta.float(), num_samples=2 ** 24 + 1).tolist() == [[3, 1, 0, 12345]]
+    with pytest.raises(MetadataError, match=r"as torch\.float32.*up to 16777216, and this index's slots go up to"):
+        as_meta_array(meta.float(), num_samples=2 ** 24 + 2)
+    with pytest.raises(MetadataError, match=r"as float32"):
+        as_meta_array(meta.numpy().astype(np.float32), num_samples=2 ** 25)
+    assert as_meta_array(meta.int(), num_samples=2 ** 31).tolist() == [[3, 1, 0, 12345]]
+    with pytest.raises(MetadataError, match=r"as torch\.int32.*up to 2147483647"):
+        as_meta_array(meta.int(), num_samples=2 ** 31 + 1)
+    assert as_meta_array(meta.double(), num_samples=2 ** 40).tolist() == [[3, 1, 0, 12345]]
+    with pytest.raises(MetadataError, match="torch.bool, which does not hold integers"):
+        as_meta_array(meta.bool(), num_samples=10)
+
+
+# ---- warnings point at the caller -------------------------------------------------------------
+
+
+def _warned_here(record: list, match: str, line: int) -> None:
+    hits = [w for w in record if match in str(w.message)]
+    assert hits, f"no warning matching {match!r} among {[str(w.message) for w in record]}"
+    assert [(w.filename, w.lineno) for w in hits] == [(__file__, line)] * len(hits)
+
+
+def test_warnings_point_at_the_users_line(dataset, tmp_path):
+    """However deep inside the library a warning is raised (update() -> _count() -> _warn_once()),
+    it is attributed to the line of the caller's code that called the library."""
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        ib.update(_batch(ib, 3), torch.tensor([1.0, float("nan"), 2.0]))
+        _warned_here(record, "non-finite", line)
+        line = inspect.currentframe().f_lineno + 1
+        ib.update(_batch(ib, 2, epoch=1), torch.ones(2))
+        _warned_here(record, "while epoch 0 is current", line)
+        line = inspect.currentframe().f_lineno + 1
+        ib.set_epoch(3)
+        _warned_here(record, "past num_epochs=2", line)
+    ib = InfoBatch(index, num_epochs=3)
+    pipeline = batched_pipeline(ib)
+    for _, meta in pipeline:
+        ib.update(meta, slot_loss(meta))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _, meta in pipeline:
+            line = inspect.currentframe().f_lineno + 1
+            ib.update(meta, slot_loss(meta))
+        _warned_here(record, "read again without set_epoch", line)
+    path = str(tmp_path / "state.ibs")
+    ib.save(path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        InfoBatch(index, num_epochs=3, seed=9).load(path)  # ib.load -> load_state_dict -> _check_resume
+        _warned_here(record, "saved with other settings", line)
