@@ -358,8 +358,10 @@ class DatasetIndex:
                 "that file") from None
         except json.JSONDecodeError as e:
             raise IndexMismatchError(f"index {path} is not valid JSON ({e}); rebuild it with `infobatch-stream index`") from None
-        ours = doc.get("infobatch_stream")
-        if doc.get("__kind__") != INDEX_KIND or not isinstance(ours, dict):
+        except RecursionError:
+            raise IndexMismatchError(f"index {path} is nested too deeply to be an index; rebuild it") from None
+        ours = doc.get("infobatch_stream") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict) or doc.get("__kind__") != INDEX_KIND or not isinstance(ours, dict):
             raise IndexMismatchError(
                 f"{path} is not an infobatch_stream index (a plain wids shard list has no per-sample offsets); "
                 "build one with `infobatch-stream index`"
@@ -372,7 +374,11 @@ class DatasetIndex:
             raise PermissionError(
                 f"index {path} lists {len(pipes)} shard URLs that run shell commands (e.g. {pipes[0]!r}); load it with "
                 "allow_pipes=True (InfoBatch(..., allow_pipes=True)) only if you trust whoever wrote it")
-        sidecar = os.path.join(os.path.dirname(path), str(ours.get("arrays")))
+        arrays_dir = ours.get("arrays")
+        if not isinstance(arrays_dir, str) or os.path.basename(arrays_dir) != arrays_dir or arrays_dir in ("", ".", ".."):
+            raise IndexMismatchError(f"index {path}: its arrays folder {arrays_dir!r} is not a folder name next to it; "
+                                     "rebuild it with `infobatch-stream index`")
+        sidecar = os.path.join(os.path.dirname(path), arrays_dir)
         arrays = {}
         for name in _ARRAYS:
             file = os.path.join(sidecar, f"{name}.npy")

@@ -368,3 +368,14 @@ def test_filter_after_decode_warns(tmp_path):
         got = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(),
                                     wds.map(lambda s: {**s, "cls": int(s["cls"])}), ib.filter()))
     assert len(got) == 4
+
+
+@pytest.mark.parametrize("doc", ['[1, 2]', '"x"', "[" * 100000 + "]" * 100000,
+                                 '{"__kind__": "wids-shard-index-v1", "infobatch_stream": {"format": 1, "arrays": 5}, "shardlist": []}',
+                                 '{"__kind__": "wids-shard-index-v1", "infobatch_stream": {"format": 1, "arrays": "../x"}, "shardlist": []}',
+                                 '{"__kind__": "wids-shard-index-v1", "infobatch_stream": {"format": 1, "arrays": "index.arrays"}, "shardlist": 3}'])
+def test_a_crafted_index_json_is_an_index_error(tmp_path, doc):
+    path = tmp_path / "index.json"
+    path.write_text(doc)
+    with pytest.raises(IndexMismatchError):
+        DatasetIndex.load(str(path))
