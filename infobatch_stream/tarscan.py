@@ -230,120 +230,152 @@ def _refuse_sparse(name: str, dicts: list[dict[str, str]], where: str) -> None:
                              "rewrite the shard without sparse files")
 
 
+class _Cursor:
+    """A position in a tar stream: whole blocks read, bodies skipped by seeking where the stream
+    can (``filesize`` then catches a truncated body at once) or by reading and discarding."""
+
+    def __init__(self, fileobj: BinaryIO, shard: str, filesize: int | None) -> None:
+        self.fileobj, self.shard, self.pos = fileobj, shard, 0
+        self.seekable = bool(getattr(fileobj, "seekable", lambda: False)())
+        if self.seekable and filesize is None:
+            # Without a size, a seek past the end of a truncated body would look like a clean EOF.
+            here = fileobj.tell()
+            filesize = fileobj.seek(0, 2) - here
+            fileobj.seek(here)
+        self.filesize = filesize
+
+    def block(self) -> bytes:
+        """The next 512-byte block (shorter or empty at the end of the stream); not advanced past."""
+        return _read_full(self.fileobj, BLOCK)
+
+    def exact(self, n: int, what: str) -> bytes:
+        """``n`` bytes that must be there (an extended header's data); advances past them."""
+        data = _read_full(self.fileobj, n)
+        if len(data) != n:
+            raise TarFormatError(
+                f"{self.shard}: truncated tar, {what} at byte {self.pos} needs {n} bytes but only {len(data)} "
+                "remain; the shard is incomplete: re-download or rewrite it")
+        self.pos += n
+        return data
+
+    def skip(self, n: int, what: str) -> None:
+        """Advance past ``n`` bytes of a body without keeping them."""
+        if n == 0:
+            return
+        if self.seekable:
+            if self.filesize is not None and self.pos + n > self.filesize:
+                raise TarFormatError(
+                    f"{self.shard}: truncated tar, {what} at byte {self.pos} needs {n} bytes but only "
+                    f"{max(self.filesize - self.pos, 0)} remain; the shard is incomplete: re-download or rewrite it")
+            self.fileobj.seek(n, 1)
+        else:
+            remaining = n
+            while remaining:
+                chunk = self.fileobj.read(min(remaining, 1 << 20))
+                if not chunk:
+                    raise TarFormatError(
+                        f"{self.shard}: truncated tar, {what} at byte {self.pos} needs {n} bytes but the stream "
+                        "ended; the shard is incomplete: re-download or rewrite it")
+                remaining -= len(chunk)
+        self.pos += n
+
+
+@dataclass
+class _Pending:
+    """The extended headers (GNU long names, PAX records) read in front of the next member."""
+
+    chain: list[str | dict[str, str]] = field(default_factory=list)  # in order of appearance
+    chain_start: int | None = None  # offset of the first extended header (L/K/x/X/g)
+    entry_start: int | None = None  # offset of the first L/K/x/X header: tarfile's TarInfo.offset
+    global_pax: dict[str, str] = field(default_factory=dict)
+
+    def add(self, typ: bytes, data: bytes, size: int, offset: int, where: str) -> None:
+        """Take in the data of one extended header of type ``typ`` found at ``offset``."""
+        if self.chain_start is None:
+            self.chain_start = offset
+        if typ != b"g" and self.entry_start is None:
+            self.entry_start = offset
+        if typ == b"L":
+            self.chain.append(_nts(data))  # the whole padded block, as _proc_gnulong reads it
+        elif typ in (b"x", b"X"):
+            self.chain.append({**self.global_pax, **_parse_pax(data, size, where)})
+        elif typ == b"g":
+            records = _parse_pax(data, size, where)
+            if "size" in records:  # tarfile would skip the header's size but read this one
+                raise TarFormatError(f"{where}: a global PAX size is not supported; rewrite the shard")
+            self.global_pax.update(records)
+
+    def member(self, block: bytes, size: int, header_offset: int, data_offset: int, where: str) -> TarMember:
+        """The member a regular header describes once the pending extended headers are applied;
+        they are consumed (the global PAX records stay)."""
+        name, typ = _header_name(block)
+        if typ == b"S":
+            raise TarFormatError(f"{where}: sparse member {name!r} is not supported; rewrite the shard without "
+                                 "sparse files")
+        _refuse_sparse(name, [self.global_pax] + [h for h in self.chain if isinstance(h, dict)], where)
+        name, size = _resolve(name, typ, size, self.global_pax, self.chain, where)
+        if self.entry_start is not None:
+            header_offset = self.entry_start
+        self.chain, self.chain_start, self.entry_start = [], None, None
+        return TarMember(name=name, type=typ, header_offset=header_offset, data_offset=data_offset, size=size)
+
+
+def _header_size(block: bytes, where: str) -> int:
+    """A header's size field, after the checks ``TarInfo.frombuf`` makes of the whole header."""
+    if not _checksum_ok(block):
+        raise TarFormatError(f"{where} has a bad checksum; the shard is corrupt: rewrite it")
+    _check_numbers(block, where)
+    size = _nti(block[124:136], where)
+    if size < 0:  # base-256 can say so; the scanner would seek backwards, possibly forever
+        raise TarFormatError(f"{where}: negative size {size}; the shard is corrupt: rewrite it")
+    return size
+
+
+def _end_of_stream(block: bytes, cursor: _Cursor, pending: _Pending) -> bool:
+    """Whether ``block`` ends the archive (EOF, or the zero block); raises where that is wrong."""
+    shard, pos = cursor.shard, cursor.pos
+    if pending.chain_start is not None and block.count(0) == len(block):
+        raise TarFormatError(
+            f"{shard}: truncated tar, the extended header at byte {pending.chain_start} is not followed by a member "
+            f"(stream ends or archive ends at byte {pos}); the shard is incomplete: re-download or rewrite it")
+    if not block:
+        if pos == 0:
+            raise TarFormatError(f"{shard}: empty file (0 bytes at byte 0), not a tar; re-download or rewrite it")
+        return True  # EOF without end-of-archive blocks: tolerated, as tarfile's stream mode does
+    if len(block) < BLOCK:
+        raise TarFormatError(f"{shard}: truncated tar header at byte {pos} ({len(block)} of 512 bytes); "
+                             "the shard is incomplete: re-download or rewrite it")
+    return block.count(0) == BLOCK  # the end-of-archive marker
+
+
 def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) -> Iterator[TarMember]:
     """Yield the members of a tar stream without reading regular-file bodies when it can seek.
 
     ``fileobj`` may be seekable (local file: bodies are skipped with ``seek``) or a plain stream
     (bodies are read and discarded). ``filesize``, when known, catches truncated bodies at once.
+    Extended headers are collected in a :class:`_Pending` and applied to the member they precede.
     """
-    seekable = bool(getattr(fileobj, "seekable", lambda: False)())
-    if seekable and filesize is None:
-        # Without a size, a seek past the end of a truncated body would look like a clean EOF.
-        here = fileobj.tell()
-        filesize = fileobj.seek(0, 2) - here
-        fileobj.seek(here)
-    pos = 0
-    chain: list[str | dict[str, str]] = []  # the pending entry's long names and PAX records, in order
-    chain_start: int | None = None  # offset of its first extended header (L/K/x/X/g)
-    entry_start: int | None = None  # offset of its first L/K/x/X header: tarfile's TarInfo.offset
-    global_pax: dict[str, str] = {}
-
-    def read_full(n: int) -> bytes:
-        return _read_full(fileobj, n)
-
-    def read_exact(n: int, what: str) -> bytes:
-        data = read_full(n)
-        if len(data) != n:
-            raise TarFormatError(
-                f"{shard}: truncated tar, {what} at byte {pos} needs {n} bytes but only {len(data)} remain; "
-                "the shard is incomplete: re-download or rewrite it"
-            )
-        return data
-
-    def skip(n: int, what: str) -> None:
-        nonlocal pos
-        if n == 0:
-            return
-        if seekable:
-            if filesize is not None and pos + n > filesize:
-                raise TarFormatError(
-                    f"{shard}: truncated tar, {what} at byte {pos} needs {n} bytes but only "
-                    f"{max(filesize - pos, 0)} remain; the shard is incomplete: re-download or rewrite it"
-                )
-            fileobj.seek(n, 1)
-        else:
-            remaining = n
-            while remaining:
-                chunk = fileobj.read(min(remaining, 1 << 20))
-                if not chunk:
-                    raise TarFormatError(
-                        f"{shard}: truncated tar, {what} at byte {pos} needs {n} bytes but the stream ended; "
-                        "the shard is incomplete: re-download or rewrite it"
-                    )
-                remaining -= len(chunk)
-        pos += n
-
+    cursor, pending = _Cursor(fileobj, shard, filesize), _Pending()
     while True:
-        block = read_full(BLOCK)
-        if chain_start is not None and block.count(0) == len(block):
-            raise TarFormatError(
-                f"{shard}: truncated tar, the extended header at byte {chain_start} is not followed by a member "
-                f"(stream ends or archive ends at byte {pos}); the shard is incomplete: re-download or rewrite it"
-            )
-        if not block:
-            if pos == 0:
-                raise TarFormatError(f"{shard}: empty file (0 bytes at byte 0), not a tar; re-download or rewrite it")
-            return  # EOF without end-of-archive blocks: tolerated, as tarfile's stream mode does
-        if len(block) < BLOCK:
-            raise TarFormatError(
-                f"{shard}: truncated tar header at byte {pos} ({len(block)} of 512 bytes); "
-                "the shard is incomplete: re-download or rewrite it"
-            )
-        if block.count(0) == BLOCK:
-            return  # end-of-archive marker
-        where = f"{shard}: header at byte {pos}"
-        if not _checksum_ok(block):
-            raise TarFormatError(f"{where} has a bad checksum; the shard is corrupt: rewrite it")
-        _check_numbers(block, where)
-        header_offset = pos
-        pos += BLOCK
-        size = _nti(block[124:136], where)
-        if size < 0:  # base-256 can say so; the scanner would seek backwards, possibly forever
-            raise TarFormatError(f"{where}: negative size {size}; the shard is corrupt: rewrite it")
+        block = cursor.block()
+        if _end_of_stream(block, cursor, pending):
+            return
+        offset = cursor.pos
+        where = f"{shard}: header at byte {offset}"
+        size = _header_size(block, where)
+        cursor.pos += BLOCK
         typ = block[156:157]
         if typ in _EXTENDED:
-            if chain_start is None:
-                chain_start = header_offset
-            if typ != b"g" and entry_start is None:
-                entry_start = header_offset
             what = f"GNU long name of {size} bytes" if typ in (b"L", b"K") else f"PAX header of {size} bytes"
             if size > MAX_EXTENDED:
                 raise TarFormatError(f"{where}: {what} is absurd (over {MAX_EXTENDED >> 20} MiB); the shard is "
                                      "corrupt: rewrite it")
-            data = read_exact(_padded(size), what)
-            pos += _padded(size)
-            if typ == b"L":
-                chain.append(_nts(data))  # the whole padded block, as _proc_gnulong reads it
-            elif typ in (b"x", b"X"):
-                chain.append({**global_pax, **_parse_pax(data, size, where)})
-            elif typ == b"g":
-                records = _parse_pax(data, size, where)
-                if "size" in records:  # tarfile would skip the header's size but read this one
-                    raise TarFormatError(f"{where}: a global PAX size is not supported; rewrite the shard")
-                global_pax.update(records)
+            pending.add(typ, cursor.exact(_padded(size), what), size, offset, where)
             continue
-        name, typ = _header_name(block)
-        if typ == b"S":
-            raise TarFormatError(f"{where}: sparse member {name!r} is not supported; rewrite the shard without sparse files")
-        _refuse_sparse(name, [global_pax] + [h for h in chain if isinstance(h, dict)], where)
-        name, size = _resolve(name, typ, size, global_pax, chain, where)
-        if entry_start is not None:
-            header_offset = entry_start
-        chain, chain_start, entry_start = [], None, None
-        member = TarMember(name=name, type=typ, header_offset=header_offset, data_offset=pos, size=size)
+        member = pending.member(block, size, offset, cursor.pos, where)
         yield member
-        if typ not in _SKIP_DATA_TYPES:
-            skip(_padded(size), f"body of {name!r} ({size} bytes)")
+        if member.type not in _SKIP_DATA_TYPES:
+            cursor.skip(_padded(member.size), f"body of {member.name!r} ({member.size} bytes)")
 
 
 def key_and_suffix(name: str) -> tuple[str | None, str | None]:
