@@ -7,15 +7,16 @@ import logging
 import os
 import sys
 
-from .demo import DemoConfig, run_demo
-from .index import IndexMismatchError, build_index, expand_urls
-from .reader import StaleIndexError
-from .tarscan import TarFormatError
+from .demo_config import DemoConfig
+from .errors import InfoBatchError
 
-_USER_ERRORS = (TarFormatError, IndexMismatchError, StaleIndexError, FileNotFoundError, ValueError)
+# Each command imports what it needs when it runs: `index` and `report` start without torch.
+_USER_ERRORS = (InfoBatchError, FileNotFoundError, ValueError)
 
 
 def _index(args: argparse.Namespace) -> int:
+    from .index import build_index, expand_urls
+
     urls = [url for pattern in args.shards for url in expand_urls(pattern)]
     index = build_index(urls, args.output, workers=args.workers, progress=not args.quiet)
     print(f"indexed {index.num_shards} shards, {index.num_samples} samples -> {os.path.abspath(args.output)}")
@@ -23,6 +24,8 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
     cfg = DemoConfig(out=args.out, epochs=args.epochs, prune_ratio=args.ratio, delta=args.delta,
                      batch_size=args.batch_size, lr=args.lr, workers=args.workers, shards=args.shards,
                      seed=args.seed, progress=not args.quiet)

@@ -20,24 +20,11 @@ import torch
 import webdataset as wds
 from torch import nn
 
+from .demo_config import DemoConfig
 from .index import build_index
 from .infobatch import InfoBatch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DemoConfig:
-    out: str = "demo_out"
-    epochs: int = 60
-    prune_ratio: float = 0.5
-    delta: float = 0.875
-    batch_size: int = 32
-    lr: float = 0.05
-    workers: int = 2
-    shards: int = 8
-    seed: int = 0
-    progress: bool = True
 
 
 @dataclass
