@@ -1,11 +1,14 @@
 """``infobatch-stream report``: what the pruning did over a run, read back from what it saved.
 
 A run leaves its per-epoch figures in three kinds of file: ``ib.save(path)`` (our own format,
-magic ``IBSTATE1``), a ``torch.save`` checkpoint holding ``ib.state_dict()`` (at the top level or
-under a key, next to the model), or a JSON dump of ``ib.stats()``. The kind is told from the
-file's first bytes, not its name, because checkpoints are named anything (``last.ckpt``,
-``model.bin``). Nothing is ever unpickled: torch checkpoints are read with
-``torch.load(weights_only=True)`` and only in torch's zip format.
+magic ``IBSTATE2``, or ``IBSTATE1`` from before checksums), a ``torch.save`` checkpoint holding
+``ib.state_dict()`` (at the top level or under a key, next to the model), or a JSON dump of
+``ib.stats()``. The kind is told from the file's first bytes, not its name, because checkpoints
+are named anything (``last.ckpt``, ``model.bin``). Nothing is ever unpickled: torch checkpoints
+are read with ``torch.load(weights_only=True)`` and only in torch's zip format. Whatever the file
+holds, a bad one ends in a one-line :class:`ReportError` or :class:`CheckpointError` naming it;
+the scores are summarised in bounded pieces, so a 100M-sample state costs tens of MB, not
+gigabytes.
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ import logging
 import math
 import os
 import re
+from collections import deque
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from .checkpoint import MAGIC, load_state
+from . import policy
+from .checkpoint import MAGICS, check_config, check_int, file_kind, iter_chunks, load_state, state_array
 from .errors import ReportError
 from .infobatch import EpochStats
+from .planner import BLOCK
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,9 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since torch 1.6
 _EXPECTED = ("expected a file written by ib.save(), a torch.save() checkpoint holding ib.state_dict(), "
              "or a JSON list of ib.stats() (or an object with a \"stats\" list)")
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+CHUNK = BLOCK  # scores per piece (4 MB): a planning block, so the mean adds up as the planner's does
+MAX_JSON = 64 << 20  # a stats file holds a few hundred bytes per epoch
+_LIMIT = 1 << 63  # counts beyond int64 are not counts (and would overflow float formatting)
 
 
 @dataclass
@@ -46,6 +55,7 @@ class Run:
 
 def load_run(path: str) -> Run:
     """Read ``path`` as whichever of the three kinds its first bytes say it is."""
+    size = _regular_size(path)
     try:
         with open(path, "rb") as f:
             head = f.read(64)
@@ -53,56 +63,81 @@ def load_run(path: str) -> Run:
         raise
     except OSError as e:
         raise ReportError(f"cannot read {path}: {e.strerror or e}") from None
-    if head.startswith(MAGIC):
-        try:
-            state, source = load_state(path), "ib.save"
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ReportError(f"{path} starts like an ib.save() file but its header is damaged ({e!r})") from None
-    elif head.startswith(_ZIP_MAGIC):
-        state, source = _find_state(_torch_load(path), path), "torch.save"
-    elif head.lstrip()[:1] in (b"{", b"["):
-        return _json_run(path)
-    else:
-        raise ReportError(f"{path} is not a file the report can read: {_EXPECTED}")
-    if not isinstance(state.get("stats"), list) or state.get("format") != 1:
+    if head.startswith(MAGICS):
+        return _state_run(load_state(path), path, "ib.save")
+    if head.startswith(_ZIP_MAGIC):
+        return _state_run(_find_state(_torch_load(path), path), path, "torch.save")
+    if head.lstrip()[:1] in (b"{", b"["):
+        return _json_run(path, size)
+    raise ReportError(f"{path} is not a file the report can read: {_EXPECTED}")
+
+
+def _regular_size(path: str) -> int:
+    """The size of ``path``, refused before opening unless it is a regular file: a FIFO would
+    block the report forever, a device would be read without end."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ReportError(f"cannot read {path}: {e.strerror or e}") from None
+    kind = file_kind(st.st_mode)
+    if kind is not None:
+        raise ReportError(f"{path} is {kind}, not a file the report can read: {_EXPECTED}")
+    return st.st_size
+
+
+def _state_run(state: dict[str, Any], path: str, source: str) -> Run:
+    """The run in a saved state, each field it uses checked (type, dtype, length) first."""
+    if not isinstance(state, dict) or not _is_one(state.get("format")) or not isinstance(state.get("stats"), list):
         raise ReportError(f"{path} holds no InfoBatch state with per-epoch stats: {_EXPECTED}")
-    scores = state.get("scores")
-    if scores is not None:
-        scores = np.asarray(scores.numpy() if hasattr(scores, "numpy") else scores, dtype=np.float32)
-    config = state.get("config") if isinstance(state.get("config"), dict) else None
-    epoch = state.get("epoch")
-    return Run(path, source, _normalise(state["stats"], path), config,
-               int(epoch) if isinstance(epoch, int) else None, scores)
+    where = f"{path}: "
+    n = state.get("num_samples")
+    scores = state_array(state, "scores", np.float32, n if _is_count(n) else None, where) if "scores" in state else None
+    config = check_config(state["config"], where) if "config" in state else None
+    epoch = check_int(state, "epoch", where) if "epoch" in state else None
+    return Run(path, source, _normalise(state["stats"], path), config, epoch, scores)
+
+
+def _is_one(value: Any) -> bool:
+    return type(value) is int and value == 1  # not True, not a tensor
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _LIMIT
 
 
 def _torch_load(path: str) -> Any:
     """``torch.load`` restricted to tensors and plain values; memory-mapped so that a large model
     in the same checkpoint costs no reading."""
-    import pickle
-
     import torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:
+    except Exception as e:  # a malformed zip or pickle fails in torch's loader with any kind of error
         text = str(e)
         if "Weights only load failed" in text:  # torch's advice (weights_only=False) is not ours to give
             unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
             reason = ("it holds objects other than tensors and plain values"
                       + (f" ({unsafe.group(1)})" if unsafe else "") + ", which the report never unpickles")
         else:
-            reason = text.strip().split(". ")[0] if text.strip() else type(e).__name__
+            lines = text.strip().splitlines()
+            reason = lines[0].split(". ")[0][:200] if lines else type(e).__name__
         raise ReportError(f"{path} could not be read with torch.load(weights_only=True): {reason}") from None
 
 
 def _find_state(obj: Any, path: str) -> dict[str, Any]:
     """The first ``ib.state_dict()`` (a dict with ``format == 1`` and ``stats``) inside ``obj``,
-    breadth first: checkpoints nest it under a key of the user's choosing."""
-    queue, found = [obj], []
+    breadth first: checkpoints nest it under a key of the user's choosing. Each container is
+    visited once (a crafted pickle can make a list that holds itself)."""
+    queue, found, visited = deque([obj]), [], set()
     while queue and len(found) < 2:
-        item = queue.pop(0)
+        item = queue.popleft()
+        if id(item) in visited:
+            continue
+        visited.add(id(item))
         if isinstance(item, dict):
-            if item.get("format") == 1 and "stats" in item:
+            if _is_one(item.get("format")) and "stats" in item:
                 found.append(item)
                 continue
             queue.extend(item.values())
@@ -116,14 +151,19 @@ def _find_state(obj: Any, path: str) -> dict[str, Any]:
     return found[0]
 
 
-def _json_run(path: str) -> Run:
+def _json_run(path: str, size: int) -> Run:
     """A JSON list of ``ib.stats()``, or an object whose ``stats`` is one (the examples add
     other keys next to it)."""
+    if size > MAX_JSON:
+        raise ReportError(f"{path} is {size:,} bytes, too large for a JSON of ib.stats() (at most {MAX_JSON:,}): "
+                          f"{_EXPECTED}")
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReportError(f"{path} is not valid JSON ({e}): {_EXPECTED}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, deep nesting, huge ints
+        raise ReportError(f"{path} is not valid JSON ({str(e)[:120]}): {_EXPECTED}") from None
+    except OSError as e:
+        raise ReportError(f"cannot read {path}: {e.strerror or e}") from None
     stats = doc.get("stats") if isinstance(doc, dict) else doc
     if not isinstance(stats, list):
         raise ReportError(f"{path} holds no per-epoch stats: {_EXPECTED}")
@@ -135,7 +175,7 @@ def _normalise(stats: list[Any], path: str) -> list[dict[str, Any]]:
     """Every EpochStats field in every epoch. Files from older versions lack some counters: those
     are None (shown as "-"), not 0, so that a file without ``trained`` does not read as "nothing
     trained". ``epoch``, ``total`` and one of ``kept``/``pruned`` are required: without them there
-    is nothing to report."""
+    is nothing to report. Counts are integers in [0, 2**63) and ``kept + pruned == total``."""
     out = []
     for i, entry in enumerate(stats):
         if not isinstance(entry, dict) or "epoch" not in entry or "total" not in entry or \
@@ -144,13 +184,18 @@ def _normalise(stats: list[Any], path: str) -> list[dict[str, Any]]:
                               f"pruned; got {str(entry)[:80]})")
         row = {f.name: entry.get(f.name) for f in fields(EpochStats)}
         for name, value in row.items():
-            kinds = (int, float) if name == "threshold" else int
-            if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
-                raise ReportError(f"{path}: stats entry {i} field {name!r} is {value!r}, expected a number")
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if name == "threshold"
+                  else _is_count(value))
+            if value is not None and not ok:
+                raise ReportError(f"{path}: stats entry {i} field {name!r} is {str(value)[:40]}, expected "
+                                  + ("a number" if name == "threshold" else "an integer >= 0"))
         if row["kept"] is None:
             row["kept"] = row["total"] - row["pruned"]
         if row["pruned"] is None:
             row["pruned"] = row["total"] - row["kept"]
+        if not 0 <= row["kept"] <= row["total"] or row["kept"] + row["pruned"] != row["total"]:
+            raise ReportError(f"{path}: stats entry {i} has kept {row['kept']} and pruned {row['pruned']} of "
+                              f"{row['total']} samples, which do not add up")
         out.append(row)
     return out
 
@@ -188,15 +233,132 @@ def summarize(run: Run) -> dict[str, Any]:
 
 def score_summary(scores: np.ndarray) -> dict[str, Any]:
     """How the scores are spread: InfoBatch's threshold is their mean, so a long tail of hard
-    samples puts most of the data below it (well-learned, prunable)."""
-    seen = scores[np.isfinite(scores)].astype(np.float64)  # float64: as the planner compares
-    out: dict[str, Any] = {"samples": int(scores.size), "seen": int(seen.size)}
-    if seen.size:
-        values = np.quantile(seen, QUANTILES)
-        mean = float(seen.mean())
-        out.update(mean=mean, below_mean=int(np.count_nonzero(seen < mean)),
-                   quantiles={f"q{round(q * 100)}": float(v) for q, v in zip(QUANTILES, values)})
+    samples puts most of the data below it (well-learned, prunable).
+
+    Two passes over the scores in pieces of ``CHUNK`` values, so memory stays bounded for any
+    store. NaN means never seen. The mean is the next epoch's threshold, to the bit (per-block
+    float64 sums, as the planner adds them); the quantiles are exact, as ``np.quantile`` gives
+    them (a radix select over the float32 bits finds the values it interpolates between); the
+    histogram has up to 100 bins over the finite scores, log-spaced when they are all > 0."""
+    first = _first_pass(scores)
+    seen = int(first["coarse"].sum())
+    out: dict[str, Any] = {"samples": int(len(scores)), "seen": seen, "never_seen": int(len(scores)) - seen}
+    if not seen:
+        return out
+    with np.errstate(invalid="ignore"):
+        mean = float(np.sum(first["sums"])) / seen
+    ranks = _quantile_ranks(seen)
+    targets = {_coarse_bin(first["coarse"], k)[0] for k in ranks}
+    edges, log_bins = _hist_edges(first["finite"], first["lo"], first["hi"])
+    below, fine, counts = _second_pass(scores, mean, targets, edges)
+    value = {k: _ranked_value(first["coarse"], fine, k) for k in ranks}
+    out.update(mean=mean, below_mean=below,
+               quantiles={f"q{round(q * 100)}": _interpolate(value, seen, q) for q in QUANTILES},
+               histogram={"edges": edges.tolist(), "counts": counts.tolist(), "log": log_bins})
     return out
+
+
+_HALF = 1 << 16  # the radix select splits the 32 bits of a float32 into two halves
+
+
+def _order_keys(values: np.ndarray) -> np.ndarray:
+    """uint32 keys that sort as the float32 ``values`` do: positives get the sign bit set,
+    negatives have all bits flipped."""
+    bits = values.view(np.uint32)
+    keys = (values.view(np.int32) >> 31).view(np.uint32)  # all ones for negatives (arithmetic shift)
+    keys |= np.uint32(1 << 31)
+    keys ^= bits
+    return keys
+
+
+def _key_value(key: int) -> float:
+    bits = key & 0x7FFFFFFF if key >> 31 else ~key & 0xFFFFFFFF
+    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+
+def _seen(chunk: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(chunk[~np.isnan(chunk)])
+
+
+def _first_pass(scores: np.ndarray) -> dict[str, Any]:
+    """Per-block sums as the planner takes them, a histogram of the keys' high halves, and the
+    range of the finite scores."""
+    sums, coarse = [], np.zeros(_HALF, dtype=np.int64)
+    lo, hi, finite = math.inf, -math.inf, 0
+    for chunk in iter_chunks(scores, CHUNK):
+        with np.errstate(invalid="ignore"):  # inf + -inf: the mean is NaN, as the threshold would be
+            sums.append(policy.seen_sum_count(chunk)[0])
+        values = _seen(chunk)
+        coarse += np.bincount(_order_keys(values) >> 16, minlength=_HALF)
+        values = values[np.isfinite(values)]
+        if values.size:
+            lo, hi, finite = min(lo, float(values.min())), max(hi, float(values.max())), finite + values.size
+    return {"sums": np.array(sums, dtype=np.float64), "coarse": coarse, "lo": lo, "hi": hi, "finite": finite}
+
+
+def _quantile_ranks(n: int) -> list[int]:
+    """The order statistics (0-based) that ``np.quantile``'s linear method interpolates between."""
+    ranks = set()
+    for q in QUANTILES:
+        k = int(math.floor((n - 1) * q))
+        ranks.update((k, min(k + 1, n - 1)))
+    return sorted(ranks)
+
+
+def _coarse_bin(coarse: np.ndarray, k: int) -> tuple[int, int]:
+    """The high half holding the ``k``-th smallest key, and ``k``'s rank inside that bin."""
+    cum = np.cumsum(coarse)
+    b = int(np.searchsorted(cum, k, side="right"))
+    return b, k - (int(cum[b - 1]) if b else 0)
+
+
+def _hist_edges(finite: int, lo: float, hi: float) -> tuple[np.ndarray, bool]:
+    """Bin edges over the finite scores: losses span decades, so log-spaced when all are > 0."""
+    if not finite:
+        return np.zeros(0), False
+    bins = min(100, max(10, math.isqrt(finite)))
+    if lo > 0 and hi > lo:
+        return np.geomspace(lo, hi, bins + 1), True
+    return (np.linspace(lo, hi, bins + 1) if hi > lo else np.linspace(lo - 0.5, hi + 0.5, bins + 1)), False
+
+
+def _second_pass(scores: np.ndarray, mean: float, targets: set[int],
+                 edges: np.ndarray) -> tuple[int, dict[int, np.ndarray], np.ndarray]:
+    """Scores below the mean (compared in float64, as the planner does), histograms of the low
+    halves inside the high-half bins that hold a wanted rank, and the score histogram."""
+    below, counts = 0, np.zeros(max(len(edges) - 1, 0), dtype=np.int64)
+    fine = {b: np.zeros(_HALF, dtype=np.int64) for b in targets}
+    for chunk in iter_chunks(scores, CHUNK):
+        values = _seen(chunk)
+        below += int(np.count_nonzero(values < np.float64(mean)))
+        keys = _order_keys(values)
+        high = keys >> 16
+        for b, hist in fine.items():
+            hist += np.bincount(keys[high == b] & 0xFFFF, minlength=_HALF)
+        if len(edges):
+            counts += np.histogram(values[np.isfinite(values)], bins=edges)[0]
+    return below, fine, counts
+
+
+def _ranked_value(coarse: np.ndarray, fine: dict[int, np.ndarray], k: int) -> float:
+    """The ``k``-th smallest seen score, from the two halves' histograms."""
+    b, r = _coarse_bin(coarse, k)
+    low = int(np.searchsorted(np.cumsum(fine[b]), r, side="right"))
+    return _key_value((b << 16) | low)
+
+
+def _interpolate(value: dict[int, float], n: int, q: float) -> float:
+    """``np.quantile``'s linear method, in its arithmetic (float64, from the upper neighbour
+    when the weight is >= 0.5), on the order statistics in ``value``."""
+    h = (n - 1) * q
+    k = int(math.floor(h))
+    a, b, t = np.float64(value[k]), np.float64(value[min(k + 1, n - 1)]), np.float64(h - k)
+    with np.errstate(invalid="ignore"):  # inf - inf: np.quantile gives NaN as well
+        return float(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def _num(value: Any, spec: str = ",") -> str:
@@ -265,31 +427,30 @@ def plot_run(run: Run, summary: dict[str, Any], path: str) -> None:
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise ReportError("--plot needs matplotlib: pip install matplotlib") from None
-    panels = 3 if summary.get("scores", {}).get("seen") else 2
+    hist = summary.get("scores", {}).get("histogram")
+    panels = 3 if hist and sum(hist["counts"]) else 2
     fig = Figure(figsize=(4.2 * panels, 3.4), layout="constrained")
     axes = fig.subplots(1, panels)
     epochs = [s["epoch"] for s in run.stats]
     axes[0].bar(epochs, [s["kept"] / s["total"] if s["total"] else 0.0 for s in run.stats], color="tab:blue")
     axes[0].set(title="kept fraction per epoch", xlabel="epoch", ylabel="kept / total", ylim=(0, 1.05))
-    with_t = [(s["epoch"], s["threshold"]) for s in run.stats if s["threshold"] is not None]
+    with_t = [(s["epoch"], s["threshold"]) for s in run.stats if _finite(s["threshold"])]
     axes[1].plot([e for e, _ in with_t], [t for _, t in with_t], marker="o", color="tab:orange")
     axes[1].set(title="threshold per epoch (mean score)", xlabel="epoch", ylabel="threshold")
     for ax in axes[:2]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if panels == 3:
-        assert run.scores is not None
-        seen = run.scores[np.isfinite(run.scores)]
-        nbins = min(100, max(10, int(math.sqrt(seen.size))))
-        if seen.size and seen.min() > 0 and seen.max() > seen.min():  # losses span decades: log bins
-            axes[2].hist(seen, bins=np.geomspace(seen.min(), seen.max(), nbins + 1), color="tab:gray")
+    if panels == 3:  # the histogram the summary streamed: the scores themselves are never loaded whole
+        edges = np.asarray(hist["edges"])
+        axes[2].hist(edges[:-1], bins=edges, weights=hist["counts"], color="tab:gray")
+        if hist["log"]:  # losses span decades: log bins
             axes[2].set_xscale("log")
-        else:
-            axes[2].hist(seen, bins=nbins, color="tab:gray")
         axes[2].set_yscale("log")  # a few well-learned bins would otherwise flatten the rest
-        if summary["final_threshold"] is not None:
+        if _finite(summary["final_threshold"]):
             axes[2].axvline(summary["final_threshold"], color="tab:red", label="last epoch's threshold")
-        axes[2].axvline(summary["scores"]["mean"], color="tab:red", linestyle="--", label="mean now (next threshold)")
-        axes[2].set(title=f"scores ({seen.size:,} seen)", xlabel="score", ylabel="samples")
+        mean = summary["scores"]["mean"]
+        if _finite(mean):
+            axes[2].axvline(mean, color="tab:red", linestyle="--", label="mean now (next threshold)")
+        axes[2].set(title=f"scores ({summary['scores']['seen']:,} seen)", xlabel="score", ylabel="samples")
         axes[2].legend(fontsize="small")
     done, saved = ((summary["trained"], summary["saved_trained"]) if summary["trained"] is not None
                    else (summary["kept"], summary["saved_kept"]))

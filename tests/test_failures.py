@@ -78,6 +78,12 @@ def test_damaged_checkpoints_are_refused(dataset, tmp_path):
     open(cut, "wb").write(raw[:len(raw) - 100])
     with pytest.raises(CheckpointError, match="truncated"):
         load_state(cut)
+    flipped = bytearray(raw)
+    flipped[-200] ^= 0x08  # a bit of a score (the arrays are the file's tail)
+    bad = str(tmp_path / "flipped.ibs")
+    open(bad, "wb").write(flipped)
+    with pytest.raises(CheckpointError, match=r"flipped\.ibs is damaged \(the checksum of array 'scores' does not match"):
+        InfoBatch(index, num_epochs=3).load(bad)
     junk = str(tmp_path / "junk.ibs")
     open(junk, "wb").write(b"\x80\x04 pickled bytes")
     with pytest.raises(CheckpointError, match="not an infobatch_stream checkpoint"):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
+import warnings
 import subprocess
 import sys
 
@@ -16,7 +18,10 @@ from torch.utils.data import DataLoader
 
 from _data import make_index, train_epochs
 from infobatch_stream import META_KEY, InfoBatch
+from infobatch_stream import report
 from infobatch_stream.cli import build_parser, main
+from infobatch_stream.planner import BLOCK
+from infobatch_stream.policy import seen_sum_count
 
 EPOCHS = 4
 
@@ -98,6 +103,12 @@ def test_report_prints_plots_and_summarises_every_kind_of_file(saved, capsys):
             assert summary["scores"]["seen"] == seen.size == stats[0]["total"]
             assert summary["scores"]["quantiles"]["q50"] == pytest.approx(np.median(seen))
             assert summary["scores"]["below_mean"] == stats[-1]["well_learned"]  # the scores did not change
+            assert summary["scores"]["mean"] == stats[-1]["threshold"]  # to the bit: summed as the planner does
+            assert summary["scores"]["quantiles"] == dict(zip(
+                ("q0", "q10", "q25", "q50", "q75", "q90", "q100"),
+                np.quantile(seen, [0, 0.1, 0.25, 0.5, 0.75, 0.9, 1]).tolist()))  # exact
+            hist = summary["scores"]["histogram"]
+            assert hist["counts"] == np.histogram(seen, bins=hist["edges"])[0].tolist() and sum(hist["counts"]) == 40
             assert f"scores: {seen.size} of {seen.size} samples seen" in done.stdout
         else:
             assert summary["source"] == "json" and "scores" not in summary
@@ -139,6 +150,82 @@ def test_bad_files_are_refused_with_the_file_named(saved, tmp_path, capsys):
     assert done.returncode == 1 and "random.bin" in done.stderr and "expected a file written by ib.save()" in done.stderr
     assert main(["report", str(tmp_path / "missing.ibs")]) == 1
     assert "missing.ibs" in capsys.readouterr().err
+
+
+def test_bad_inputs_never_print_a_traceback(saved, tmp_path, capsys):
+    """Stats that do not add up (a zero total with pruned samples would divide by zero), JSON too
+    deep or too large for a stats file, a torch checkpoint holding a list that holds itself."""
+    stats, _, _, _, _ = saved
+    cases = {
+        "zero.json": ([dict(stats[1], total=0)], "do not add up"),
+        "negative.json": ([dict(stats[0], kept=-1)], "expected an integer >= 0"),
+        "bool.json": ([dict(stats[0], seen=True)], "expected an integer >= 0"),
+        "huge.json": ([dict(stats[0], bytes_read=10 ** 30)], "expected an integer >= 0"),
+        "deep.json": ("[" * 100_000 + "]" * 100_000, "is not valid JSON"),
+        "digits.json": ('[{"epoch": ' + "1" * 5000 + "}]", "is not valid JSON"),
+    }
+    for name, (doc, message) in cases.items():
+        (tmp_path / name).write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    with open(tmp_path / "large.json", "wb") as f:  # sparse: costs no disk
+        f.write(b"[")
+        f.truncate(report.MAX_JSON + 1)
+    cases["large.json"] = (None, "too large for a JSON of ib.stats()")
+    loop: list = [1]
+    loop.append(loop)
+    torch.save({"model": {"w": torch.ones(2)}, "history": loop}, str(tmp_path / "loop.pt"))
+    cases["loop.pt"] = (None, "holds no ib.state_dict()")
+    for name, (_, message) in cases.items():
+        path = str(tmp_path / name)
+        assert main(["report", path]) == 1, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and path in err and message in err, (name, err)
+    ok = tmp_path / "empty-epoch.json"  # a zero total is fine when nothing was pruned
+    ok.write_text(json.dumps([dict(stats[0], total=0, kept=0, pruned=0, seen=0, well_learned=0, trained=0)]))
+    assert main(["report", str(ok), "--plot", str(tmp_path / "empty.png")]) == 0
+    assert "| 0 |" in capsys.readouterr().out
+
+
+def test_pipes_devices_and_folders_are_refused_without_being_opened(tmp_path):
+    """A FIFO nobody writes to would block open() forever: refused from its stat()."""
+    fifo = str(tmp_path / "stats.json")
+    os.mkfifo(fifo)
+    outputs = run_cli_all(["report", fifo], ["report", os.devnull], ["report", str(tmp_path)])
+    for done, kind in zip(outputs, ("a named pipe (FIFO)", "a character device", "a directory")):
+        assert done.returncode == 1 and f"is {kind}, not a file the report can read" in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1
+
+
+def test_score_summary_is_exact_over_several_pieces():
+    """Quantiles equal np.quantile's, the mean is the planner's threshold, the histogram counts
+    every finite score, for values of every sign and kind spread over several pieces."""
+    rng = np.random.default_rng(5)
+    n = 2 * BLOCK + 12_345  # three pieces
+    scores = (rng.standard_normal(n) * rng.choice([1e-30, 1.0, 1e20], n)).astype(np.float32)
+    scores[rng.random(n) < 0.3] = np.nan
+    scores[:5] = [0.0, -0.0, np.inf, -np.inf, 7.0]
+    scores[10:1000] = 7.0  # duplicates straddle a quantile
+    cases = [scores, np.full(10, np.nan, np.float32), np.array([3.5], np.float32), np.full(7, 2.0, np.float32),
+             rng.lognormal(size=999).astype(np.float32)]
+    for values in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the summary itself warns of nothing
+            got = report.score_summary(values)
+        seen = values[~np.isnan(values)].astype(np.float64)
+        assert got["samples"] == len(values) and got["seen"] == seen.size and got["never_seen"] == len(values) - seen.size
+        if not seen.size:
+            assert "quantiles" not in got
+            continue
+        with np.errstate(invalid="ignore"):
+            expected = np.quantile(seen, report.QUANTILES)
+        np.testing.assert_array_equal(list(got["quantiles"].values()), expected)
+        with np.errstate(invalid="ignore"):  # inf + -inf
+            blocks = [seen_sum_count(values[b:b + BLOCK])[0] for b in range(0, len(values), BLOCK)]
+        mean = float(np.sum(np.array(blocks))) / seen.size  # planner.plan_epoch's threshold
+        assert got["mean"] == mean or np.isnan(mean) and np.isnan(got["mean"])
+        assert got["below_mean"] == int(np.count_nonzero(seen < got["mean"]))
+        finite = seen[np.isfinite(seen)]
+        assert got["histogram"]["counts"] == np.histogram(finite, bins=got["histogram"]["edges"])[0].tolist()
+        assert sum(got["histogram"]["counts"]) == finite.size
 
 
 def test_files_of_older_versions_report_what_they_have(saved, tmp_path, capsys):
