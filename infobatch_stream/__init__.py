@@ -16,7 +16,7 @@ from .errors import (CheckpointError, IndexMismatchError, InfoBatchError, Metada
 _LAZY = {
     "DatasetIndex": "index",
     "build_index": "index",
-    "EpochStats": "infobatch",
+    "EpochStats": "stats",
     "InfoBatch": "infobatch",
     "META_KEY": "meta",
     "PruneConfig": "policy",
@@ -26,7 +26,8 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .index import DatasetIndex, build_index
-    from .infobatch import EpochStats, InfoBatch
+    from .infobatch import InfoBatch
+    from .stats import EpochStats
     from .meta import META_KEY
     from .policy import PruneConfig
     from .schedule import ProgressScheduler

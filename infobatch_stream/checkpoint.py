@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import CheckpointError
+from .stats import EpochStats
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +327,6 @@ def _check_stats(value: Any, where: str) -> None:
     counts as integers >= 0 and the threshold a number or None."""
     from dataclasses import MISSING, fields
 
-    from .infobatch import EpochStats  # here: infobatch imports this module
 
     known = {f.name: f for f in fields(EpochStats)}
     required = {name for name, f in known.items() if f.default is MISSING}

@@ -20,7 +20,7 @@ from .balance import split_sizes
 from .control import EpochPlan
 from .index import DatasetIndex
 
-BLOCK = 1 << 20  # slots per planning block: a multiple of 8, so blocks start on plan bytes
+BLOCK = policy.PLAN_BLOCK  # slots per planning block: a multiple of 8, so blocks start on plan bytes
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+PLAN_BLOCK = 1 << 20  # slots per planning block (planner.BLOCK): a multiple of 8, so blocks start on plan bytes
+
 log = logging.getLogger(__name__)
 
 MAX_PRUNE_RATIO = 0.9  # the official code's cap: beyond it the 1/(1-r) weights explode

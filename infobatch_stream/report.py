@@ -27,8 +27,7 @@ import numpy as np
 from . import policy
 from .checkpoint import MAGICS, check_config, check_int, file_kind, iter_chunks, load_state, state_array
 from .errors import ReportError
-from .infobatch import EpochStats
-from .planner import BLOCK
+from .stats import EpochStats
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since torch 1.6
 _EXPECTED = ("expected a file written by ib.save(), a torch.save() checkpoint holding ib.state_dict(), "
              "or a JSON list of ib.stats() (or an object with a \"stats\" list)")
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
-CHUNK = BLOCK  # scores per piece (4 MB): a planning block, so the mean adds up as the planner's does
+CHUNK = policy.PLAN_BLOCK  # scores per piece (4 MB): a planning block, so the mean adds up as the planner's does
 MAX_JSON = 64 << 20  # a stats file holds a few hundred bytes per epoch
 _LIMIT = 1 << 63  # counts beyond int64 are not counts (and would overflow float formatting)
 
