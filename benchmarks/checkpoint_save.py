@@ -61,17 +61,23 @@ def measure(num_samples: int, per_shard: int, folder: str, repeats: int) -> dict
         times["load"].append(_timed(lambda: ib.load(ours)))
         times["torch_save"].append(_timed(lambda: _torch_save(ib.state_dict(), pt)))
         times["torch_load"].append(_timed(lambda: ib.load_state_dict(torch.load(pt, weights_only=True))))
-    result = {"samples": num_samples, "file_bytes": os.path.getsize(ours), "torch_file_bytes": os.path.getsize(pt),
-              **{k + "_s": statistics.median(v) for k, v in times.items()}}
+    result = {
+        "samples": num_samples,
+        "file_bytes": os.path.getsize(ours),
+        "torch_file_bytes": os.path.getsize(pt),
+        **{k + "_s": statistics.median(v) for k, v in times.items()},
+    }
     os.unlink(ours)
     os.unlink(pt)
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example: python benchmarks/checkpoint_save.py --samples 1e7 1e8")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python benchmarks/checkpoint_save.py --samples 1e7 1e8",
+    )
     parser.add_argument("--samples", type=float, nargs="+", default=[1e8])
     parser.add_argument("--per-shard", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
@@ -83,11 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         for n in args.samples:
             results.append(measure(int(n), args.per_shard, folder, args.repeats))
-    print("| samples | file | ib.save (s) | ib.load (s) | torch.save state_dict (s) | torch.load + load_state_dict (s) |")
+    print(
+        "| samples | file | ib.save (s) | ib.load (s) | torch.save state_dict (s) | torch.load + load_state_dict (s) |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
-        print(f"| {r['samples']:,} | {r['file_bytes'] / 2**20:,.0f} MiB | {r['save_s']:.2f} | {r['load_s']:.2f} | "
-              f"{r['torch_save_s']:.2f} | {r['torch_load_s']:.2f} |")
+        print(
+            f"| {r['samples']:,} | {r['file_bytes'] / 2**20:,.0f} MiB | {r['save_s']:.2f} | {r['load_s']:.2f} | "
+            f"{r['torch_save_s']:.2f} | {r['torch_load_s']:.2f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -33,8 +33,10 @@ def main(index_path: str, repeats: int = 7) -> None:
         start = time.perf_counter()
         n = sum(1 for _ in wds.DataPipeline(wds.SimpleShardList(index.urls), wds.tarfile_to_samples()))
         read.append((time.perf_counter() - start) / n * 1e6)
-    print(f"{len(samples)} samples: ib.filter() {statistics.median(per_sample):.2f} us/sample (median of {repeats}); "
-          f"wds.tarfile_to_samples() alone {statistics.median(read):.1f} us/sample")
+    print(
+        f"{len(samples)} samples: ib.filter() {statistics.median(per_sample):.2f} us/sample (median of {repeats}); "
+        f"wds.tarfile_to_samples() alone {statistics.median(read):.1f} us/sample"
+    )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ def build(path: str, num_shards: int, per_shard: int) -> dict:
         powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
         return digits[(numbers[:, None] // powers) % 10]
 
-    shard_part = np.concatenate([fixed(np.arange(num_shards), KEY_DIGITS - 1),
-                                 np.full((num_shards, 1), ord("/"), dtype=np.uint8)], axis=1)
+    shard_part = np.concatenate(
+        [fixed(np.arange(num_shards), KEY_DIGITS - 1), np.full((num_shards, 1), ord("/"), dtype=np.uint8)], axis=1
+    )
     sample_part = fixed(np.arange(per_shard), KEY_DIGITS)
     key_len = 2 * KEY_DIGITS
     keys = np.empty((num_shards, per_shard, key_len), dtype=np.uint8)
@@ -65,17 +66,33 @@ def build(path: str, num_shards: int, per_shard: int) -> dict:
     keys = keys.reshape(-1)
     key_offsets = np.arange(n + 1, dtype=np.int64) * key_len
     folder = os.path.dirname(os.path.abspath(path))
-    shards = [ShardInfo(os.path.join(folder, "shards", f"train-{s:05d}.tar"), per_shard,
-                        per_shard * sample_span + 1024, None) for s in range(num_shards)]
-    arrays = {"start": start, "end": end, "member_first": member_first, "data_offset": data_offset,
-              "size": size, "suffix_id": suffix_id, "key_offsets": key_offsets, "keys": keys}
+    shards = [
+        ShardInfo(os.path.join(folder, "shards", f"train-{s:05d}.tar"), per_shard, per_shard * sample_span + 1024, None)
+        for s in range(num_shards)
+    ]
+    arrays = {
+        "start": start,
+        "end": end,
+        "member_first": member_first,
+        "data_offset": data_offset,
+        "size": size,
+        "suffix_id": suffix_id,
+        "key_offsets": key_offsets,
+        "keys": keys,
+    }
     index = DatasetIndex(shards, arrays, ["jpg", "cls"])
     t1 = time.perf_counter()
     index.save(path)
     t2 = time.perf_counter()
     disk = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(folder) for f in fs)
-    return {"shards": num_shards, "samples": n, "build_s": t1 - t0, "save_s": t2 - t1, "disk_bytes": disk,
-            "json_bytes": os.path.getsize(path)}
+    return {
+        "shards": num_shards,
+        "samples": n,
+        "build_s": t1 - t0,
+        "save_s": t2 - t1,
+        "disk_bytes": disk,
+        "json_bytes": os.path.getsize(path),
+    }
 
 
 def rss_kib() -> dict[str, int]:
@@ -181,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         path = os.path.join(folder, "index.json")
         me = [sys.executable, os.path.abspath(__file__)]
         results = []
-        for extra in (["--build", path, "--shards", str(args.shards), "--per-shard", str(args.per_shard)],
-                      ["--child", path, "--probes", str(args.probes), "--seed", str(args.seed)]):
+        for extra in (
+            ["--build", path, "--shards", str(args.shards), "--per-shard", str(args.per_shard)],
+            ["--child", path, "--probes", str(args.probes), "--seed", str(args.seed)],
+        ):
             done = subprocess.run(me + extra, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.stderr.write(done.stderr)
@@ -198,19 +217,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = [
         ("index", f"{result['shards']:,} shards, {result['samples']:,} samples"),
-        ("on disk (JSON + arrays)", f"{result['disk_bytes'] / 2**20:,.1f} MiB (JSON {result['json_bytes'] / 2**20:.2f} MiB)"),
+        (
+            "on disk (JSON + arrays)",
+            f"{result['disk_bytes'] / 2**20:,.1f} MiB (JSON {result['json_bytes'] / 2**20:.2f} MiB)",
+        ),
         ("build arrays / save", f"{result['build_s']:.2f} s / {result['save_s']:.2f} s"),
         ("import infobatch_stream (child)", f"{result['import_s']:.2f} s"),
         ("DatasetIndex.load, first / again", f"{fmt_time(result['load_s'])} / {fmt_time(result['load_again_s'])}"),
         ("peak RSS before load (after imports)", f"{result['baseline_peak_rss_mib']:.1f} MiB"),
         ("peak RSS increase, load", f"{result['load_peak_rss_increase_mib']:.1f} MiB"),
-        ("RSS increase, load (of it anonymous)",
-         f"{result['load_rss_increase_mib']:.1f} MiB ({result['load_anon_increase_mib']:.1f} MiB)"),
+        (
+            "RSS increase, load (of it anonymous)",
+            f"{result['load_rss_increase_mib']:.1f} MiB ({result['load_anon_increase_mib']:.1f} MiB)",
+        ),
         ("peak RSS increase, load + probes", f"{result['peak_rss_increase_after_probes_mib']:.1f} MiB"),
-        ("  of it anonymous / mapped page cache",
-         f"{result['probes_anon_increase_mib']:.1f} MiB / {result['probes_file_increase_mib']:.1f} MiB"),
-        (f"keys(random shard), median / max of {args.probes}",
-         f"{fmt_time(result['keys_median_s'])} / {fmt_time(result['keys_max_s'])}"),
+        (
+            "  of it anonymous / mapped page cache",
+            f"{result['probes_anon_increase_mib']:.1f} MiB / {result['probes_file_increase_mib']:.1f} MiB",
+        ),
+        (
+            f"keys(random shard), median / max of {args.probes}",
+            f"{fmt_time(result['keys_median_s'])} / {fmt_time(result['keys_max_s'])}",
+        ),
         ("shard_of_url, first call (builds table)", fmt_time(result["shard_of_url_first_s"])),
         ("shard_of_url, later calls (median)", fmt_time(result["shard_of_url_median_s"])),
         ("pickle of loaded index", f"{result['pickle_bytes'] / 1024:,.1f} KiB"),

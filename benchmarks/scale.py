@@ -46,8 +46,11 @@ def synthetic_index(num_samples: int, per_shard: int):
     num_shards = -(-num_samples // per_shard)
     sizes = [per_shard] * (num_shards - 1) + [num_samples - per_shard * (num_shards - 1)]
     shards = [ShardInfo(f"shard-{i:06d}.tar", n, n * 4096, None) for i, n in enumerate(sizes)]
-    arrays = {"start": np.broadcast_to(np.int64(0), (num_samples,)), "key_offsets": np.zeros(1, dtype=np.int64),
-              "keys": np.zeros(0, dtype=np.uint8)}
+    arrays = {
+        "start": np.broadcast_to(np.int64(0), (num_samples,)),
+        "key_offsets": np.zeros(1, dtype=np.int64),
+        "keys": np.zeros(0, dtype=np.uint8),
+    }
     return DatasetIndex(shards, arrays, [])
 
 
@@ -88,8 +91,9 @@ def _rank(rank: int, world_size: int, port: int, num_samples: int, per_shard: in
     from infobatch_stream import InfoBatch
     from infobatch_stream.distributed import pack_updates
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=1800))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=1800)
+    )
     try:
         index = synthetic_index(num_samples, per_shard)
         _trim()
@@ -116,10 +120,19 @@ def _rank(rank: int, world_size: int, port: int, num_samples: int, per_shard: in
             _trim()
             pss.append(_pss_bytes())
         shm = ib.store.nbytes + ib.plan.nbytes if ib._writer else 0
-        result = {"rank": rank, "writer": ib._writer, "create_s": create, "exchange_s": exchange, "plan_s": plan,
-                  "sent_bytes": sent[0], "pss_bytes": max(pss) - base,
-                  "peak_rss_bytes": _rss_peak_bytes() - rss_base, "shm_bytes": shm, "kept": stats.kept,
-                  "per_rank": stats.per_rank}
+        result = {
+            "rank": rank,
+            "writer": ib._writer,
+            "create_s": create,
+            "exchange_s": exchange,
+            "plan_s": plan,
+            "sent_bytes": sent[0],
+            "pss_bytes": max(pss) - base,
+            "peak_rss_bytes": _rss_peak_bytes() - rss_base,
+            "shm_bytes": shm,
+            "kept": stats.kept,
+            "per_rank": stats.per_rank,
+        }
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
@@ -139,14 +152,22 @@ def run(num_samples: int, world_size: int, per_shard: int, repeats: int) -> dict
     plan = statistics.median(max(r["plan_s"][i] for r in ranks) for i in range(repeats))
     received = sum(r["sent_bytes"] for r in ranks)  # every rank receives every rank's updates
     return {
-        "samples": num_samples, "ranks": world_size, "shards": -(-num_samples // per_shard),
-        "exchange_s": exchange, "plan_s": plan,
-        "exchange_ns_per_update": exchange / num_samples * 1e9, "plan_ns_per_sample": plan / num_samples * 1e9,
-        "bytes_received_per_rank": received, "exchange_gb_per_s": received / exchange / 1e9,
-        "node_shm_bytes": sum(r["shm_bytes"] for r in ranks), "max_rank_pss_bytes": max(r["pss_bytes"] for r in ranks),
-        "node_pss_bytes": sum(r["pss_bytes"] for r in ranks), "create_s": max(r["create_s"] for r in ranks),
+        "samples": num_samples,
+        "ranks": world_size,
+        "shards": -(-num_samples // per_shard),
+        "exchange_s": exchange,
+        "plan_s": plan,
+        "exchange_ns_per_update": exchange / num_samples * 1e9,
+        "plan_ns_per_sample": plan / num_samples * 1e9,
+        "bytes_received_per_rank": received,
+        "exchange_gb_per_s": received / exchange / 1e9,
+        "node_shm_bytes": sum(r["shm_bytes"] for r in ranks),
+        "max_rank_pss_bytes": max(r["pss_bytes"] for r in ranks),
+        "node_pss_bytes": sum(r["pss_bytes"] for r in ranks),
+        "create_s": max(r["create_s"] for r in ranks),
         "max_rank_peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
-        "kept": ranks[0]["kept"], "per_rank": ranks[0]["per_rank"],
+        "kept": ranks[0]["kept"],
+        "per_rank": ranks[0]["per_rank"],
     }
 
 
@@ -158,30 +179,36 @@ def apply_rate(num_samples: int, per_shard: int) -> float:
     rng = np.random.default_rng(0)
     slots = np.arange(num_samples, dtype=np.int64)
     for lo in range(0, num_samples, per_shard):
-        rng.shuffle(slots[lo:lo + per_shard])
+        rng.shuffle(slots[lo : lo + per_shard])
     values = rng.random(num_samples, dtype=np.float32)
     t0 = time.perf_counter()
     for lo in range(0, num_samples, 1 << 20):  # in exchange-sized pieces
-        store.record(slots[lo:lo + (1 << 20)], values[lo:lo + (1 << 20)])
+        store.record(slots[lo : lo + (1 << 20)], values[lo : lo + (1 << 20)])
     return (time.perf_counter() - t0) / num_samples * 1e9
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| samples | ranks | exchange (s) | received per rank | GB/s | plan (s) | plan ns/sample "
-            "| store+plan per node | PSS per node | peak RSS per rank |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| samples | ranks | exchange (s) | received per rank | GB/s | plan (s) | plan ns/sample "
+        "| store+plan per node | PSS per node | peak RSS per rank |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
-        rows.append(f"| {r['samples']:,} | {r['ranks']} | {r['exchange_s']:.2f} | "
-                    f"{r['bytes_received_per_rank'] / 2**20:,.0f} MiB | {r['exchange_gb_per_s']:.2f} | "
-                    f"{r['plan_s']:.2f} | {r['plan_ns_per_sample']:.1f} | {r['node_shm_bytes'] / 2**20:,.0f} MiB | "
-                    f"{r['node_pss_bytes'] / 2**20:,.0f} MiB | {r['max_rank_peak_rss_bytes'] / 2**20:,.0f} MiB |")
+        rows.append(
+            f"| {r['samples']:,} | {r['ranks']} | {r['exchange_s']:.2f} | "
+            f"{r['bytes_received_per_rank'] / 2**20:,.0f} MiB | {r['exchange_gb_per_s']:.2f} | "
+            f"{r['plan_s']:.2f} | {r['plan_ns_per_sample']:.1f} | {r['node_shm_bytes'] / 2**20:,.0f} MiB | "
+            f"{r['node_pss_bytes'] / 2**20:,.0f} MiB | {r['max_rank_peak_rss_bytes'] / 2**20:,.0f} MiB |"
+        )
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example: python benchmarks/scale.py --samples 1e7 1e8 --ranks 2 4")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python benchmarks/scale.py --samples 1e7 1e8 --ranks 2 4",
+    )
     parser.add_argument("--samples", type=float, nargs="+", default=[1e7, 1e8])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--per-shard", type=int, default=10_000)
@@ -193,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         for w in args.ranks:
             t0 = time.perf_counter()
             results.append(run(int(n), w, args.per_shard, args.repeats))
-            print(f"{int(n):,} samples, {w} ranks: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"{int(n):,} samples, {w} ranks: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True
+            )
     print(table(results))
     apply_ns = apply_rate(int(max(args.samples)), args.per_shard)
     print(f"\napplying updates to the store: {apply_ns:.1f} ns per update ({int(max(args.samples)):,} updates)")

@@ -41,8 +41,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 ARMS = ("full", "infobatch", "infobatch+ema", "random", "random@ema", "infobatch+norm", "random@norm")
-COLORS = {"full": "black", "infobatch": "tab:blue", "infobatch+ema": "tab:green", "random": "tab:red",
-          "random@ema": "tab:orange", "infobatch+norm": "tab:purple", "random@norm": "tab:pink"}
+COLORS = {
+    "full": "black",
+    "infobatch": "tab:blue",
+    "infobatch+ema": "tab:green",
+    "random": "tab:red",
+    "random@ema": "tab:orange",
+    "infobatch+norm": "tab:purple",
+    "random@norm": "tab:pink",
+}
 MATCHED = {"random": "infobatch", "random@ema": "infobatch+ema", "random@norm": "infobatch+norm"}
 NORMALIZES = {"diffusion"}  # examples with a noise level to divide out of the score
 
@@ -53,8 +60,16 @@ def arms_of(example: str) -> list[str]:
 
 def run_args(arm: str, seed: int, data: str, runs: str, example: str, args: argparse.Namespace) -> list[str]:
     """The example's command-line arguments for one run."""
-    argv = ["--out", data, "--seed", str(seed), "--workers", str(args.workers), "--json",
-            os.path.join(runs, f"{example}-{arm}-{seed}.json")]
+    argv = [
+        "--out",
+        data,
+        "--seed",
+        str(seed),
+        "--workers",
+        str(args.workers),
+        "--json",
+        os.path.join(runs, f"{example}-{arm}-{seed}.json"),
+    ]
     if args.quick:
         argv.append("--quick")
     if args.epochs:
@@ -113,9 +128,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def table(results: dict[str, dict[str, list[dict]]]) -> str:
-    lines = ["| example | arm | metric (mean +- std) | within 1 std of full | difference (Welch t) | samples trained "
-             "| saved | steps | train time (s) |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| example | arm | metric (mean +- std) | within 1 std of full | difference (Welch t) | samples trained "
+        "| saved | steps | train time (s) |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for example, arms in results.items():
         full = [r["final"] for r in arms["full"]]
         full_mean, full_std = _mean_std(full)
@@ -133,8 +150,10 @@ def table(results: dict[str, dict[str, list[dict]]]) -> str:
             lines.append(
                 f"| {example} | {arm} | {metric} {mean * scale:.4g}{unit} +- {std * scale:.2g}{unit} | {verdict} | "
                 f"{difference} | "
-                f"{statistics.fmean(r['samples'] for r in rs):,.0f} | {100 * statistics.fmean(r['saved'] for r in rs):.1f}% | "
-                f"{statistics.fmean(r['steps'] for r in rs):,.0f} | {statistics.fmean(r['seconds'] for r in rs):.1f} |")
+                f"{statistics.fmean(r['samples'] for r in rs):,.0f} | "
+                f"{100 * statistics.fmean(r['saved'] for r in rs):.1f}% | "
+                f"{statistics.fmean(r['steps'] for r in rs):,.0f} | {statistics.fmean(r['seconds'] for r in rs):.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -162,14 +181,15 @@ def plot(example: str, arms: dict[str, list[dict]], path: str) -> None:
         if arm.startswith("infobatch"):
             ax[0, 1].plot(epochs, _per_epoch(rs, "threshold"), **kw)
             scores = np.concatenate([r["scores"]["sample"] for r in rs])
-            ax[0, 2].hist(np.log10(scores[scores > 0]), bins=60, alpha=0.5, color=COLORS[arm], label=arm,
-                          density=True)
+            ax[0, 2].hist(np.log10(scores[scores > 0]), bins=60, alpha=0.5, color=COLORS[arm], label=arm, density=True)
         raw = "train_loss_unweighted" if "train_loss_unweighted" in rs[0]["epochs"][0] else "train_loss"
         ax[1, 0].plot(epochs, _per_epoch(rs, raw), **kw)
         ax[1, 1].plot(epochs, _per_epoch(rs, metric), **kw)
         ax[1, 2].plot(np.cumsum(samples), _per_epoch(rs, metric), **kw)
-    titles = [["kept fraction per epoch", "threshold (mean seen score)", "final scores (all seeds)"],
-              ["training loss (unweighted mean)", f"test {metric} per epoch", f"test {metric} per sample trained"]]
+    titles = [
+        ["kept fraction per epoch", "threshold (mean seen score)", "final scores (all seeds)"],
+        ["training loss (unweighted mean)", f"test {metric} per epoch", f"test {metric} per sample trained"],
+    ]
     xlabels = [["epoch", "epoch", "log10 score"], ["epoch", "epoch", "samples trained"]]
     for i in range(2):
         for j in range(3):
@@ -189,9 +209,11 @@ def plot(example: str, arms: dict[str, list[dict]], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example: python benchmarks/study.py --quick --seeds 0 1 2 --out study_out")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python benchmarks/study.py --quick --seeds 0 1 2 --out study_out",
+    )
     parser.add_argument("--examples", nargs="+", default=["classify", "mae", "diffusion"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--quick", action="store_true", help="the examples' short runs")
@@ -206,8 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     md = table(results)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md + "\n")
-    slim = {e: {a: [{k: v for k, v in r.items() if k not in ("scores", "stats")} for r in rs] for a, rs in arms.items()}
-            for e, arms in results.items()}
+    slim = {
+        e: {a: [{k: v for k, v in r.items() if k not in ("scores", "stats")} for r in rs] for a, rs in arms.items()}
+        for e, arms in results.items()
+    }
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(slim, f)
     for example, arms in results.items():

@@ -22,8 +22,7 @@ import time
 import numpy as np
 import webdataset as wds
 
-from infobatch_stream import InfoBatch, build_index
-from infobatch_stream import reader
+from infobatch_stream import InfoBatch, build_index, reader
 
 
 def write(folder: str, samples: int) -> list[str]:
@@ -61,11 +60,19 @@ def main() -> None:
                 times[check].append(run(check))
         reader._Layout.check = checked  # type: ignore[method-assign]
     on, off = statistics.median(times[True]), statistics.median(times[False])
-    result = {"samples": args.samples, "members_per_sample": 2, "checked_s": on, "unchecked_s": off,
-              "checked_us_per_sample": on / args.samples * 1e6, "unchecked_us_per_sample": off / args.samples * 1e6,
-              "ratio": on / off}
-    print(f"{args.samples} samples x 2 members, medians of {args.repeats}: checked {result['checked_us_per_sample']:.2f} "
-          f"us/sample, unchecked {result['unchecked_us_per_sample']:.2f} us/sample, ratio {result['ratio']:.2f}")
+    result = {
+        "samples": args.samples,
+        "members_per_sample": 2,
+        "checked_s": on,
+        "unchecked_s": off,
+        "checked_us_per_sample": on / args.samples * 1e6,
+        "unchecked_us_per_sample": off / args.samples * 1e6,
+        "ratio": on / off,
+    }
+    print(
+        f"{args.samples} samples x 2 members, medians of {args.repeats}: checked {result['checked_us_per_sample']:.2f} "
+        f"us/sample, unchecked {result['unchecked_us_per_sample']:.2f} us/sample, ratio {result['ratio']:.2f}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -10,10 +10,9 @@ See ``common.py`` for the arms, the data and the loop every example shares.
 from __future__ import annotations
 
 import torch
+from common import Example, main
 from torch import nn
 from torch.nn import functional as F
-
-from common import Example, main
 
 
 def make_model(side: int, classes: int) -> nn.Module:

@@ -27,8 +27,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -55,8 +55,9 @@ class Example:
     higher_is_better: bool
     make_model: Callable[[int, int], nn.Module]  # from the image side (8 for the digits) and the classes
     # the per-sample loss, or (loss, normalised score) where a noise level can be divided out
-    per_sample_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator],
-                              torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+    per_sample_loss: Callable[
+        [nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    ]
     evaluate: Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
     lr: float = 0.05
     optimizer: str = "sgd"  # or "adamw"
@@ -69,13 +70,18 @@ class Example:
 def parser(example: Example, doc: str) -> argparse.ArgumentParser:
     script = f"examples/{example.name}.py"
     p = argparse.ArgumentParser(
-        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"example: python {script} --quick\n"
-               f"         python {script} --arm full --seed 1 --json full.json\n"
-               f"         python {script} --shards 'data/train-{{000..099}}.tar' --test-shards 'data/test-000.tar'")
+        f"         python {script} --arm full --seed 1 --json full.json\n"
+        f"         python {script} --shards 'data/train-{{000..099}}.tar' --test-shards 'data/test-000.tar'",
+    )
     p.add_argument("--arm", choices=ARMS, default="infobatch")
-    p.add_argument("--shards", help="index JSON or brace/glob pattern of training shards with png and cls fields "
-                                    "(default: write the digits into --out)")
+    p.add_argument(
+        "--shards",
+        help="index JSON or brace/glob pattern of training shards with png and cls fields "
+        "(default: write the digits into --out)",
+    )
     p.add_argument("--test-shards", help="pattern of held-out shards (needed with --shards)")
     p.add_argument("--out", default="examples_out", help="folder for the generated digits shards and the index")
     p.add_argument("--epochs", type=int, help=f"default {example.epochs}, or {example.quick_epochs} with --quick")
@@ -86,8 +92,11 @@ def parser(example: Example, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--prune-ratio", type=float, default=example.prune_ratio)
     p.add_argument("--delta", type=float, default=0.875, help="fraction of the epochs that prune")
     p.add_argument("--ema-decay", type=float, default=0.0, help="score = EMA of the losses (0: the last loss)")
-    p.add_argument("--normalized-score", action="store_true",
-                   help="score = loss / mean loss at the sample's noise level (diffusion: its timestep)")
+    p.add_argument(
+        "--normalized-score",
+        action="store_true",
+        help="score = loss / mean loss at the sample's noise level (diffusion: its timestep)",
+    )
     p.add_argument("--match", help="--arm random: the JSON summary of the infobatch run whose sample counts to use")
     p.add_argument("--seed", type=int, default=0, help="model init, shuffle and pruning decisions")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the model")
@@ -110,10 +119,15 @@ def parse(example: Example, doc: str, argv: list[str] | None) -> argparse.Namesp
         with open(args.match) as f:
             matched = json.load(f)
         if matched.get("example") != example.name or len(matched.get("epochs", [])) != args.epochs:
-            p.error(f"--match {args.match}: a summary of {matched.get('example')!r} over "
-                    f"{len(matched.get('epochs', []))} epochs; expected {example.name!r} over {args.epochs}")
+            p.error(
+                f"--match {args.match}: a summary of {matched.get('example')!r} over "
+                f"{len(matched.get('epochs', []))} epochs; expected {example.name!r} over {args.epochs}"
+            )
         if {k: matched["config"].get(k) for k in ("out", "shards")} != {"out": args.out, "shards": args.shards}:
-            p.error(f"--match {args.match} was trained on other data ({matched['config'].get('shards') or matched['config'].get('out')})")
+            p.error(
+                f"--match {args.match} was trained on other data "
+                f"({matched['config'].get('shards') or matched['config'].get('out')})"
+            )
         args.counts = [e["samples"] for e in matched["epochs"]]
     return args
 
@@ -130,8 +144,11 @@ def shard_urls(pattern: str) -> list[str]:
 def prepare(args: argparse.Namespace) -> tuple[str, list[str]]:
     """The training index and the test shard URLs, writing the digits if no shards were given."""
     if args.shards:
-        index = args.shards if args.shards.endswith(".json") else build_index(
-            shard_urls(args.shards), os.path.join(args.out, "index.json")).path
+        index = (
+            args.shards
+            if args.shards.endswith(".json")
+            else build_index(shard_urls(args.shards), os.path.join(args.out, "index.json")).path
+        )
         return index, shard_urls(args.test_shards)
     index, test = os.path.join(args.out, "index.json"), os.path.join(args.out, "test", "digits-test-000.tar")
     if not (os.path.exists(index) and os.path.exists(test)):
@@ -158,8 +175,9 @@ def to_tensors(sample: tuple) -> tuple[torch.Tensor, int, np.ndarray]:
 
 
 def load_test(urls: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.decode("l"),
-                               wds.to_tuple("png", "cls"))
+    samples = wds.DataPipeline(
+        wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.decode("l"), wds.to_tuple("png", "cls")
+    )
     xs, ys = zip(*((np.asarray(x, dtype=np.float32).reshape(-1), int(y)) for x, y in samples))
     return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
 
@@ -179,7 +197,7 @@ class RandomSubset:
         if epoch not in self._cache:
             rng = np.random.Generator(np.random.PCG64([self.seed, epoch, 0xBA5E]))
             keep = np.zeros(self.num_samples, dtype=bool)
-            keep[rng.permutation(self.num_samples)[:self.counts[min(epoch, len(self.counts) - 1)]]] = True
+            keep[rng.permutation(self.num_samples)[: self.counts[min(epoch, len(self.counts) - 1)]]] = True
             self._cache = {epoch: keep}
         return self._cache[epoch]
 
@@ -196,8 +214,9 @@ class RandomSubset:
         steps = 0
         for worker in range(max(num_workers, 1)):
             parts = assign(order, sizes, control.rank, control.world_size, worker, num_workers, ib.remainder)
-            kept = sum(int(keep[index.slots(p.shard)[0] + p.first:index.slots(p.shard)[0] + p.stop].sum())
-                       for p in parts)
+            kept = sum(
+                int(keep[index.slots(p.shard)[0] + p.first : index.slots(p.shard)[0] + p.stop].sum()) for p in parts
+            )
             steps += -(-kept // batch_size)
         return steps
 
@@ -218,16 +237,23 @@ def train(example: Example, args: argparse.Namespace) -> dict:
     if side * side != x_test.shape[1]:
         raise SystemExit(f"the examples expect square images; the test shards hold {x_test.shape[1]} pixels each")
     ratio = args.prune_ratio if args.arm == "infobatch" else 0.0
-    ib = InfoBatch(index_path, num_epochs=args.epochs, prune_ratio=ratio, delta=args.delta, seed=args.seed,
-                   ema_decay=args.ema_decay if args.arm == "infobatch" else 0.0)
+    ib = InfoBatch(
+        index_path,
+        num_epochs=args.epochs,
+        prune_ratio=ratio,
+        delta=args.delta,
+        seed=args.seed,
+        ema_decay=args.ema_decay if args.arm == "infobatch" else 0.0,
+    )
     stages = [wds.decode("l"), wds.to_tuple("png", "cls", META_KEY)]
     subset = None
     if args.arm == "random":  # selected before decoding, as InfoBatch's pruned samples are never decoded
         subset = RandomSubset(ib.index.num_samples, args.counts, args.seed)
         stages.insert(0, wds.select(subset))
     dataset = ib.dataset(*stages, wds.map(to_tensors), shuffle=500)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                         persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, num_workers=args.workers, persistent_workers=args.workers > 0
+    )
     torch.manual_seed(args.seed)
     model = example.make_model(side, int(y_test.max()) + 1)
     opt = _optimizer(example, model, args.lr)
@@ -257,27 +283,58 @@ def train(example: Example, args: argparse.Namespace) -> dict:
             raw_sum += per_sample.sum().item()
         seconds += time.perf_counter() - t0
         if steps != schedule.expected_steps(epoch):  # the schedule was told another length: its LR would drift
-            raise RuntimeError(f"epoch {epoch} took {steps} steps, the schedule expected {schedule.expected_steps(epoch)}")
+            raise RuntimeError(
+                f"epoch {epoch} took {steps} steps, the schedule expected {schedule.expected_steps(epoch)}"
+            )
         model.eval()
         with torch.no_grad():
             metric = example.evaluate(model, x_test, y_test)
-        epochs.append({"epoch": epoch, "samples": samples, "steps": steps, "train_loss": loss_sum / max(samples, 1),
-                       "train_loss_unweighted": raw_sum / max(samples, 1),
-                       example.metric: metric, "threshold": stats.threshold, "lr": schedule.get_last_lr()[0],
-                       "seconds": seconds})
-        log.info("%s/%s epoch %d: %d samples, %d steps, loss %.4f, %s %.4f", example.name, args.arm, epoch, samples,
-                 steps, loss_sum / max(samples, 1), example.metric, metric)
+        epochs.append(
+            {
+                "epoch": epoch,
+                "samples": samples,
+                "steps": steps,
+                "train_loss": loss_sum / max(samples, 1),
+                "train_loss_unweighted": raw_sum / max(samples, 1),
+                example.metric: metric,
+                "threshold": stats.threshold,
+                "lr": schedule.get_last_lr()[0],
+                "seconds": seconds,
+            }
+        )
+        log.info(
+            "%s/%s epoch %d: %d samples, %d steps, loss %.4f, %s %.4f",
+            example.name,
+            args.arm,
+            epoch,
+            samples,
+            steps,
+            loss_sum / max(samples, 1),
+            example.metric,
+            metric,
+        )
     scores = np.asarray(ib.store.scores)
     seen = scores[~np.isnan(scores)]
     trained = sum(e["samples"] for e in epochs)
     full = args.epochs * ib.index.num_samples
     summary = {
-        "example": example.name, "arm": args.arm, "seed": args.seed, "metric": example.metric,
-        "higher_is_better": example.higher_is_better, "final": epochs[-1][example.metric], "samples": trained,
-        "full_samples": full, "saved": 1 - trained / full, "steps": sum(e["steps"] for e in epochs),
-        "seconds": seconds, "epochs": epochs, "stats": ib.stats(),
-        "scores": {"quantiles": np.quantile(seen, [0, 0.1, 0.25, 0.5, 0.75, 0.9, 1]).tolist() if len(seen) else [],
-                   "sample": seen[np.random.default_rng(0).permutation(len(seen))[:5000]].tolist()},
+        "example": example.name,
+        "arm": args.arm,
+        "seed": args.seed,
+        "metric": example.metric,
+        "higher_is_better": example.higher_is_better,
+        "final": epochs[-1][example.metric],
+        "samples": trained,
+        "full_samples": full,
+        "saved": 1 - trained / full,
+        "steps": sum(e["steps"] for e in epochs),
+        "seconds": seconds,
+        "epochs": epochs,
+        "stats": ib.stats(),
+        "scores": {
+            "quantiles": np.quantile(seen, [0, 0.1, 0.25, 0.5, 0.75, 0.9, 1]).tolist() if len(seen) else [],
+            "sample": seen[np.random.default_rng(0).permutation(len(seen))[:5000]].tolist(),
+        },
         "config": {k: v for k, v in vars(args).items() if k != "json"},
     }
     if args.json:
@@ -291,6 +348,13 @@ def main(example: Example, doc: str, argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("infobatch_stream").setLevel(logging.WARNING)  # its per-epoch line repeats ours
     summary = train(example, args)
-    print(json.dumps({k: summary[k] for k in ("example", "arm", "seed", "metric", "final", "samples", "saved",
-                                               "steps", "seconds")}), flush=True)
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in ("example", "arm", "seed", "metric", "final", "samples", "saved", "steps", "seconds")
+            }
+        ),
+        flush=True,
+    )
     return summary

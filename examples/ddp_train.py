@@ -39,13 +39,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import webdataset as wds
+from common import shard_urls  # the examples' shard patterns: braces, then globs
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from infobatch_stream import InfoBatch, ProgressScheduler, build_index
 from infobatch_stream.demo import write_digits_shards
-
-from common import shard_urls  # the examples' shard patterns: braces, then globs
 
 log = logging.getLogger("ddp_train")
 
@@ -54,10 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Train an MLP with DDP over tar shards (png + cls) with InfoBatch pruning.",
         epilog="example: torchrun --standalone --nproc_per_node 2 examples/ddp_train.py --quick --out ddp_out\n"
-               "         torchrun --nproc_per_node 2 examples/ddp_train.py --shards 'data/digits-{000..007}.tar'",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", help="brace/glob pattern or index JSON of shards with png and cls fields "
-                                    "(default: write the digits shards into --out)")
+        "         torchrun --nproc_per_node 2 examples/ddp_train.py --shards 'data/digits-{000..007}.tar'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--shards",
+        help="brace/glob pattern or index JSON of shards with png and cls fields "
+        "(default: write the digits shards into --out)",
+    )
     p.add_argument("--out", default="ddp_out", help="folder for generated shards and the index")
     p.add_argument("--epochs", type=int, help="default 30, or 6 with --quick")
     p.add_argument("--quick", action="store_true", help="a short run: 6 epochs unless --epochs is given")
@@ -117,31 +120,43 @@ def main(argv: list[str] | None = None) -> dict:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("infobatch_stream").setLevel(logging.WARNING)  # its per-epoch line repeats ours
 
     index_path = prepare_index(args, rank)
-    ib = InfoBatch(index_path, num_epochs=args.epochs, prune_ratio=args.prune_ratio,  # IB 1: every rank
-                   delta=args.delta, seed=args.seed)
+    ib = InfoBatch(
+        index_path,
+        num_epochs=args.epochs,
+        prune_ratio=args.prune_ratio,  # IB 1: every rank
+        delta=args.delta,
+        seed=args.seed,
+    )
     pipeline = wds.DataPipeline(
-        ib.shards(),                # IB 2: per-epoch shard order, kept samples split over ranks and workers
-        ib.tarfile_to_samples(),    # IB 3: reads only the kept samples, tags them with __ib__
+        ib.shards(),  # IB 2: per-epoch shard order, kept samples split over ranks and workers
+        ib.tarfile_to_samples(),  # IB 3: reads only the kept samples, tags them with __ib__
         wds.shuffle(500),
         wds.decode("l"),
         wds.to_tuple("png", "cls", "__ib__"),  # IB 3: carry the metadata to the loop
         wds.map(to_tensors),
     )
-    loader = torch.utils.data.DataLoader(pipeline, batch_size=args.batch_size, num_workers=args.workers,
-                                         persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(
+        pipeline, batch_size=args.batch_size, num_workers=args.workers, persistent_workers=args.workers > 0
+    )
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).to(device)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     criterion = nn.CrossEntropyLoss(reduction="none")  # IB 5: one loss per sample
-    schedule = ProgressScheduler(ib, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000),  # IB 4
-                                 args.batch_size, args.workers)
+    schedule = ProgressScheduler(
+        ib,
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000),  # IB 4
+        args.batch_size,
+        args.workers,
+    )
 
     total_steps = samples = 0
     for epoch in range(args.epochs):
@@ -159,8 +174,15 @@ def main(argv: list[str] | None = None) -> dict:
             loss_sum += loss.item()
         assert done == steps, f"rank {rank} made {done} steps in epoch {epoch}, ib.num_batches said {steps}"
         total_steps += done
-        log.info("epoch %d: kept %d of %d, %d samples per rank, %d batches per rank, mean loss %.4f",
-                 epoch, stats.kept, stats.total, ib.samples_per_rank, done, loss_sum / max(done, 1))
+        log.info(
+            "epoch %d: kept %d of %d, %d samples per rank, %d batches per rank, mean loss %.4f",
+            epoch,
+            stats.kept,
+            stats.total,
+            ib.samples_per_rank,
+            done,
+            loss_sum / max(done, 1),
+        )
 
     per_rank = [(total_steps, samples)]
     if distributed:
@@ -171,11 +193,22 @@ def main(argv: list[str] | None = None) -> dict:
         trained = sum(s for _, s in per_rank)
         full = args.epochs * ib.index.num_samples
         accuracy = None if args.shards else evaluate(model, args.out, device)
-        summary = {"world_size": world_size, "epochs": args.epochs, "steps_per_rank": [t for t, _ in per_rank],
-                   "samples": trained, "saved": round(1 - trained / full, 4), "accuracy": accuracy}
-        log.info("trained %d samples over %d ranks of %d for full data: %.1f%% saved; test accuracy %s",
-                 trained, world_size, full, 100 * summary["saved"],
-                 "not evaluated (user shards)" if accuracy is None else f"{100 * accuracy:.2f}%")
+        summary = {
+            "world_size": world_size,
+            "epochs": args.epochs,
+            "steps_per_rank": [t for t, _ in per_rank],
+            "samples": trained,
+            "saved": round(1 - trained / full, 4),
+            "accuracy": accuracy,
+        }
+        log.info(
+            "trained %d samples over %d ranks of %d for full data: %.1f%% saved; test accuracy %s",
+            trained,
+            world_size,
+            full,
+            100 * summary["saved"],
+            "not evaluated (user shards)" if accuracy is None else f"{100 * accuracy:.2f}%",
+        )
         print(json.dumps(summary), flush=True)
     if distributed:
         dist.destroy_process_group()

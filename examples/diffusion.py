@@ -16,9 +16,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 from common import Example, main
+from torch import nn
 
 STEPS = 100
 BETAS = torch.linspace(1e-4, 0.08, STEPS)
@@ -32,8 +31,9 @@ class Denoiser(nn.Module):
         pixels = side * side
         self.time_dim = time_dim
         self.time = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU())
-        self.net = nn.Sequential(nn.Linear(pixels + width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, pixels))
+        self.net = nn.Sequential(
+            nn.Linear(pixels + width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, pixels)
+        )
 
     def embed(self, t: torch.Tensor) -> torch.Tensor:
         half = self.time_dim // 2
@@ -52,8 +52,9 @@ def ddpm_loss(model: nn.Module, x: torch.Tensor, t: torch.Tensor, noise: torch.T
     return ((model(x_t, t) - noise) ** 2).mean(1)
 
 
-def per_sample_loss(model: nn.Module, x: torch.Tensor, _: torch.Tensor,
-                    g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def per_sample_loss(
+    model: nn.Module, x: torch.Tensor, _: torch.Tensor, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The DDPM loss at a random timestep, and that loss divided by the moving average of the loss
     at the same timestep: the timestep explains most of a loss's value, the ratio is the sample's
     own. Each timestep's average moves by ``1 - 0.9**n`` towards the mean of its ``n`` losses in
@@ -78,8 +79,20 @@ def test_loss(model: nn.Module, x: torch.Tensor, _: torch.Tensor) -> float:
     return float(torch.stack(losses).mean())
 
 
-EXAMPLE = Example("diffusion", "test_ddpm_loss", False, Denoiser, per_sample_loss, test_loss, lr=2e-3,
-                  optimizer="adamw", epochs=100, quick_epochs=8, prune_ratio=0.5, has_noise_level=True)
+EXAMPLE = Example(
+    "diffusion",
+    "test_ddpm_loss",
+    False,
+    Denoiser,
+    per_sample_loss,
+    test_loss,
+    lr=2e-3,
+    optimizer="adamw",
+    epochs=100,
+    quick_epochs=8,
+    prune_ratio=0.5,
+    has_noise_level=True,
+)
 
 if __name__ == "__main__":
     main(EXAMPLE, __doc__)

@@ -15,9 +15,8 @@ examples share.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from common import Example, main
+from torch import nn
 
 PATCH, DIM, MASK_RATIO = 2, 64, 0.5
 
@@ -73,8 +72,19 @@ def test_loss(model: nn.Module, x: torch.Tensor, _: torch.Tensor) -> float:
     return float(torch.stack([masked_loss(model, x, g).mean() for _ in range(4)]).mean())
 
 
-EXAMPLE = Example("mae", "masked_mse", False, TinyMAE, per_sample_loss, test_loss, lr=5e-3, optimizer="adamw",
-                  epochs=100, quick_epochs=8, prune_ratio=0.7)
+EXAMPLE = Example(
+    "mae",
+    "masked_mse",
+    False,
+    TinyMAE,
+    per_sample_loss,
+    test_loss,
+    lr=5e-3,
+    optimizer="adamw",
+    epochs=100,
+    quick_epochs=8,
+    prune_ratio=0.7,
+)
 
 if __name__ == "__main__":
     main(EXAMPLE, __doc__)

@@ -9,9 +9,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (CheckpointError, IndexMismatchError, InfoBatchError, MetadataError, RangeNotSupported,
-                     ReportError, SettingsMismatchError, ShardAssignmentError, StaleIndexError, StorageError,
-                     TarFormatError)
+from .errors import (
+    CheckpointError,
+    IndexMismatchError,
+    InfoBatchError,
+    MetadataError,
+    RangeNotSupported,
+    ReportError,
+    SettingsMismatchError,
+    ShardAssignmentError,
+    StaleIndexError,
+    StorageError,
+    TarFormatError,
+)
 
 _LAZY = {
     "DatasetIndex": "index",
@@ -27,10 +37,10 @@ _LAZY = {
 if TYPE_CHECKING:
     from .index import DatasetIndex, build_index
     from .infobatch import InfoBatch
-    from .stats import EpochStats
     from .meta import META_KEY
     from .policy import PruneConfig
     from .schedule import ProgressScheduler
+    from .stats import EpochStats
     from .store import ScoreStore
 
 

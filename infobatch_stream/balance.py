@@ -61,8 +61,15 @@ def num_batches(n: int, batch_size: int, num_workers: int = 0, drop_last: bool =
     return int((-(-sizes // batch_size)).sum())
 
 
-def assign(order: np.ndarray, kept_per_shard: np.ndarray, rank: int, world_size: int, worker: int,
-           num_workers: int, remainder: str = "pad") -> list[Part]:
+def assign(
+    order: np.ndarray,
+    kept_per_shard: np.ndarray,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    remainder: str = "pad",
+) -> list[Part]:
     """The parts worker ``worker`` of rank ``rank`` reads, in the epoch's shard order."""
     counts = np.asarray(kept_per_shard, dtype=np.int64)[order]
     bounds = np.zeros(len(order) + 1, dtype=np.int64)
@@ -89,8 +96,9 @@ def assign(order: np.ndarray, kept_per_shard: np.ndarray, rank: int, world_size:
     return parts
 
 
-def _parts(order: np.ndarray, counts: np.ndarray, bounds: np.ndarray, lo: int, hi: int,
-           empties: bool, to_end: bool) -> list[Part]:
+def _parts(
+    order: np.ndarray, counts: np.ndarray, bounds: np.ndarray, lo: int, hi: int, empties: bool, to_end: bool
+) -> list[Part]:
     """Parts covering kept positions ``[lo, hi)`` of the epoch line (vectorised over shards)."""
     i0 = max(int(np.searchsorted(bounds, lo, side="left")) - 1, 0)
     i1 = len(order) if to_end else min(int(np.searchsorted(bounds, hi, side="left")), len(order))

@@ -23,8 +23,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -65,7 +66,9 @@ def _jpeg_pool(side: int, quality: int, noise: float, count: int = 32, seed: int
     y, x = np.mgrid[0:side, 0:side]
     pool = []
     for i in range(count):
-        base = np.stack([np.sin(x / (11 + i % 7) + c) * 60 + np.cos(y / (19 + i % 5) - c) * 60 + 128 for c in range(3)], -1)
+        base = np.stack(
+            [np.sin(x / (11 + i % 7) + c) * 60 + np.cos(y / (19 + i % 5) - c) * 60 + 128 for c in range(3)], -1
+        )
         arr = np.clip(base + rng.normal(0, noise, base.shape), 0, 255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
@@ -93,8 +96,9 @@ class RangeServerProcess:
     """``python -m infobatch_stream.rangeserver ROOT [options]`` in a subprocess."""
 
     def __init__(self, root: str, *options: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "infobatch_stream.rangeserver", root, *options],
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "infobatch_stream.rangeserver", root, *options], stdout=subprocess.PIPE, text=True
+        )
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         self.url = line.strip().rsplit(" ", 1)[-1]
         if not self.url.startswith("http://127.0.0.1:"):
@@ -138,20 +142,29 @@ def _decode_tail() -> list[Any]:
 def _pipelines(urls: list[str], ib: InfoBatch) -> dict[str, Callable[[], Any]]:
     return {
         "(a) wds": lambda: wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), *_decode_tail()),
-        "(b) wds + ib.filter": lambda: wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(),
-                                                        ib.filter(), *_decode_tail()),
+        "(b) wds + ib.filter": lambda: wds.DataPipeline(
+            wds.SimpleShardList(urls), wds.tarfile_to_samples(), ib.filter(), *_decode_tail()
+        ),
         "(c) ib reader": lambda: wds.DataPipeline(wds.SimpleShardList(urls), ib.tarfile_to_samples(), *_decode_tail()),
     }
 
 
-def run_bench(out: str = "bench_out", profiles: tuple[str, ...] = ("imagenet", "cifar"), repeats: int = 5,
-              well_learned: float = 0.8, http: bool = True, progress: bool = True) -> list[Result]:
+def run_bench(
+    out: str = "bench_out",
+    profiles: tuple[str, ...] = ("imagenet", "cifar"),
+    repeats: int = 5,
+    well_learned: float = 0.8,
+    http: bool = True,
+    progress: bool = True,
+) -> list[Result]:
     """Time every (profile, source, pruning, pipeline) cell, alternating repeats; medians."""
     results: list[Result] = []
     for profile in profiles:
         urls = write_profile(out, profile)
         folder = os.path.dirname(urls[0])
-        sources: list[tuple[str, list[str], str, RangeServerProcess | None]] = [("local", urls, os.path.join(folder, "index.json"), None)]
+        sources: list[tuple[str, list[str], str, RangeServerProcess | None]] = [
+            ("local", urls, os.path.join(folder, "index.json"), None)
+        ]
         server = None
         if http:
             server = RangeServerProcess(folder)
@@ -161,8 +174,11 @@ def run_bench(out: str = "bench_out", profiles: tuple[str, ...] = ("imagenet", "
             sources.append(("http", http_urls, http_index, server))
         try:
             for source, src_urls, index_path, srv in sources:
-                results.extend(_bench_source(profile, source, src_urls, DatasetIndex.load(index_path), srv,
-                                             repeats, well_learned, progress))
+                results.extend(
+                    _bench_source(
+                        profile, source, src_urls, DatasetIndex.load(index_path), srv, repeats, well_learned, progress
+                    )
+                )
         finally:
             if server:
                 server.close()
@@ -172,8 +188,16 @@ def run_bench(out: str = "bench_out", profiles: tuple[str, ...] = ("imagenet", "
 BLOCK = 8  # the block size of the granularity row
 
 
-def _bench_source(profile: str, source: str, urls: list[str], index: DatasetIndex, server: RangeServerProcess | None,
-                  repeats: int, well_learned: float, progress: bool) -> list[Result]:
+def _bench_source(
+    profile: str,
+    source: str,
+    urls: list[str],
+    index: DatasetIndex,
+    server: RangeServerProcess | None,
+    repeats: int,
+    well_learned: float,
+    progress: bool,
+) -> list[Result]:
     # setup label -> (InfoBatch, pipelines, kept bytes, kept samples); (a) of "0%" is the full epoch
     setups: dict[str, tuple[InfoBatch, dict[str, Callable[[], Any]], int, int]] = {}
     for label, share, block in (("0%", 0.0, 1), ("40%", well_learned, 1), (f"40% k={BLOCK}", well_learned, BLOCK)):
@@ -195,7 +219,7 @@ def _bench_source(profile: str, source: str, urls: list[str], index: DatasetInde
         from tqdm import tqdm
 
         bar = tqdm(total=repeats * len(cells), desc=f"{profile}/{source}", unit="pass", leave=False)
-    for name, make in setups["0%"][1].items():  # warm the page cache, the server and the imports
+    for make in setups["0%"][1].values():  # warm the page cache, the server and the imports
         setups["0%"][0].set_epoch(1)
         sum(1 for _ in make())
     for rep in range(repeats):
@@ -233,31 +257,52 @@ def _bench_source(profile: str, source: str, urls: list[str], index: DatasetInde
         plain = statistics.median(times[plain_cell])
         n = counts[cell]
         ideal = (n / total) * full
-        out.append(Result(profile, source, round(1 - kept / total, 4), name, n, secs, n / secs, nbytes[cell],
-                          kept_bytes, full, secs / ideal, (n / secs) / (counts[plain_cell] / plain), nreq[cell]))
+        out.append(
+            Result(
+                profile,
+                source,
+                round(1 - kept / total, 4),
+                name,
+                n,
+                secs,
+                n / secs,
+                nbytes[cell],
+                kept_bytes,
+                full,
+                secs / ideal,
+                (n / secs) / (counts[plain_cell] / plain),
+                nreq[cell],
+            )
+        )
     return out
 
 
 def format_results(results: list[Result]) -> str:
     lines = [
-        "| profile | source | pruned | pipeline | samples | epoch (s) | samples/s | vs (a) | time / ideal | MB read | read / kept bytes | requests |",
+        "| profile | source | pruned | pipeline | samples | epoch (s) | samples/s | vs (a) | time / ideal | MB read "
+        "| read / kept bytes | requests |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r.profile} | {r.source} | {100 * r.pruned:.0f}% | {r.pipeline} | {r.samples:,} | {r.seconds:.3f} | "
-            f"{r.samples_per_s:,.0f} | {r.throughput_vs_plain:.3f} | {r.ratio_to_ideal:.3f} | {r.bytes_read / 1e6:.1f} | "
-            f"{r.bytes_read / max(r.kept_bytes, 1):.3f} | {r.requests:,} |")
+            f"{r.samples_per_s:,.0f} | {r.throughput_vs_plain:.3f} | {r.ratio_to_ideal:.3f} | "
+            f"{r.bytes_read / 1e6:.1f} | "
+            f"{r.bytes_read / max(r.kept_bytes, 1):.3f} | {r.requests:,} |"
+        )
     return "\n".join(lines)
 
 
-def main_bench(out: str, profiles: tuple[str, ...], repeats: int, http: bool, json_path: str | None,
-               progress: bool) -> list[Result]:
+def main_bench(
+    out: str, profiles: tuple[str, ...], repeats: int, http: bool, json_path: str | None, progress: bool
+) -> list[Result]:
     results = run_bench(out, profiles, repeats, http=http, progress=progress)
     print(format_results(results))
-    print("(a) plain WebDataset, (b) + ib.filter(), (c) ib.tarfile_to_samples(); medians of "
-          f"{repeats} alternating repeats. time / ideal = epoch time / (kept fraction x (a)'s epoch time); "
-          "read / kept bytes counts what the reader (local) or the server (HTTP) reports.")
+    print(
+        "(a) plain WebDataset, (b) + ib.filter(), (c) ib.tarfile_to_samples(); medians of "
+        f"{repeats} alternating repeats. time / ideal = epoch time / (kept fraction x (a)'s epoch time); "
+        "read / kept bytes counts what the reader (local) or the server (HTTP) reports."
+    )
     if json_path:
         with open(json_path, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)

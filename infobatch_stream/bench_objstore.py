@@ -30,8 +30,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -105,7 +106,7 @@ class _Process:
             except OSError:
                 if time.time() > deadline or self.proc.poll() is not None:
                     self.close()
-                    raise RuntimeError(f"server {argv} did not start")
+                    raise RuntimeError(f"server {argv} did not start") from None
                 time.sleep(0.2)
 
     def close(self) -> None:
@@ -121,16 +122,27 @@ def _s3_source(paths: list[str]) -> tuple[_Process, list[str], list[str]]:
         raise RuntimeError("the s3 source needs moto and boto3: pip install 'moto[server]' boto3") from None
     port = _port()
     endpoint = f"http://127.0.0.1:{port}"
-    server = _Process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], endpoint + "/moto-api/")
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")
+    server = _Process(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], endpoint + "/moto-api/"
+    )
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_REGION="us-east-1",
+    )
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket="bench")
     for p in paths:
         client.upload_file(p, "bench", f"shards/{os.path.basename(p)}")
     names = [os.path.basename(p) for p in paths]
-    signed = [client.generate_presigned_url("get_object", Params={"Bucket": "bench", "Key": f"shards/{n}"},
-                                            ExpiresIn=6 * 3600) for n in names]
+    signed = [
+        client.generate_presigned_url(
+            "get_object", Params={"Bucket": "bench", "Key": f"shards/{n}"}, ExpiresIn=6 * 3600
+        )
+        for n in names
+    ]
     return server, [f"s3://bench/shards/{n}" for n in names], signed
 
 
@@ -149,14 +161,25 @@ def _loader(pipeline: Any, workers: int) -> DataLoader:
     return DataLoader(pipeline, batch_size=None, num_workers=workers, **kw)
 
 
-def _bench_source(source: str, read_urls: list[str], plain_urls: list[str], index: DatasetIndex, repeats: int,
-                  stats: Callable[[], dict[str, int]] | None, reset: Callable[[], None] | None,
-                  progress: bool) -> list[Row]:
+def _bench_source(
+    source: str,
+    read_urls: list[str],
+    plain_urls: list[str],
+    index: DatasetIndex,
+    repeats: int,
+    stats: Callable[[], dict[str, int]] | None,
+    reset: Callable[[], None] | None,
+    progress: bool,
+) -> list[Row]:
     rows: list[Row] = []
     for workers in (4, 0):  # spawned workers first: nothing forks after this process used obstore
         setups: dict[str, tuple[InfoBatch | None, Any, int, int]] = {}
-        plain = wds.DataPipeline(wds.SimpleShardList([f"pipe:curl -s -f '{u}'" for u in plain_urls]),
-                                 wds.split_by_worker, wds.tarfile_to_samples(), *_tail())
+        plain = wds.DataPipeline(
+            wds.SimpleShardList([f"pipe:curl -s -f '{u}'" for u in plain_urls]),
+            wds.split_by_worker,
+            wds.tarfile_to_samples(),
+            *_tail(),
+        )
         setups["(a) wds"] = (None, _loader(plain, workers), sum(s.filesize for s in index.shards), index.num_samples)
         for label, pruned in (("(c) ib, 0%", False), ("(c) ib, ~40%", True)):
             ib = InfoBatch(index, num_epochs=10, prune_ratio=0.5, delta=1.0)
@@ -170,9 +193,9 @@ def _bench_source(source: str, read_urls: list[str], plain_urls: list[str], inde
         requests: dict[str, int] = {}
         rss: dict[str, float] = {}
         counts: dict[str, int] = {}
-        for label, (ib, loader, _, _) in setups.items():  # warm: workers started, connections open
-            if ib is not None:
-                ib.set_epoch(1)
+        for maybe_ib, loader, _, _ in setups.values():  # warm: workers started, connections open
+            if maybe_ib is not None:
+                maybe_ib.set_epoch(1)
             sum(1 for _ in loader)
         bar = None
         if progress:
@@ -182,9 +205,9 @@ def _bench_source(source: str, read_urls: list[str], plain_urls: list[str], inde
         for rep in range(repeats):
             order = list(setups) if rep % 2 == 0 else list(setups)[::-1]
             for label in order:
-                ib, loader, _, _ = setups[label]
-                if ib is not None:
-                    ib.set_epoch(1)
+                maybe_ib, loader, _, _ = setups[label]
+                if maybe_ib is not None:
+                    maybe_ib.set_epoch(1)
                 if reset:
                     reset()
                 t0 = time.perf_counter()
@@ -197,8 +220,8 @@ def _bench_source(source: str, read_urls: list[str], plain_urls: list[str], inde
                 if stats:
                     served = stats()
                     sent[label], requests[label] = served["bytes"], served["requests"]
-                elif ib is not None:
-                    io_stats = ib.stats()[-1]
+                elif maybe_ib is not None:
+                    io_stats = maybe_ib.stats()[-1]
                     sent[label], requests[label] = io_stats["bytes_read"], io_stats["requests"]
                 else:
                     sent[label], requests[label] = sum(s.filesize for s in index.shards), index.num_shards
@@ -207,17 +230,31 @@ def _bench_source(source: str, read_urls: list[str], plain_urls: list[str], inde
         if bar:
             bar.close()
         full = statistics.median(times["(a) wds"])
-        for label, (ib, _, kept_bytes, kept) in setups.items():
+        for label, (_, _, kept_bytes, kept) in setups.items():
             secs = statistics.median(times[label])
-            rows.append(Row(source, workers, round(1 - kept / index.num_samples, 4), label, counts[label], secs, full,
-                            secs / (full * counts[label] / index.num_samples), sent[label], kept_bytes,
-                            requests[label], rss[label]))
+            rows.append(
+                Row(
+                    source,
+                    workers,
+                    round(1 - kept / index.num_samples, 4),
+                    label,
+                    counts[label],
+                    secs,
+                    full,
+                    secs / (full * counts[label] / index.num_samples),
+                    sent[label],
+                    kept_bytes,
+                    requests[label],
+                    rss[label],
+                )
+            )
         del setups  # persistent workers end here
     return rows
 
 
-def run(out: str = "bench_out", repeats: int = 3, sources: tuple[str, ...] = ("latency", "s3"),
-        progress: bool = True) -> list[Row]:
+def run(
+    out: str = "bench_out", repeats: int = 3, sources: tuple[str, ...] = ("latency", "s3"), progress: bool = True
+) -> list[Row]:
     paths = write_shards(os.path.join(out, "objectstore"))
     rows: list[Row] = []
     if "latency" in sources:
@@ -239,22 +276,28 @@ def run(out: str = "bench_out", repeats: int = 3, sources: tuple[str, ...] = ("l
 
 
 def format_rows(rows: list[Row]) -> str:
-    lines = ["| source | workers | pruned | pipeline | samples | epoch (s) | time / ideal | sent / kept bytes | "
-             "requests | worker peak RSS (MiB) |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| source | workers | pruned | pipeline | samples | epoch (s) | time / ideal | sent / kept bytes | "
+        "requests | worker peak RSS (MiB) |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        lines.append(f"| {r.source} | {r.workers} | {100 * r.pruned:.0f}% | {r.pipeline} | {r.samples:,} | "
-                     f"{r.seconds:.3f} | {r.ratio_to_ideal:.3f} | {r.bytes_sent / max(r.kept_bytes, 1):.3f} | "
-                     f"{r.requests:,} | {r.worker_peak_rss_mib:.0f} |")
+        lines.append(
+            f"| {r.source} | {r.workers} | {100 * r.pruned:.0f}% | {r.pipeline} | {r.samples:,} | "
+            f"{r.seconds:.3f} | {r.ratio_to_ideal:.3f} | {r.bytes_sent / max(r.kept_bytes, 1):.3f} | "
+            f"{r.requests:,} | {r.worker_peak_rss_mib:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def main(out: str, repeats: int, json_path: str | None, progress: bool) -> list[Row]:
     rows = run(out, repeats, progress=progress)
     print(format_rows(rows))
-    print(f"medians of {repeats} alternating repeats; time / ideal = epoch time / (kept fraction x (a)'s epoch time, "
-          "same source and workers); 'latency' = 20 ms to first byte, 50 MB/s per connection; bytes counted by the "
-          "range server (latency) or the reader (s3)")
+    print(
+        f"medians of {repeats} alternating repeats; time / ideal = epoch time / (kept fraction x (a)'s epoch time, "
+        "same source and workers); 'latency' = 20 ms to first byte, 50 MB/s per connection; bytes counted by the "
+        "range server (latency) or the reader (s3)"
+    )
     if json_path:
         with open(json_path, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)

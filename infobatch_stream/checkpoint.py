@@ -22,7 +22,8 @@ import os
 import stat
 import tempfile
 import zlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -55,12 +56,12 @@ def _split(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]
     return plain, arrays
 
 
-def _is_tensor(value: Any) -> bool:
+def _is_tensor(value: Any) -> TypeGuard[Any]:
     return hasattr(value, "numpy") and hasattr(value, "detach")
 
 
 def _raw(arr: np.ndarray) -> memoryview | bytes:
-    return memoryview(arr).cast("B") if arr.size else b""
+    return memoryview(arr).cast("B") if arr.size else b""  # type: ignore[arg-type]  # numpy arrays are buffers
 
 
 def _aligned(n: int) -> int:
@@ -70,17 +71,24 @@ def _aligned(n: int) -> int:
 def save_state(path: str, state: dict[str, Any]) -> None:
     """Write ``state`` (JSON-able values and numpy arrays or tensors at the top level) to ``path``."""
     plain, arrays = _split(state)
-    layout, offset = {}, 0
+    layout: dict[str, dict[str, Any]] = {}
+    offset = 0
     for key, arr in arrays.items():
         if arr.dtype.str not in _DTYPES:
             raise TypeError(f"checkpoint array {key!r} has dtype {arr.dtype}; expected one of {sorted(_DTYPES)}")
-        layout[key] = {"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset,
-                       "crc32": zlib.crc32(_raw(arr))}
+        layout[key] = {
+            "dtype": arr.dtype.str,
+            "shape": list(arr.shape),
+            "offset": offset,
+            "crc32": zlib.crc32(_raw(arr)),
+        }
         offset += _aligned(arr.nbytes)
     header = json.dumps({"state": plain, "arrays": layout}, allow_nan=True).encode()
     if len(header) > MAX_HEADER:  # load_state would refuse it: fail now, while the previous file is intact
-        raise CheckpointError(f"the state's plain values take {len(header):,} bytes of JSON, more than a "
-                              f"checkpoint header holds ({MAX_HEADER:,}); pass large data as arrays")
+        raise CheckpointError(
+            f"the state's plain values take {len(header):,} bytes of JSON, more than a "
+            f"checkpoint header holds ({MAX_HEADER:,}); pass large data as arrays"
+        )
     length = len(header).to_bytes(_LENGTH, "little")
     prefix = MAGIC + length + zlib.crc32(length + header).to_bytes(_CRC, "little")
     start = _aligned(len(prefix) + len(header))
@@ -121,9 +129,13 @@ class _Loaded(dict):
 
 def file_kind(mode: int) -> str | None:
     """What a non-regular file is (None for a regular one): opening a FIFO would block forever."""
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return kind
     return None if stat.S_ISREG(mode) else "not a regular file"
@@ -164,8 +176,9 @@ def _read_header(f: Any, path: str, total: int) -> tuple[int, int, dict[str, Any
         raise _damaged(path, f"it ends after {total} bytes, inside its header")
     length = int.from_bytes(fixed[:_LENGTH], "little")
     if length > min(MAX_HEADER, total - prefix):
-        raise _damaged(path, f"its header claims {length:,} bytes; the file has {total:,} and a header "
-                             f"at most {MAX_HEADER:,}")
+        raise _damaged(
+            path, f"its header claims {length:,} bytes; the file has {total:,} and a header at most {MAX_HEADER:,}"
+        )
     raw = f.read(length)
     if len(raw) != length:
         raise _damaged(path, "it ends inside its header")
@@ -175,41 +188,49 @@ def _read_header(f: Any, path: str, total: int) -> tuple[int, int, dict[str, Any
         header = json.loads(raw)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, 4300-digit ints
         raise _damaged(path, f"its header is not valid JSON: {str(e)[:100]}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("state"), dict) or \
-            not isinstance(header.get("arrays"), dict):
-        raise _damaged(path, "its header lacks the \"state\" and \"arrays\" objects")
+    if (
+        not isinstance(header, dict)
+        or not isinstance(header.get("state"), dict)
+        or not isinstance(header.get("arrays"), dict)
+    ):
+        raise _damaged(path, 'its header lacks the "state" and "arrays" objects')
     return version, _aligned(prefix + length), header
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_shape(shape: Any) -> bool:
+def _is_shape(shape: Any) -> TypeGuard[list[int]]:
     return isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(_is_int(n) and n >= 0 for n in shape)
 
 
-def _array_layout(key: str, spec: Any, version: int, path: str, start: int,
-                  total: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+def _array_layout(
+    key: str, spec: Any, version: int, path: str, start: int, total: int
+) -> tuple[np.dtype, tuple[int, ...], int, int]:
     """(dtype, shape, first byte, byte count) of one array entry, every number checked against
     the file's size with Python integers (no overflow) before anything is mapped."""
     if not isinstance(spec, dict):
         raise _damaged(path, f"array {key!r} has no layout")
     if not isinstance(spec.get("dtype"), str) or spec["dtype"] not in _DTYPES:
-        raise CheckpointError(f"checkpoint {path}: array {key!r} has an unexpected dtype {str(spec.get('dtype'))[:40]} "
-                              f"(expected one of {sorted(_DTYPES)}); it is damaged or not ours")
+        raise CheckpointError(
+            f"checkpoint {path}: array {key!r} has an unexpected dtype {str(spec.get('dtype'))[:40]} "
+            f"(expected one of {sorted(_DTYPES)}); it is damaged or not ours"
+        )
     dtype, shape, offset = np.dtype(spec["dtype"]), spec.get("shape"), spec.get("offset")
-    span = math.prod(max(n, 1) for n in shape) * dtype.itemsize if _is_shape(shape) else _MAX_BYTES
+    span = _MAX_BYTES
+    if _is_shape(shape):
+        span = math.prod(max(n, 1) for n in shape) * dtype.itemsize
     if span >= _MAX_BYTES:  # also for an empty array: numpy refuses larger shapes with a ValueError
         raise _damaged(path, f"array {key!r} has an impossible shape {str(shape)[:60]}")
     if not _is_int(offset) or not 0 <= offset <= total:
         raise _damaged(path, f"array {key!r} has an impossible offset {str(offset)[:40]}")
     if version == 2 and not (_is_int(spec.get("crc32")) and 0 <= spec["crc32"] < 1 << 32):
         raise _damaged(path, f"array {key!r} has no checksum")
+    assert isinstance(shape, list)  # _is_shape held: the span check raised otherwise
     nbytes = span if 0 not in shape else 0
     if start + offset + nbytes > total:
-        raise CheckpointError(f"checkpoint {path} is truncated (array {key!r} ends past its end); "
-                              "use an earlier one")
+        raise CheckpointError(f"checkpoint {path} is truncated (array {key!r} ends past its end); use an earlier one")
     return dtype, tuple(shape), start + offset, nbytes
 
 
@@ -220,10 +241,11 @@ def _verify(f: Any, begin: int, nbytes: int, expected: int, path: str, key: str)
     buf = bytearray(min(nbytes, _READ))
     view, crc, left = memoryview(buf), 0, nbytes
     while left:
-        got = f.readinto(view[:min(left, len(buf))])
+        got = f.readinto(view[: min(left, len(buf))])
         if not got:
-            raise CheckpointError(f"checkpoint {path} is truncated (array {key!r} ends past its end); "
-                                  "use an earlier one")
+            raise CheckpointError(
+                f"checkpoint {path} is truncated (array {key!r} ends past its end); use an earlier one"
+            )
         crc = zlib.crc32(view[:got], crc)
         left -= got
     if crc != expected:
@@ -245,13 +267,19 @@ def load_state(path: str) -> dict[str, Any]:
                 dtype, shape, begin, nbytes = _array_layout(key, spec, version, path, start, total)
                 if version == 2:
                     _verify(f, begin, nbytes, spec["crc32"], path, key)
-                state[key] = (np.memmap(f, dtype=dtype, mode="r", offset=begin, shape=shape) if nbytes
-                              else np.zeros(shape, dtype=dtype))
+                state[key] = (
+                    np.memmap(f, dtype=dtype, mode="r", offset=begin, shape=shape)
+                    if nbytes
+                    else np.zeros(shape, dtype=dtype)
+                )
         except OSError as e:
             raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     if version == 1:
-        log.info("%s was written by an older version (IBSTATE1) and carries no checksums: damage to it "
-                 "cannot be detected; ib.save() it again to add them", path)
+        log.info(
+            "%s was written by an older version (IBSTATE1) and carries no checksums: damage to it "
+            "cannot be detected; ib.save() it again to add them",
+            path,
+        )
     return state
 
 
@@ -281,8 +309,10 @@ def _where(state: Any) -> str:
 
 
 def _field_error(where: str, key: str, what: str) -> CheckpointError:
-    return CheckpointError(f"{where}state field {key!r} {what}: the state is damaged or not from ib.state_dict(); "
-                           "use an earlier checkpoint")
+    return CheckpointError(
+        f"{where}state field {key!r} {what}: the state is damaged or not from ib.state_dict(); "
+        "use an earlier checkpoint"
+    )
 
 
 def state_array(state: dict[str, Any], key: str, dtype: Any, length: int | None, where: str = "") -> np.ndarray:
@@ -327,23 +357,29 @@ def _check_stats(value: Any, where: str) -> None:
     counts as integers >= 0 and the threshold a number or None."""
     from dataclasses import MISSING, fields
 
-
     known = {f.name: f for f in fields(EpochStats)}
     required = {name for name, f in known.items() if f.default is MISSING}
     if not isinstance(value, list):
         raise _field_error(where, "stats", f"is {str(value)[:40]}, expected a list of per-epoch stats")
     for i, entry in enumerate(value):
         if not isinstance(entry, dict) or not required <= entry.keys() or not entry.keys() <= known.keys():
-            raise _field_error(where, "stats", f"entry {i} is not an ib.stats() epoch (needs {sorted(required)}, "
-                                               f"got {str(entry)[:80]})")
+            raise _field_error(
+                where,
+                "stats",
+                f"entry {i} is not an ib.stats() epoch (needs {sorted(required)}, got {str(entry)[:80]})",
+            )
         for name, v in entry.items():
             if name == "threshold":
                 ok = v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool))
             else:
                 ok = _is_int(v) and 0 <= v < _NEVER_NEGATIVE
             if not ok:
-                raise _field_error(where, "stats", f"entry {i} has {name} = {str(v)[:40]}, expected "
-                                                   + ("a number or null" if name == "threshold" else "an integer >= 0"))
+                raise _field_error(
+                    where,
+                    "stats",
+                    f"entry {i} has {name} = {str(v)[:40]}, expected "
+                    + ("a number or null" if name == "threshold" else "an integer >= 0"),
+                )
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -360,7 +396,7 @@ def _kept_in_plan(keep: np.ndarray, first: np.ndarray) -> np.ndarray:
     ones = np.zeros(len(first), dtype=np.int64)  # keep bits in the whole bytes before each boundary
     running = 0
     for b0 in range(0, len(keep), _BYTES):
-        cum = np.cumsum(_POPCOUNT[keep[b0:b0 + _BYTES]], dtype=np.int64)
+        cum = np.cumsum(_POPCOUNT[keep[b0 : b0 + _BYTES]], dtype=np.int64)
         inside = (byte > b0) & (byte <= b0 + len(cum))
         ones[inside] = running + cum[byte[inside] - b0 - 1]
         running += int(cum[-1])
@@ -373,11 +409,12 @@ def _check_kept(state: dict[str, Any], index: Any, plan: np.ndarray, where: str)
     """``kept_per_shard`` must be what the plan's keep bits count per shard: the epoch is split
     over ranks and workers by it, so a wrong count would lose samples or make ranks uneven."""
     kept = state_array(state, "kept_per_shard", np.int64, index.num_shards, where)
-    counted = _kept_in_plan(plan[:len(plan) // 2], np.asarray(index.shard_first, dtype=np.int64))
+    counted = _kept_in_plan(plan[: len(plan) // 2], np.asarray(index.shard_first, dtype=np.int64))
     if not np.array_equal(kept, counted):
         bad = int(np.flatnonzero(kept != counted)[0])
-        raise _field_error(where, "kept_per_shard",
-                           f"says shard {bad} keeps {kept[bad]} samples, the plan's keep bits {counted[bad]}")
+        raise _field_error(
+            where, "kept_per_shard", f"says shard {bad} keeps {kept[bad]} samples, the plan's keep bits {counted[bad]}"
+        )
 
 
 def _check_pending(state: dict[str, Any], n: int, where: str) -> None:
@@ -396,15 +433,20 @@ def check_state(state: dict[str, Any], index: Any) -> None:
     type, dtype and length here, so a damaged or hand-made state fails naming the field rather
     than halfway through restoring."""
     if not isinstance(state, dict) or not _is_int(state.get("format")) or state.get("format") != 1:
-        raise CheckpointError(f"{_where(state)}not an InfoBatch state (expected the dict from ib.state_dict() or a "
-                              "file from ib.save())")
+        raise CheckpointError(
+            f"{_where(state)}not an InfoBatch state (expected the dict from ib.state_dict() or a file from ib.save())"
+        )
     where, n = _where(state), index.num_samples
-    if state.get("index_fingerprint") != index.fingerprint or not _is_int(state.get("num_samples")) or \
-            state["num_samples"] != n:
+    if (
+        state.get("index_fingerprint") != index.fingerprint
+        or not _is_int(state.get("num_samples"))
+        or state["num_samples"] != n
+    ):
         raise CheckpointError(
             f"{where}this state was saved for another index ({str(state.get('num_samples'))[:20]} samples, fingerprint "
             f"{str(state.get('index_fingerprint'))[:12]}); this InfoBatch's index {index.path or '<memory>'} has "
-            f"{n} samples, fingerprint {index.fingerprint[:12]}: load it with the index it was saved with")
+            f"{n} samples, fingerprint {index.fingerprint[:12]}: load it with the index it was saved with"
+        )
     check_config(state.get("config"), where)
     check_int(state, "epoch", where)
     check_int(state, "updates", where)

@@ -26,9 +26,9 @@ class EpochControl:
         self._shared = shared
 
     @classmethod
-    def create(cls, num_shards: int) -> "EpochControl":
+    def create(cls, num_shards: int) -> EpochControl:
         shared = SharedArray.create(_HEADER + MAX_WORKERS * (1 + _IO) + num_shards, np.int64, tag="control")
-        shared.array[_HEADER:_HEADER + MAX_WORKERS] = -1
+        shared.array[_HEADER : _HEADER + MAX_WORKERS] = -1
         shared.array[_WORLD] = 1
         return cls(shared)
 
@@ -46,7 +46,7 @@ class EpochControl:
 
     @property
     def threshold(self) -> float:
-        return float(self._a[_THRESHOLD:_THRESHOLD + 1].view(np.float64)[0])
+        return float(self._a[_THRESHOLD : _THRESHOLD + 1].view(np.float64)[0])
 
     @property
     def rank(self) -> int:
@@ -64,11 +64,11 @@ class EpochControl:
 
     @property
     def kept_per_shard(self) -> np.ndarray:
-        return self._a[_HEADER + MAX_WORKERS * (1 + _IO):]
+        return self._a[_HEADER + MAX_WORKERS * (1 + _IO) :]
 
     @property
     def _io(self) -> np.ndarray:
-        return self._a[_HEADER + MAX_WORKERS:_HEADER + MAX_WORKERS * (1 + _IO)].reshape(MAX_WORKERS, _IO)
+        return self._a[_HEADER + MAX_WORKERS : _HEADER + MAX_WORKERS * (1 + _IO)].reshape(MAX_WORKERS, _IO)
 
     def add_io(self, worker: int, generation: int | None = None, **counts: int) -> None:
         """Add to this worker's I/O counters (each worker writes only its own row). Counts from a
@@ -85,15 +85,16 @@ class EpochControl:
         sums = self._io.sum(axis=0)
         return {name: int(v) for name, v in zip(IO_FIELDS, sums)}
 
-    def publish(self, epoch: int, threshold: float, kept_per_shard: np.ndarray, rank: int = 0,
-                world_size: int = 1) -> None:
+    def publish(
+        self, epoch: int, threshold: float, kept_per_shard: np.ndarray, rank: int = 0, world_size: int = 1
+    ) -> None:
         """Make a new epoch visible to workers that start a pass after this returns.
 
         The generation (bumped last) identifies the epoch for the repeated-pass marks."""
         a = self._a
         a[_EPOCH] = epoch
         a[_RANK], a[_WORLD] = rank, world_size
-        a[_THRESHOLD:_THRESHOLD + 1].view(np.float64)[0] = threshold
+        a[_THRESHOLD : _THRESHOLD + 1].view(np.float64)[0] = threshold
         a[_REPEATS] = 0
         self._io[:] = 0
         self.kept_per_shard[:] = kept_per_shard
@@ -129,7 +130,7 @@ class EpochPlan:
         self._nbytes = (num_slots + 7) // 8
 
     @classmethod
-    def create(cls, num_slots: int) -> "EpochPlan":
+    def create(cls, num_slots: int) -> EpochPlan:
         return cls(SharedArray.create(2 * ((num_slots + 7) // 8), np.uint8, tag="plan"), num_slots)
 
     @property
@@ -142,21 +143,21 @@ class EpochPlan:
         a = self._shared.array
         b0 = lo // 8
         packed_keep, packed_boost = np.packbits(keep), np.packbits(boosted)
-        a[b0:b0 + len(packed_keep)] = packed_keep
-        a[self._nbytes + b0:self._nbytes + b0 + len(packed_boost)] = packed_boost
+        a[b0 : b0 + len(packed_keep)] = packed_keep
+        a[self._nbytes + b0 : self._nbytes + b0 + len(packed_boost)] = packed_boost
 
     def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         a = self._shared.array
         b0, b1, skip = lo // 8, (hi + 7) // 8, lo % 8
-        keep = np.unpackbits(a[b0:b1])[skip:skip + hi - lo].astype(bool)
-        boosted = np.unpackbits(a[self._nbytes + b0:self._nbytes + b1])[skip:skip + hi - lo].astype(bool)
+        keep = np.unpackbits(a[b0:b1])[skip : skip + hi - lo].astype(bool)
+        boosted = np.unpackbits(a[self._nbytes + b0 : self._nbytes + b1])[skip : skip + hi - lo].astype(bool)
         return keep, boosted
 
     def packed(self, lo: int, hi: int) -> np.ndarray:
         """The bytes of slots ``[lo, hi)`` (``lo`` a multiple of 8): keep bytes, then boosted bytes."""
         a = self._shared.array
         b0, b1 = lo // 8, (hi + 7) // 8
-        return np.concatenate([a[b0:b1], a[self._nbytes + b0:self._nbytes + b1]])
+        return np.concatenate([a[b0:b1], a[self._nbytes + b0 : self._nbytes + b1]])
 
     def write_packed(self, lo: int, hi: int, offset: int, chunk: np.ndarray) -> None:
         """Write bytes ``[offset, offset + len(chunk))`` of what :meth:`packed` gave for ``[lo, hi)``."""
@@ -165,10 +166,10 @@ class EpochPlan:
         end = offset + len(chunk)
         if offset < width:  # keep bytes
             k = min(end, width)
-            a[b0 + offset:b0 + k] = chunk[:k - offset]
+            a[b0 + offset : b0 + k] = chunk[: k - offset]
         if end > width:  # boosted bytes
             start = max(offset, width)
-            a[self._nbytes + b0 + start - width:self._nbytes + b0 + end - width] = chunk[start - offset:]
+            a[self._nbytes + b0 + start - width : self._nbytes + b0 + end - width] = chunk[start - offset :]
 
     @property
     def nbytes(self) -> int:

@@ -17,8 +17,9 @@ batcher that just emitted a batch (``wds.batched``, or the DataLoader's own batc
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch.utils.data import IterableDataset
@@ -54,9 +55,16 @@ class Cursor:
     buffer: list[int] = field(default_factory=list)  # share ordinals in the shuffle buffer, in order
 
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "rank": self.rank, "world_size": self.world_size, "worker": self.worker,
-                "num_workers": self.num_workers, "position": self.position, "step": self.step,
-                "buffer": list(self.buffer)}
+        return {
+            "epoch": self.epoch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "worker": self.worker,
+            "num_workers": self.num_workers,
+            "position": self.position,
+            "step": self.step,
+            "buffer": list(self.buffer),
+        }
 
 
 def skip(parts: list[Part], n: int) -> list[Part]:
@@ -88,9 +96,14 @@ class ResumableDataset(IterableDataset):
     """``ib.dataset(*stages, shuffle=n)``: read, shuffle and process this worker's share of the
     epoch, with ``state_dict``/``load_state_dict`` for an exact resume."""
 
-    def __init__(self, ib: "InfoBatch", stages: tuple[Callable[[Iterable], Iterable], ...], shuffle: int = 0,
-                 handler: Callable[[Exception], bool] = reraise_exception,
-                 options: ReadOptions = ReadOptions()) -> None:
+    def __init__(
+        self,
+        ib: InfoBatch,
+        stages: tuple[Callable[[Iterable], Iterable], ...],
+        shuffle: int = 0,
+        handler: Callable[[Exception], bool] = reraise_exception,
+        options: ReadOptions = ReadOptions(),
+    ) -> None:
         if shuffle < 0:
             raise ValueError(f"shuffle must be a buffer size >= 0, got {shuffle}")
         self.ib, self.stages, self.shuffle = ib, stages, shuffle
@@ -126,7 +139,8 @@ class ResumableDataset(IterableDataset):
             if where != here:
                 raise ValueError(
                     f"cannot resume epoch {epoch} exactly: the state was saved by {where}, this loader runs as "
-                    f"{here}; resume with the same world size and num_workers (or at an epoch boundary)")
+                    f"{here}; resume with the same world size and num_workers (or at an epoch boundary)"
+                )
             cursor.position, cursor.step = int(resume["position"]), int(resume["step"])
             cursor.buffer = [int(i) for i in resume["buffer"]]
         parts = epoch_parts(ib)
@@ -135,8 +149,15 @@ class ResumableDataset(IterableDataset):
         self._cursor = cursor
         return cursor, [p for p in parts if p.stop > p.first], thresh
 
-    def _read(self, parts: list[Part], ordinal: int, thresh: float, epoch: int, generation: int,
-              only: list[tuple[int, np.ndarray, list[int]]] | None = None) -> Iterator[tuple[int, dict]]:
+    def _read(
+        self,
+        parts: list[Part],
+        ordinal: int,
+        thresh: float,
+        epoch: int,
+        generation: int,
+        only: list[tuple[int, np.ndarray, list[int]]] | None = None,
+    ) -> Iterator[tuple[int, dict]]:
         """``(share ordinal, sample)`` from ``parts`` starting at share ordinal ``ordinal``, or
         the samples listed in ``only`` (from :func:`locate`). The reader reads ahead across the
         parts; a shard's failure goes to the handler (WebDataset's semantics: True goes on with
@@ -144,15 +165,17 @@ class ResumableDataset(IterableDataset):
         urls = self.ib.index.urls
         if only is None:
             requests = [ShardRequest(urls[p.shard], p.shard, (p.first, p.stop)) for p in skip(parts, ordinal)]
-            for sample in read_requests(self.ib, requests, epoch, thresh, self.options, handler=self._handle,
-                                        generation=generation):
+            for sample in read_requests(
+                self.ib, requests, epoch, thresh, self.options, handler=self._handle, generation=generation
+            ):
                 yield ordinal, sample
                 ordinal += 1
             return
         requests = [ShardRequest(urls[parts[i].shard], parts[i].shard, only=kept) for i, kept, _ in only]
         shares = {id(r): iter(share) for r, (_, _, share) in zip(requests, only)}  # in the order read
-        for req, sample in read_requests(self.ib, requests, epoch, thresh, self.options, handler=self._handle,
-                                         generation=generation, tagged=True):
+        for req, sample in read_requests(
+            self.ib, requests, epoch, thresh, self.options, handler=self._handle, generation=generation, tagged=True
+        ):
             yield next(shares[id(req)]), sample
 
     def _handle(self, exn: Exception) -> bool:

@@ -12,8 +12,9 @@ import io
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,8 @@ def digits_as_uint8(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     digits = load_digits()
     images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
     x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=0.25, random_state=seed, stratify=digits.target)
+        images, digits.target, test_size=0.25, random_state=seed, stratify=digits.target
+    )
     return x_train, y_train, x_test, y_test
 
 
@@ -116,15 +118,21 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((pred == y).mean())
 
 
-def train(name: str, pipeline: wds.DataPipeline, cfg: DemoConfig, test: tuple[np.ndarray, np.ndarray],
-          ib: InfoBatch | None = None) -> RunResult:
+def train(
+    name: str,
+    pipeline: wds.DataPipeline,
+    cfg: DemoConfig,
+    test: tuple[np.ndarray, np.ndarray],
+    ib: InfoBatch | None = None,
+) -> RunResult:
     """One training run; ``ib`` switches the loss to InfoBatch's weighted per-sample loss."""
     torch.manual_seed(cfg.seed)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
     criterion = nn.CrossEntropyLoss(reduction="none")
-    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.workers,
-                                         persistent_workers=cfg.workers > 0)
+    loader = torch.utils.data.DataLoader(
+        pipeline, batch_size=None, num_workers=cfg.workers, persistent_workers=cfg.workers > 0
+    )
     samples = steps = 0
     start = time.perf_counter()
     epochs: Any = range(cfg.epochs)
@@ -158,7 +166,10 @@ def format_table(results: list[RunResult]) -> str:
     ]
     for r in results:
         saved = 1.0 - r.samples / full.samples
-        lines.append(f"| {r.name} | {100 * r.accuracy:.2f}% | {r.samples:,} | {r.steps:,} | {r.seconds:.1f} | {100 * saved:.1f}% |")
+        lines.append(
+            f"| {r.name} | {100 * r.accuracy:.2f}% | {r.samples:,} | {r.steps:,} | {r.seconds:.1f} | "
+            f"{100 * saved:.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -166,8 +177,10 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> list[RunRe
     """Write shards, index them, train twice, print the comparison table."""
     urls, x_test, y_test = write_digits_shards(cfg.out, cfg.shards, cfg.seed)
     index = build_index(urls, os.path.join(cfg.out, "index.json"))
-    echo(f"wrote {index.num_samples} training digits as PNG in {index.num_shards} shards under {cfg.out}/, "
-         f"{len(y_test)} held out for testing")
+    echo(
+        f"wrote {index.num_samples} training digits as PNG in {index.num_shards} shards under {cfg.out}/, "
+        f"{len(y_test)} held out for testing"
+    )
     full = train("full data", plain_pipeline(urls, cfg), cfg, (x_test, y_test))
     ib = InfoBatch(index, num_epochs=cfg.epochs, prune_ratio=cfg.prune_ratio, delta=cfg.delta, seed=cfg.seed)
     pruned = train("InfoBatch", infobatch_pipeline(ib, cfg), cfg, (x_test, y_test), ib=ib)
@@ -176,6 +189,8 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> list[RunRe
     stats = ib.stats()
     pruning = [s for s in stats if s["pruned"] > 0]
     if pruning:
-        echo(f"InfoBatch pruned in {len(pruning)} of {cfg.epochs} epochs, "
-             f"{np.mean([s['pruned'] / s['total'] for s in pruning]):.1%} of the data per pruning epoch on average")
+        echo(
+            f"InfoBatch pruned in {len(pruning)} of {cfg.epochs} epochs, "
+            f"{np.mean([s['pruned'] / s['total'] for s in pruning]):.1%} of the data per pruning epoch on average"
+        )
     return results

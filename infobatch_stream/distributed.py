@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,8 +54,9 @@ def _device() -> torch.device:
 UPDATE = np.dtype([("slot", "<i8"), ("loss", "<f4")])  # 12 bytes, no padding
 
 
-def all_gather_bytes(data: np.ndarray, apply: Callable[[int, int, np.ndarray], None], item: int = 1,
-                     round_bytes: int = ROUND_BYTES) -> list[int]:
+def all_gather_bytes(
+    data: np.ndarray, apply: Callable[[int, int, np.ndarray], None], item: int = 1, round_bytes: int = ROUND_BYTES
+) -> list[int]:
     """Every rank's ``data`` (uint8, any length), handed to ``apply(rank, offset, chunk)`` round
     by round (a collective). Chunks hold whole items of ``item`` bytes; at most ``round_bytes``
     arrive per round whatever the world size, so memory stays bounded. Every rank sees the same
@@ -71,8 +73,8 @@ def all_gather_bytes(data: np.ndarray, apply: Callable[[int, int, np.ndarray], N
     for start in range(0, max(sizes), step):
         width = min(step, max(sizes) - start)
         send = np.zeros(width, dtype=np.uint8)
-        mine = data[start:start + width]
-        send[:len(mine)] = mine
+        mine = data[start : start + width]
+        send[: len(mine)] = mine
         got = torch.empty((size, width), dtype=torch.uint8, device=device)
         dist.all_gather(list(got.unbind(0)), torch.from_numpy(send).to(device))
         host = got.cpu().numpy()  # one device-to-host copy per round
@@ -90,8 +92,9 @@ def pack_updates(slots: np.ndarray, values: np.ndarray) -> np.ndarray:
     return packed
 
 
-def exchange_updates(packed: np.ndarray, apply: Callable[[np.ndarray, np.ndarray], None],
-                     round_bytes: int = ROUND_BYTES) -> int:
+def exchange_updates(
+    packed: np.ndarray, apply: Callable[[np.ndarray, np.ndarray], None], round_bytes: int = ROUND_BYTES
+) -> int:
     """All ranks' updates (``packed`` by :func:`pack_updates`), handed to ``apply(slots, values)``
     in pieces (a collective). Every rank sees the same sequence of pieces and a rank's own
     updates keep their order. Returns the number of updates."""
@@ -100,12 +103,15 @@ def exchange_updates(packed: np.ndarray, apply: Callable[[np.ndarray, np.ndarray
         updates = chunk.view(UPDATE)
         apply(updates["slot"], updates["loss"])
 
-    sizes = all_gather_bytes(np.ascontiguousarray(packed, dtype=UPDATE).view(np.uint8), unpack, UPDATE.itemsize,
-                             round_bytes)
+    sizes = all_gather_bytes(
+        np.ascontiguousarray(packed, dtype=UPDATE).view(np.uint8), unpack, UPDATE.itemsize, round_bytes
+    )
     return sum(sizes) // UPDATE.itemsize
 
 
-def all_gather_updates(slots: np.ndarray, values: np.ndarray, round_bytes: int = ROUND_BYTES) -> tuple[np.ndarray, np.ndarray]:
+def all_gather_updates(
+    slots: np.ndarray, values: np.ndarray, round_bytes: int = ROUND_BYTES
+) -> tuple[np.ndarray, np.ndarray]:
     """Every rank's updates, concatenated in the order :func:`exchange_updates` applies them."""
     parts: list[tuple[np.ndarray, np.ndarray]] = []
     exchange_updates(pack_updates(slots, values), lambda s, v: parts.append((s.copy(), v.copy())), round_bytes)
@@ -177,17 +183,25 @@ def differences(values: list[dict[str, Any]], shown: list[dict[str, str]] | None
             else:
                 groups.append((v, [r]))
         if len(groups) > 1:
-            def text(v: Any, r: int) -> str:
+
+            def text(v: Any, r: int, key: str = key) -> str:
                 return shown[r][key] if shown and key in shown[r] else repr(v)
-            holders = ", ".join(f"{ranks_phrase(rs)} {'has' if len(rs) == 1 else 'have'} {text(v, rs[0])}"
-                                for v, rs in groups)
+
+            holders = ", ".join(
+                f"{ranks_phrase(rs)} {'has' if len(rs) == 1 else 'have'} {text(v, rs[0])}" for v, rs in groups
+            )
             out.append((key, f"{key} differs across ranks: {holders}"))
     return out
 
 
-def agree(values: dict[str, Any], hints: dict[str, str], shown: dict[str, str] | None = None,
-          failure: BaseException | None = None, peer_error: type[Exception] = RuntimeError,
-          extra: Any = None) -> list[Any]:
+def agree(
+    values: dict[str, Any],
+    hints: dict[str, str],
+    shown: dict[str, str] | None = None,
+    failure: BaseException | None = None,
+    peer_error: type[Exception] = RuntimeError,
+    extra: Any = None,
+) -> list[Any]:
     """Check that every rank passes equal ``values`` (one collective: a gather of small dicts).
 
     Raises on every rank, so that none goes on into a collective the others never join:
@@ -215,8 +229,10 @@ def agree(values: dict[str, Any], hints: dict[str, str], shown: dict[str, str] |
         raise failure
     failed = [r for r, g in enumerate(gathered) if g[2] is not None]
     if failed:
-        raise peer_error(f"{ranks_phrase(failed)} failed in {values.get('call')} ({gathered[failed[0]][2]}); "
-                         "this rank stops too rather than wait for it in a collective")
+        raise peer_error(
+            f"{ranks_phrase(failed)} failed in {values.get('call')} ({gathered[failed[0]][2]}); "
+            "this rank stops too rather than wait for it in a collective"
+        )
     differ = differences([g[0] for g in gathered], every_shown)
     if differ:
         said = dict.fromkeys(hints.get(key, hints["*"]) for key, _ in differ)
@@ -288,7 +304,9 @@ def _share(create: Callable[[], list[SharedArray]], rank: int, size: int) -> tup
             failure = e
     described: list = [None] * size
     torch.distributed.all_gather_object(
-        described, _describe(mine) if mine is not None else (f"{type(failure).__name__}: {failure}" if failure else None))
+        described,
+        _describe(mine) if mine is not None else (f"{type(failure).__name__}: {failure}" if failure else None),
+    )
     if failure is not None:
         raise failure
     if isinstance(described[leader], str):
@@ -297,8 +315,12 @@ def _share(create: Callable[[], list[SharedArray]], rank: int, size: int) -> tup
         return mine, True
     attached = _attach(described[leader])
     if attached is None:
-        log.warning("rank %d cannot see the shared store of rank %d on node %s (another /dev/shm?): "
-                    "keeping its own copy", rank, leader, node)
+        log.warning(
+            "rank %d cannot see the shared store of rank %d on node %s (another /dev/shm?): keeping its own copy",
+            rank,
+            leader,
+            node,
+        )
         return create(), True
     log.info("rank %d shares rank %d's store and plan", rank, leader)
     return attached, False

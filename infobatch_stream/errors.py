@@ -8,7 +8,7 @@ clauses keep working. Messages name the file, shard or key and say what to do.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class InfoBatchError(Exception):

@@ -14,9 +14,9 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -110,8 +110,10 @@ def _scan_one(url: str) -> ScanResult:
         if compression is not None and seen is not None:
             scan.filesize = seen.size  # what is stored: stale-index checks compare it
         elif seen is not None and seen.size != scan.filesize:
-            raise TarFormatError(f"{url}: the object is {seen.size} bytes but {scan.filesize} arrived; it changed "
-                                 "while being indexed or the server is broken: index it again")
+            raise TarFormatError(
+                f"{url}: the object is {seen.size} bytes but {scan.filesize} arrived; it changed "
+                "while being indexed or the server is broken: index it again"
+            )
         return scan, None, None if seen is None else seen.etag, compression, _serves_ranges(url, scan, compression)
     finally:
         if hasattr(raw, "ignore_errors"):
@@ -122,8 +124,14 @@ def _scan_one(url: str) -> ScanResult:
 class DatasetIndex:
     """Shards, samples and their byte ranges; arrays are memory-mapped when loaded from disk."""
 
-    def __init__(self, shards: list[ShardInfo], arrays: dict[str, np.ndarray], suffixes: list[str],
-                 path: str | None = None, fingerprint: str | None = None) -> None:
+    def __init__(
+        self,
+        shards: list[ShardInfo],
+        arrays: dict[str, np.ndarray],
+        suffixes: list[str],
+        path: str | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
         self.shards = shards
         self.suffixes = suffixes
         self.path = path
@@ -138,7 +146,10 @@ class DatasetIndex:
         self._keys_cache: tuple[int, list[str]] | None = None
         self._checked: set[int] = set()  # shards whose rows this process has checked
         self._changed: str | None = None  # why the arrays reopened by a worker are not these
-        indexcheck.check_layout(self._arrays, self.num_samples, path or "<memory>")
+        if self._arrays is not None and set(indexcheck.DTYPES) <= set(self._arrays):
+            # (an index made in memory without the per-sample arrays, e.g. for planning benchmarks, can plan
+            # but not read)
+            indexcheck.check_layout(self._arrays, self.num_samples, path or "<memory>")
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -178,13 +189,15 @@ class DatasetIndex:
         lo, hi = self.slots(shard)
         info = self.shards[shard]
         where = f"{self.path or '<memory>'} (shard {info.url})"
-        indexcheck.check_shard(self._arrays, lo, hi, info.filesize, info.compression is not None, len(self.suffixes),
-                               where)
+        indexcheck.check_shard(
+            self._arrays, lo, hi, info.filesize, info.compression is not None, len(self.suffixes), where
+        )
         if info.crc is not None and indexcheck.shard_crc(self._arrays, lo, hi) != info.crc:
             raise IndexMismatchError(
                 f"index {where}: the shard's rows do not match their checksum: the arrays were damaged, or the "
                 "index was rebuilt at this path after this run loaded it (restart the run), or "
-                "rebuild it with `infobatch-stream index`")
+                "rebuild it with `infobatch-stream index`"
+            )
         self._checked.add(shard)
 
     def keys(self, shard: int) -> list[str]:
@@ -193,8 +206,8 @@ class DatasetIndex:
             return self._keys_cache[1]
         self.check_shard(shard)
         lo, hi = self.slots(shard)
-        offsets = np.asarray(self._arrays["key_offsets"][lo:hi + 1])
-        blob = self._arrays["keys"][offsets[0]:offsets[-1]].tobytes()
+        offsets = np.asarray(self._arrays["key_offsets"][lo : hi + 1])
+        blob = self._arrays["keys"][offsets[0] : offsets[-1]].tobytes()
         rel = (offsets - offsets[0]).tolist()
         keys = [blob[a:b].decode("utf-8", "surrogateescape") for a, b in zip(rel[:-1], rel[1:])]
         self._keys_cache = (shard, keys)
@@ -239,7 +252,8 @@ class DatasetIndex:
         if _is_local(local) and os.path.exists(local) and expected and os.path.getsize(local) != expected:
             raise IndexMismatchError(
                 f"shard {candidate} has the file name of the indexed {self.shards[shard].url} but is "
-                f"{os.path.getsize(local)} bytes, not {expected}: it is another shard; index it or read the indexed one")
+                f"{os.path.getsize(local)} bytes, not {expected}: it is another shard; index it or read the indexed one"
+            )
 
     def _resolve_url(self, url: str) -> int:
         lookup = self._url_lookup or {}
@@ -267,8 +281,10 @@ class DatasetIndex:
             hit = self._base_lookup.get(os.path.basename(_strip_file_scheme(candidate)))
             if hit is not None:
                 self._check_same_file(candidate, hit)
-                message = (f"shard {url} is not at an indexed path; matched the index entry {self.shards[hit].url} "
-                           "by its file name (a moved copy of the same shard)")
+                message = (
+                    f"shard {url} is not at an indexed path; matched the index entry {self.shards[hit].url} "
+                    "by its file name (a moved copy of the same shard)"
+                )
                 log.warning(message)
                 warnings.warn(message, RuntimeWarning, stacklevel=4)
                 return hit
@@ -336,7 +352,7 @@ class DatasetIndex:
         self.path = path
 
     @classmethod
-    def load(cls, path: str, *, allow_pipes: bool = False) -> "DatasetIndex":
+    def load(cls, path: str, *, allow_pipes: bool = False) -> DatasetIndex:
         """Open a saved index; the per-sample arrays are memory-mapped, not read (never unpickled).
 
         ``pipe:`` shard URLs run shell commands when read, so an index that lists them is refused
@@ -345,7 +361,8 @@ class DatasetIndex:
         if os.path.isdir(path):
             raise IndexMismatchError(
                 f"{path} is a folder, not an index: build one with `infobatch-stream index '{path}/*.tar' -o "
-                f"{os.path.join(path, 'index.json')}` and pass that JSON file")
+                f"{os.path.join(path, 'index.json')}` and pass that JSON file"
+            )
         try:
             with open(path, encoding="utf-8") as f:
                 doc = json.load(f)
@@ -355,9 +372,12 @@ class DatasetIndex:
             raise IndexMismatchError(
                 f"{path} is not an index JSON (binary content{', a tar shard?' if path.endswith('.tar') else ''}): "
                 f"build the index with `infobatch-stream index 'shards/*.tar' -o shards/index.json` and pass "
-                "that file") from None
+                "that file"
+            ) from None
         except json.JSONDecodeError as e:
-            raise IndexMismatchError(f"index {path} is not valid JSON ({e}); rebuild it with `infobatch-stream index`") from None
+            raise IndexMismatchError(
+                f"index {path} is not valid JSON ({e}); rebuild it with `infobatch-stream index`"
+            ) from None
         except RecursionError:
             raise IndexMismatchError(f"index {path} is nested too deeply to be an index; rebuild it") from None
         ours = doc.get("infobatch_stream") if isinstance(doc, dict) else None
@@ -367,17 +387,26 @@ class DatasetIndex:
                 "build one with `infobatch-stream index`"
             )
         if ours.get("format") != FORMAT_VERSION:
-            raise IndexMismatchError(f"index {path} has format {ours.get('format')}, expected {FORMAT_VERSION}; rebuild it")
+            raise IndexMismatchError(
+                f"index {path} has format {ours.get('format')}, expected {FORMAT_VERSION}; rebuild it"
+            )
         shards, written = _shard_list(doc, path)
         pipes = [u for u in written if runs_command(u)]  # as written, and as WebDataset's gopen would open it
         if pipes and not allow_pipes:
             raise PermissionError(
                 f"index {path} lists {len(pipes)} shard URLs that run shell commands (e.g. {pipes[0]!r}); load it with "
-                "allow_pipes=True (InfoBatch(..., allow_pipes=True)) only if you trust whoever wrote it")
+                "allow_pipes=True (InfoBatch(..., allow_pipes=True)) only if you trust whoever wrote it"
+            )
         arrays_dir = ours.get("arrays")
-        if not isinstance(arrays_dir, str) or os.path.basename(arrays_dir) != arrays_dir or arrays_dir in ("", ".", ".."):
-            raise IndexMismatchError(f"index {path}: its arrays folder {arrays_dir!r} is not a folder name next to it; "
-                                     "rebuild it with `infobatch-stream index`")
+        if (
+            not isinstance(arrays_dir, str)
+            or os.path.basename(arrays_dir) != arrays_dir
+            or arrays_dir in ("", ".", "..")
+        ):
+            raise IndexMismatchError(
+                f"index {path}: its arrays folder {arrays_dir!r} is not a folder name next to it; "
+                "rebuild it with `infobatch-stream index`"
+            )
         sidecar = os.path.join(os.path.dirname(path), arrays_dir)
         arrays = {}
         for name in _ARRAYS:
@@ -387,10 +416,15 @@ class DatasetIndex:
             except FileNotFoundError:
                 raise IndexMismatchError(f"index {path}: missing array file {file}; rebuild the index") from None
             except (ValueError, OSError, EOFError) as e:
-                raise IndexMismatchError(f"index {path}: array file {file} is damaged ({e}); rebuild the index") from None
+                raise IndexMismatchError(
+                    f"index {path}: array file {file} is damaged ({e}); rebuild the index"
+                ) from None
         suffixes, fingerprint = ours.get("suffixes"), ours.get("fingerprint")
-        if not isinstance(suffixes, list) or not all(isinstance(x, str) for x in suffixes) or not (
-                fingerprint is None or isinstance(fingerprint, str) and len(fingerprint) >= 8):
+        if (
+            not isinstance(suffixes, list)
+            or not all(isinstance(x, str) for x in suffixes)
+            or not (fingerprint is None or isinstance(fingerprint, str) and len(fingerprint) >= 8)
+        ):
             raise IndexMismatchError(f"index {path}: damaged suffix list or fingerprint; rebuild the index")
         return cls(shards, arrays, suffixes, path=path, fingerprint=fingerprint)
 
@@ -414,9 +448,11 @@ class DatasetIndex:
             if reopened.fingerprint != self.fingerprint or reopened.num_samples != self.num_samples:
                 # raised when a shard is first used, inside the worker's iteration, so that the
                 # DataLoader hands the message to the training process (not at unpickling)
-                self._changed = (f"index {self.path} changed after the training process loaded it (rebuilt while the "
-                                 "run is going?): a loader worker would read other samples than the plan; restart "
-                                 "the run, or write new indexes to a new path")
+                self._changed = (
+                    f"index {self.path} changed after the training process loaded it (rebuilt while the "
+                    "run is going?): a loader worker would read other samples than the plan; restart "
+                    "the run, or write new indexes to a new path"
+                )
             self._arrays = reopened._arrays
 
 
@@ -434,20 +470,30 @@ def _shard_list(doc: dict, path: str) -> tuple[list[ShardInfo], list[str]]:
             nsamples, filesize = entry["nsamples"], entry.get("filesize", 0)
             mtime, etag, crc = entry.get("mtime"), entry.get("etag"), entry.get("crc")
             compression = entry.get("compression")
-            if (not isinstance(url, str) or type(nsamples) is not int or type(filesize) is not int or nsamples < 0
-                    or filesize < 0 or not (mtime is None or isinstance(mtime, (int, float)))
-                    or not (etag is None or isinstance(etag, str)) or not (crc is None or type(crc) is int)
-                    or compression not in (None, "gzip", "bz2", "xz")):
+            if (
+                not isinstance(url, str)
+                or type(nsamples) is not int
+                or type(filesize) is not int
+                or nsamples < 0
+                or filesize < 0
+                or not (mtime is None or isinstance(mtime, (int, float)))
+                or not (etag is None or isinstance(etag, str))
+                or not (crc is None or type(crc) is int)
+                or compression not in (None, "gzip", "bz2", "xz")
+            ):
                 raise TypeError
         except (KeyError, TypeError, AttributeError):
-            raise IndexMismatchError(f"index {path}: shard entry {i} is damaged ({str(entry)[:200]}); rebuild the "
-                                     "index with `infobatch-stream index`") from None
+            raise IndexMismatchError(
+                f"index {path}: shard entry {i} is damaged ({str(entry)[:200]}); rebuild the "
+                "index with `infobatch-stream index`"
+            ) from None
         written.append(url)
         local = _strip_file_scheme(url)
         if _is_local(local) and not os.path.isabs(local):
             url = os.path.normpath(os.path.join(base, local))
-        shards.append(ShardInfo(url, nsamples, filesize, mtime, etag, compression,
-                                entry.get("ranges", True) is not False, crc))
+        shards.append(
+            ShardInfo(url, nsamples, filesize, mtime, etag, compression, entry.get("ranges", True) is not False, crc)
+        )
     return shards, written
 
 
@@ -456,17 +502,29 @@ def _sidecar(path: str) -> str:
     return stem + ".arrays"
 
 
-def from_scans(urls: Sequence[str], scans: Sequence[ShardSamples], mtimes: Sequence[float | None],
-               etags: Sequence[str | None] | None = None,
-               compressions: Sequence[str | None] | None = None, ranges: Sequence[bool] | None = None) -> DatasetIndex:
+def from_scans(
+    urls: Sequence[str],
+    scans: Sequence[ShardSamples],
+    mtimes: Sequence[float | None],
+    etags: Sequence[str | None] | None = None,
+    compressions: Sequence[str | None] | None = None,
+    ranges: Sequence[bool] | None = None,
+) -> DatasetIndex:
     """Assemble an index from per-shard scan results."""
     suffixes: dict[str, int] = {}
-    key_parts, key_lengths, suffix_ids = [], [], []
+    key_parts: list[bytes] = []
+    key_lengths: list[int] = []
+    suffix_ids: list[int] = []
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("start", "end", "nmembers", "data_offset", "size")}
     shards = []
-    for url, scan, mtime, etag, compression, ranged in zip(urls, scans, mtimes, etags or [None] * len(urls),
-                                                           compressions or [None] * len(urls),
-                                                           ranges or [True] * len(urls)):
+    for url, scan, mtime, etag, compression, ranged in zip(
+        urls,
+        scans,
+        mtimes,
+        etags or [None] * len(urls),
+        compressions or [None] * len(urls),
+        ranges or [True] * len(urls),
+    ):
         shards.append(ShardInfo(url, len(scan), scan.filesize, mtime, etag, compression, ranged))
         for name, arr in scan.arrays().items():
             parts[name].append(arr)
@@ -526,8 +584,14 @@ def _raise_failures(failures: list[Exception], total: int) -> None:
     raise cls(f"{len(failures)} of {total} shards could not be indexed:\n{lines}{more}")
 
 
-def build_index(urls: str | Iterable[str], output: str | None = None, *, workers: int = 1,
-                progress: bool = False, remote_concurrency: int = 16) -> DatasetIndex:
+def build_index(
+    urls: str | Iterable[str],
+    output: str | None = None,
+    *,
+    workers: int = 1,
+    progress: bool = False,
+    remote_concurrency: int = 16,
+) -> DatasetIndex:
     """Scan every shard's headers and build (and, with ``output``, save) the dataset index.
 
     ``urls`` is a WebDataset brace pattern (globs such as ``s3://bucket/prefix/*.tar`` are

@@ -22,8 +22,16 @@ import numpy as np
 from .errors import IndexMismatchError
 
 BLOCK = 512
-DTYPES = {"start": "i8", "end": "i8", "member_first": "i8", "data_offset": "i8", "size": "i8", "suffix_id": "i4",
-          "key_offsets": "i8", "keys": "u1"}
+DTYPES = {
+    "start": "i8",
+    "end": "i8",
+    "member_first": "i8",
+    "data_offset": "i8",
+    "size": "i8",
+    "suffix_id": "i4",
+    "key_offsets": "i8",
+    "keys": "u1",
+}
 _REBUILD = "rebuild it with `infobatch-stream index`"
 
 
@@ -32,31 +40,43 @@ def check_layout(arrays: dict[str, np.ndarray], num_samples: int, where: str) ->
     for name, kind in DTYPES.items():
         arr = arrays[name]
         if arr.ndim != 1 or arr.dtype.kind + str(arr.dtype.itemsize) != kind[0] + kind[1:]:
-            raise IndexMismatchError(f"index {where}: array {name!r} is {arr.dtype} of shape {arr.shape}, expected "
-                                     f"1-D {np.dtype(kind)}; the index is damaged: {_REBUILD}")
-    lengths = {"start": num_samples, "end": num_samples, "member_first": num_samples + 1,
-               "key_offsets": num_samples + 1}
+            raise IndexMismatchError(
+                f"index {where}: array {name!r} is {arr.dtype} of shape {arr.shape}, expected "
+                f"1-D {np.dtype(kind)}; the index is damaged: {_REBUILD}"
+            )
+    lengths = {
+        "start": num_samples,
+        "end": num_samples,
+        "member_first": num_samples + 1,
+        "key_offsets": num_samples + 1,
+    }
     for name, length in lengths.items():
         if len(arrays[name]) != length:
-            raise IndexMismatchError(f"index {where}: the shard list counts {num_samples} samples but array {name!r} "
-                                     f"holds {len(arrays[name])} values (expected {length}); the index is damaged: "
-                                     f"{_REBUILD}")
+            raise IndexMismatchError(
+                f"index {where}: the shard list counts {num_samples} samples but array {name!r} "
+                f"holds {len(arrays[name])} values (expected {length}); the index is damaged: "
+                f"{_REBUILD}"
+            )
     members = int(arrays["member_first"][-1])
     for name in ("data_offset", "size", "suffix_id"):
         if len(arrays[name]) != members:
-            raise IndexMismatchError(f"index {where}: array {name!r} holds {len(arrays[name])} members, the sample "
-                                     f"table {members}; the index is damaged: {_REBUILD}")
+            raise IndexMismatchError(
+                f"index {where}: array {name!r} holds {len(arrays[name])} members, the sample "
+                f"table {members}; the index is damaged: {_REBUILD}"
+            )
     if int(arrays["key_offsets"][0]) != 0 or int(arrays["key_offsets"][-1]) != len(arrays["keys"]):
-        raise IndexMismatchError(f"index {where}: the key offsets do not span the key bytes; the index is damaged: "
-                                 f"{_REBUILD}")
+        raise IndexMismatchError(
+            f"index {where}: the key offsets do not span the key bytes; the index is damaged: {_REBUILD}"
+        )
 
 
-def check_shard(arrays: dict[str, np.ndarray], lo: int, hi: int, filesize: int, compressed: bool,
-                num_suffixes: int, where: str) -> None:
+def check_shard(
+    arrays: dict[str, np.ndarray], lo: int, hi: int, filesize: int, compressed: bool, num_suffixes: int, where: str
+) -> None:
     """The rows of one shard (slots ``[lo, hi)``) describe members that fit in the file, in order."""
-    mf = np.asarray(arrays["member_first"][lo:hi + 1])
+    mf = np.asarray(arrays["member_first"][lo : hi + 1])
     start, end = np.asarray(arrays["start"][lo:hi]), np.asarray(arrays["end"][lo:hi])
-    ko = np.asarray(arrays["key_offsets"][lo:hi + 1])
+    ko = np.asarray(arrays["key_offsets"][lo : hi + 1])
     problem = None
     if np.any(np.diff(mf) < 1) or mf[0] < 0 or mf[-1] > len(arrays["data_offset"]):
         problem = "its member table is not ascending (a sample without members)"
@@ -92,12 +112,20 @@ def check_shard(arrays: dict[str, np.ndarray], lo: int, hi: int, filesize: int, 
 def shard_crc(arrays: dict[str, np.ndarray], lo: int, hi: int) -> int:
     """CRC32 of every row describing slots ``[lo, hi)`` (member numbers taken relative to the
     shard, so the value does not depend on the shards before it)."""
-    mf = np.asarray(arrays["member_first"][lo:hi + 1], dtype=np.int64)
+    mf = np.asarray(arrays["member_first"][lo : hi + 1], dtype=np.int64)
     m0, m1 = (int(mf[0]), int(mf[-1])) if len(mf) else (0, 0)
-    ko = np.asarray(arrays["key_offsets"][lo:hi + 1], dtype=np.int64)
+    ko = np.asarray(arrays["key_offsets"][lo : hi + 1], dtype=np.int64)
     k0, k1 = (int(ko[0]), int(ko[-1])) if len(ko) else (0, 0)
     crc = 0
-    for part in (arrays["start"][lo:hi], arrays["end"][lo:hi], mf - m0, arrays["data_offset"][m0:m1],
-                 arrays["size"][m0:m1], arrays["suffix_id"][m0:m1], ko - k0, arrays["keys"][k0:k1]):
+    for part in (
+        arrays["start"][lo:hi],
+        arrays["end"][lo:hi],
+        mf - m0,
+        arrays["data_offset"][m0:m1],
+        arrays["size"][m0:m1],
+        arrays["suffix_id"][m0:m1],
+        ko - k0,
+        arrays["keys"][k0:k1],
+    ):
         crc = zlib.crc32(np.ascontiguousarray(part).view(np.uint8).data, crc)
     return crc

@@ -15,8 +15,10 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -54,7 +56,7 @@ _AGREE_HINTS = {
     "index": "every rank must load the same index (the same shards, indexed once)",
     "epoch": "call ib.set_epoch(epoch) with the same epoch on every rank",
     "call": "InfoBatch(), ib.set_epoch() and ib.load_state_dict() are collectives: call them on every rank, "
-            "in the same order",
+    "in the same order",
 }
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -62,7 +64,8 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 def _user_stacklevel() -> int:
     """The ``stacklevel`` that makes ``warnings.warn``, called by the caller of this function,
     point at the first frame outside this package: the user's line, however deep the call."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
     return level
@@ -113,20 +116,30 @@ class InfoBatch:
     gather, and all raise :class:`SettingsMismatchError` naming what differs where.
     """
 
-    def __init__(self, index: DatasetIndex | str, num_epochs: int, prune_ratio: float = 0.5,
-                 delta: float = 0.875, seed: int = 0, granularity: str | int = "sample",
-                 remainder: str = "pad", sync_every: int | None = None, share_store: bool = True,
-                 allow_pipes: bool = False, ema_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        index: DatasetIndex | str,
+        num_epochs: int,
+        prune_ratio: float = 0.5,
+        delta: float = 0.875,
+        seed: int = 0,
+        granularity: str | int = "sample",
+        remainder: str = "pad",
+        sync_every: int | None = None,
+        share_store: bool = True,
+        allow_pipes: bool = False,
+        ema_decay: float = 0.0,
+    ) -> None:
         failure = None
         try:  # a rank that fails here tells the others, which would otherwise wait for it below
-            self.index = (index if isinstance(index, DatasetIndex)
-                          else DatasetIndex.load(index, allow_pipes=allow_pipes))
+            self.index = index if isinstance(index, DatasetIndex) else DatasetIndex.load(index, allow_pipes=allow_pipes)
             if granularity == "sample":
                 granularity = 1
             if isinstance(granularity, bool) or not isinstance(granularity, int):
                 raise ValueError(f"granularity must be 'sample' or a block size k >= 1, got {granularity!r}")
-            self.config = policy.PruneConfig(num_epochs=num_epochs, prune_ratio=prune_ratio, delta=delta, seed=seed,
-                                             block_size=granularity)
+            self.config = policy.PruneConfig(
+                num_epochs=num_epochs, prune_ratio=prune_ratio, delta=delta, seed=seed, block_size=granularity
+            )
             samples_per_rank(0, 1, remainder)  # validates it
             if sync_every is not None and (isinstance(sync_every, bool) or int(sync_every) < 1):
                 raise ValueError(f"sync_every must be None or a number of update() calls >= 1, got {sync_every!r}")
@@ -142,11 +155,13 @@ class InfoBatch:
         self._agree("InfoBatch()", failure=failure)
         self.tag = index_tag(self.index.fingerprint)
         n, num_shards = self.index.num_samples, self.index.num_shards
+
         def create() -> list:
             return [ScoreStore.create(n).shared, EpochPlan.create(n).shared]
 
         shared, self._writer, self._shared_by_all = (
-            distributed.share_per_node(create) if share_store else (create(), True, distributed.world()[1] == 1))
+            distributed.share_per_node(create) if share_store else (create(), True, distributed.world()[1] == 1)
+        )
         self.store = ScoreStore(shared[0])
         self.plan = EpochPlan(shared[1], n)
         self.control = EpochControl.create(num_shards)
@@ -168,9 +183,15 @@ class InfoBatch:
         """Stage after ``tarfile_to_samples()``: drops pruned samples, tags kept ones with ``__ib__``."""
         return FilterStage(self)
 
-    def tarfile_to_samples(self, handler: Callable[[Exception], bool] = reraise_exception, *,
-                           merge_gap: int | None = None, verify: str = "size+mtime",
-                           max_inflight: int = DEFAULT_INFLIGHT, readahead_bytes: int = DEFAULT_BUDGET) -> ReaderStage:
+    def tarfile_to_samples(
+        self,
+        handler: Callable[[Exception], bool] = reraise_exception,
+        *,
+        merge_gap: int | None = None,
+        verify: str = "size+mtime",
+        max_inflight: int = DEFAULT_INFLIGHT,
+        readahead_bytes: int = DEFAULT_BUDGET,
+    ) -> ReaderStage:
         """Drop-in for ``wds.tarfile_to_samples()`` + ``ib.filter()`` that reads only kept bytes.
 
         ``merge_gap``: pruned bytes worth reading through rather than skipping (default 4 KiB
@@ -181,9 +202,16 @@ class InfoBatch:
         """
         return ReaderStage(self, handler, ReadOptions(merge_gap, verify, max_inflight, readahead_bytes))
 
-    def dataset(self, *stages: Callable, shuffle: int = 0, handler: Callable[[Exception], bool] = reraise_exception,
-                merge_gap: int | None = None, verify: str = "size+mtime", max_inflight: int = DEFAULT_INFLIGHT,
-                readahead_bytes: int = DEFAULT_BUDGET) -> "ResumableDataset":
+    def dataset(
+        self,
+        *stages: Callable,
+        shuffle: int = 0,
+        handler: Callable[[Exception], bool] = reraise_exception,
+        merge_gap: int | None = None,
+        verify: str = "size+mtime",
+        max_inflight: int = DEFAULT_INFLIGHT,
+        readahead_bytes: int = DEFAULT_BUDGET,
+    ) -> ResumableDataset:
         """This rank's and worker's share of the epoch, read with the skip-aware reader, shuffled
         in a buffer of ``shuffle`` samples, then passed through ``stages`` (WebDataset stages such
         as ``wds.decode()``, ``wds.to_tuple(...)``, ``wds.batched(n)``). Resumable exactly: it has
@@ -191,11 +219,17 @@ class InfoBatch:
         The reading options are those of :meth:`tarfile_to_samples`."""
         from .dataset import ResumableDataset
 
-        return ResumableDataset(self, stages, shuffle, handler,
-                                ReadOptions(merge_gap, verify, max_inflight, readahead_bytes))
+        return ResumableDataset(
+            self, stages, shuffle, handler, ReadOptions(merge_gap, verify, max_inflight, readahead_bytes)
+        )
 
-    def node(self, *stages: Callable, shuffle: int = 0, handler: Callable[[Exception], bool] = reraise_exception,
-             **read_options: Any) -> Any:
+    def node(
+        self,
+        *stages: Callable,
+        shuffle: int = 0,
+        handler: Callable[[Exception], bool] = reraise_exception,
+        **read_options: Any,
+    ) -> Any:
         """:meth:`dataset` as a ``torchdata.nodes`` source node (``BaseNode`` with ``reset``,
         ``next`` and ``get_state``) for a ``torchdata.nodes.Loader`` graph: resumable exactly.
         ``read_options``: those of :meth:`tarfile_to_samples`."""
@@ -225,9 +259,12 @@ class InfoBatch:
                 "epochs' losses; create a new InfoBatch to start the run over"
             )
         if epoch >= self.config.num_epochs:
-            self._warn_once("past_end", epoch,
-                            f"set_epoch({epoch}) is past num_epochs={self.config.num_epochs}: it streams the full "
-                            "data like the final epochs; pass the real number of epochs to InfoBatch")
+            self._warn_once(
+                "past_end",
+                epoch,
+                f"set_epoch({epoch}) is past num_epochs={self.config.num_epochs}: it streams the full "
+                "data like the final epochs; pass the real number of epochs to InfoBatch",
+            )
         current = self._stats.get(epoch)
         trained_here = epoch == self.epoch and current is not None and current.trained > 0
         if distributed.any_rank(trained_here):  # same branch on every rank: the rest is collective
@@ -235,22 +272,51 @@ class InfoBatch:
             return self._stats[epoch]
         self._collect_io()
         self.sync_scores()
-        summary = plan_epoch(self.store.scores, self.index, self.config, epoch, self.plan,
-                             plan_is_shared_by_all=self._shared_by_all, writer=self._writer)
-        thresh, seen, learned, kept_per_shard = (summary.threshold, summary.seen, summary.well_learned,
-                                                 summary.kept_per_shard)
+        summary = plan_epoch(
+            self.store.scores,
+            self.index,
+            self.config,
+            epoch,
+            self.plan,
+            plan_is_shared_by_all=self._shared_by_all,
+            writer=self._writer,
+        )
+        thresh, seen, learned, kept_per_shard = (
+            summary.threshold,
+            summary.seen,
+            summary.well_learned,
+            summary.kept_per_shard,
+        )
         rank, world_size = distributed.world()
         total, kept = self.index.num_samples, int(kept_per_shard.sum())
         per_rank = samples_per_rank(kept, world_size, self.remainder)
-        stats = EpochStats(epoch=epoch, threshold=None if np.isnan(thresh) else thresh, total=total, seen=seen,
-                           well_learned=learned, pruned=total - kept, kept=kept, per_rank=per_rank,
-                           padded=max(per_rank * world_size - kept, 0), dropped=max(kept - per_rank * world_size, 0))
+        stats = EpochStats(
+            epoch=epoch,
+            threshold=None if np.isnan(thresh) else thresh,
+            total=total,
+            seen=seen,
+            well_learned=learned,
+            pruned=total - kept,
+            kept=kept,
+            per_rank=per_rank,
+            padded=max(per_rank * world_size - kept, 0),
+            dropped=max(kept - per_rank * world_size, 0),
+        )
         self._stats[epoch] = stats
         self.control.publish(epoch, thresh, kept_per_shard, rank, world_size)
         self._announced_parts.clear()
         self.epoch = epoch
-        log.info("epoch %d: threshold %.4g, %d seen, %d well-learned, %d pruned, %d kept of %d, %d per rank",
-                 epoch, thresh, stats.seen, learned, stats.pruned, kept, total, per_rank)
+        log.info(
+            "epoch %d: threshold %.4g, %d seen, %d well-learned, %d pruned, %d kept of %d, %d per rank",
+            epoch,
+            thresh,
+            stats.seen,
+            learned,
+            stats.pruned,
+            kept,
+            total,
+            per_rank,
+        )
         return stats
 
     def decide_shard(self, shard: int, epoch: int, thresh: float) -> tuple[np.ndarray, np.ndarray]:
@@ -277,7 +343,9 @@ class InfoBatch:
         if control.begin_pass(worker) and worker == 0:
             log.warning(
                 "a new pass over the loader started without ib.set_epoch(): it replays epoch %d's plan; "
-                "call ib.set_epoch(epoch) before each pass", epoch)
+                "call ib.set_epoch(epoch) before each pass",
+                epoch,
+            )
         return epoch, control.threshold
 
     @property
@@ -330,8 +398,10 @@ class InfoBatch:
                 "'__ib__' field of batches read through this InfoBatch's stages"
             )
         if score is not None and tuple(score.shape) != tuple(loss.shape):
-            raise ValueError(f"update() got a score of shape {tuple(score.shape)} for a loss of shape "
-                             f"{tuple(loss.shape)}: pass one score per sample")
+            raise ValueError(
+                f"update() got a score of shape {tuple(score.shape)} for a loss of shape "
+                f"{tuple(loss.shape)}: pass one score per sample"
+            )
         values = (loss if score is None else score).detach().to(dtype=torch.float32, device="cpu").numpy()
         finite = np.isfinite(values)
         if distributed.world()[1] > 1:  # the store changes only when ranks exchange: all stay identical
@@ -355,9 +425,11 @@ class InfoBatch:
             return 0
         packed = np.concatenate(self._pending) if self._pending else np.zeros(0, dtype=distributed.UPDATE)
         self._pending.clear()
+
         def apply(slots: np.ndarray, values: np.ndarray) -> None:
             if self._writer:
                 self.store.record(slots, values, self.ema_decay)
+
         exchanged = distributed.exchange_updates(packed, apply)
         distributed.barrier()  # a node's writer has applied everything before any local rank reads
         return exchanged
@@ -367,22 +439,31 @@ class InfoBatch:
             mask = epochs == epoch
             stats = self._stats.get(epoch)
             if stats is None or epoch != self.epoch:
-                self._warn_once("stale", epoch,
-                                f"update() got samples of epoch {epoch} while epoch {self.epoch} is current: "
-                                "was set_epoch() called while an old loader iterator was still running?")
+                self._warn_once(
+                    "stale",
+                    epoch,
+                    f"update() got samples of epoch {epoch} while epoch {self.epoch} is current: "
+                    "was set_epoch() called while an old loader iterator was still running?",
+                )
             if stats is None:
                 continue
             stats.trained += int(np.count_nonzero(mask))
             bad = int(np.count_nonzero(mask & ~finite))
             if bad:
                 stats.nonfinite += bad
-                self._warn_once("nonfinite", epoch,
-                                f"epoch {epoch}: {bad} non-finite per-sample losses were not stored as scores; "
-                                "see ib.stats()['nonfinite'] for the running count")
+                self._warn_once(
+                    "nonfinite",
+                    epoch,
+                    f"epoch {epoch}: {bad} non-finite per-sample losses were not stored as scores; "
+                    "see ib.stats()['nonfinite'] for the running count",
+                )
         if self.control.repeats and self.epoch in self._stats:
-            self._warn_once("repeat", self.epoch,
-                            f"epoch {self.epoch} is being read again without set_epoch(): the same samples are "
-                            "kept as in its first pass; call ib.set_epoch(epoch) before each pass")
+            self._warn_once(
+                "repeat",
+                self.epoch,
+                f"epoch {self.epoch} is being read again without set_epoch(): the same samples are "
+                "kept as in its first pass; call ib.set_epoch(epoch) before each pass",
+            )
 
     def _warn_once(self, kind: str, epoch: int, message: str) -> None:
         if (kind, epoch) not in self._warned:
@@ -405,7 +486,6 @@ class InfoBatch:
         for name, value in self.control.io_totals().items():
             setattr(stats, name, value)
         stats.repeated_passes = self.control.repeats
-
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -437,18 +517,36 @@ class InfoBatch:
     def _settings(self) -> dict[str, Any]:
         """The settings a state records (and a mid-epoch resume must keep some of)."""
         c = self.config
-        return {"num_epochs": int(c.num_epochs), "prune_ratio": float(c.prune_ratio), "delta": float(c.delta),
-                "seed": int(c.seed), "granularity": int(c.block_size), "remainder": self.remainder,
-                "ema_decay": self.ema_decay}
+        return {
+            "num_epochs": int(c.num_epochs),
+            "prune_ratio": float(c.prune_ratio),
+            "delta": float(c.delta),
+            "seed": int(c.seed),
+            "granularity": int(c.block_size),
+            "remainder": self.remainder,
+            "ema_decay": self.ema_decay,
+        }
 
-    def _agree(self, call: str, failure: BaseException | None = None, peer_error: type[Exception] = RuntimeError,
-               extra: Any = None, **values: Any) -> list[Any]:
+    def _agree(
+        self,
+        call: str,
+        failure: BaseException | None = None,
+        peer_error: type[Exception] = RuntimeError,
+        extra: Any = None,
+        **values: Any,
+    ) -> list[Any]:
         """Every rank has the same index, settings and ``values`` in this ``call``, or every rank
         raises (one small gather; see :func:`distributed.agree`). Every rank's ``extra``, by rank."""
         shown = {"call": call}
         if failure is None:
-            values = {"call": call, **values, **self._settings(), "sync_every": self.sync_every,
-                      "share_store": self.share_store, "index": self.index.fingerprint}
+            values = {
+                "call": call,
+                **values,
+                **self._settings(),
+                "sync_every": self.sync_every,
+                "share_store": self.share_store,
+                "index": self.index.fingerprint,
+            }
             shown["index"] = f"fingerprint {self.index.fingerprint[:12]} ({self.index.path or '<memory>'})"
         else:
             values = {"call": call}
@@ -470,8 +568,12 @@ class InfoBatch:
             progress = _progress(state)
         except Exception as e:  # noqa: BLE001 - raised below, on every rank
             failure = e
-        extras = self._agree("ib.load_state_dict()", failure=failure, peer_error=CheckpointError,
-                             extra={"saved": saved, "progress": progress})
+        extras = self._agree(
+            "ib.load_state_dict()",
+            failure=failure,
+            peer_error=CheckpointError,
+            extra={"saved": saved, "progress": progress},
+        )
         self._check_resume(extras)
         if self._writer:
             self.store.scores[:] = np.asarray(state["scores"])
@@ -485,8 +587,9 @@ class InfoBatch:
             current.per_rank = samples_per_rank(current.kept, world_size, self.remainder)
             current.padded = max(current.per_rank * world_size - current.kept, 0)
             current.dropped = max(current.kept - current.per_rank * world_size, 0)
-        self.control.publish(self.epoch, float(state["threshold"]), np.asarray(state["kept_per_shard"]), rank,
-                             world_size)
+        self.control.publish(
+            self.epoch, float(state["threshold"]), np.asarray(state["kept_per_shard"]), rank, world_size
+        )
         self._updates = int(state["updates"])
         slots, losses = np.asarray(state["pending_slots"]), np.asarray(state["pending_losses"])
         self._pending = [distributed.pack_updates(slots, losses)] if len(slots) else []
@@ -498,9 +601,11 @@ class InfoBatch:
         saved_by_rank = [{f"saved {k}": v for k, v in x["saved"].items()} for x in extras]
         differ = distributed.differences(saved_by_rank)
         if differ:
-            raise SettingsMismatchError("; ".join(text for _, text in differ) + "; every rank must load a state "
-                                        "saved by this run at the same step (each rank's own, or rank 0's after "
-                                        "ib.sync_scores())")
+            raise SettingsMismatchError(
+                "; ".join(text for _, text in differ) + "; every rank must load a state "
+                "saved by this run at the same step (each rank's own, or rank 0's after "
+                "ib.sync_scores())"
+            )
         saved, mine = extras[0]["saved"], self._settings()
         epoch = saved.pop("epoch")
         changed = {k: (saved[k], v) for k, v in mine.items() if saved[k] != v}
@@ -519,7 +624,8 @@ class InfoBatch:
                 + "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in refused.items())
                 + f". They decide which samples the rest of epoch {epoch} reads and how they are weighted: some "
                 f"would be trained twice and others never. Resume with the saved settings (InfoBatch(..., {keep})), "
-                "or resume from a state saved at an epoch boundary to change them")
+                "or resume from a state saved at an epoch boundary to change them"
+            )
         when = f"the rest of epoch {epoch} keeps its saved plan" if partway else "the next epoch planned uses them"
         message = f"restoring a state saved with other settings, keeping this InfoBatch's ({when}): {listing}"
         log.warning(message)

@@ -66,14 +66,17 @@ def _check_dtype(dtype: Any, num_samples: int | None) -> None:
     if limit is None:
         why = "which does not hold integers"
     elif num_samples is not None and num_samples - 1 > limit >= (1 << TAG_BITS) - 1:
-        why = (f"which holds integers exactly only up to {limit}, and this index's slots go up to "
-               f"{num_samples - 1}: they would be rounded or wrapped onto other samples")
+        why = (
+            f"which holds integers exactly only up to {limit}, and this index's slots go up to "
+            f"{num_samples - 1}: they would be rounded or wrapped onto other samples"
+        )
     else:
         why = f"which holds integers exactly only up to {limit}; the index tag needs up to {(1 << TAG_BITS) - 1}"
     raise MetadataError(
         f"update() got the {META_KEY!r} metadata as {name}, {why}. Keep the field int64 as the stages write "
         f"it: do not cast it with the inputs (.half(), .float(), .to(dtype)) or narrow it in a collate; "
-        f"select it with wds.to_tuple(..., {META_KEY!r}) and pass it to update() unchanged")
+        f"select it with wds.to_tuple(..., {META_KEY!r}) and pass it to update() unchanged"
+    )
 
 
 def _to_numpy(item: Any, num_samples: int | None) -> np.ndarray:
@@ -112,5 +115,6 @@ def as_meta_array(meta: Any, num_samples: int | None = None) -> np.ndarray:
     if arr.dtype.kind == "f" and not np.all(arr == np.round(arr)):
         raise MetadataError(
             f"update() metadata of dtype {arr.dtype} holds values that are not whole numbers (slots, epochs, "
-            f"flags and tags are integers): pass the {META_KEY!r} field unchanged, as int64")
+            f"flags and tags are integers): pass the {META_KEY!r} field unchanged, as int64"
+        )
     return arr.astype(np.int64, copy=False)

@@ -53,12 +53,20 @@ def _add_kept_per_shard(totals: np.ndarray, shard_first: np.ndarray, lo: int, ke
     s1 = int(np.searchsorted(shard_first, hi, side="left"))
     running = np.zeros(len(keep) + 1, dtype=np.int64)
     np.cumsum(keep, out=running[1:])
-    cuts = np.clip(shard_first[s0:s1 + 1] - lo, 0, len(keep))
+    cuts = np.clip(shard_first[s0 : s1 + 1] - lo, 0, len(keep))
     totals[s0:s1] += running[cuts[1:]] - running[cuts[:-1]]
 
 
-def plan_epoch(scores: np.ndarray, index: DatasetIndex, config: policy.PruneConfig, epoch: int,
-               plan: EpochPlan, *, plan_is_shared_by_all: bool, writer: bool) -> PlanSummary:
+def plan_epoch(
+    scores: np.ndarray,
+    index: DatasetIndex,
+    config: policy.PruneConfig,
+    epoch: int,
+    plan: EpochPlan,
+    *,
+    plan_is_shared_by_all: bool,
+    writer: bool,
+) -> PlanSummary:
     """Plan ``epoch`` from ``scores`` into ``plan`` (a collective when there are several ranks;
     every rank's ``scores`` must already be identical: ``sync_scores`` first)."""
     rank, world_size = distributed.world()
@@ -68,7 +76,7 @@ def plan_epoch(scores: np.ndarray, index: DatasetIndex, config: policy.PruneConf
     sums = np.zeros(num_blocks, dtype=np.float64)
     counts = np.zeros(num_blocks, dtype=np.int64)
     for b in range(b0, b1):
-        sums[b], counts[b] = policy.seen_sum_count(scores[b * BLOCK:(b + 1) * BLOCK])
+        sums[b], counts[b] = policy.seen_sum_count(scores[b * BLOCK : (b + 1) * BLOCK])
     sums, counts = distributed.all_reduce_sum(sums), distributed.all_reduce_sum(counts)  # one term per entry: exact
     seen = int(counts.sum())
     thresh = float(np.sum(sums)) / seen if seen else float("nan")
@@ -89,8 +97,9 @@ def plan_epoch(scores: np.ndarray, index: DatasetIndex, config: policy.PruneConf
     return PlanSummary(thresh, seen, int(totals[-1]), totals[:-1])
 
 
-def _gather_plan_bits(plan: EpochPlan, n: int, num_blocks: int, world_size: int, mine: tuple[int, int],
-                      writer: bool) -> None:
+def _gather_plan_bits(
+    plan: EpochPlan, n: int, num_blocks: int, world_size: int, mine: tuple[int, int], writer: bool
+) -> None:
     """Every rank's slice of the plan bits into every node's plan (written by its writer)."""
     ranges = []
     for r in range(world_size):

@@ -42,7 +42,9 @@ class PruneConfig:
         if int(self.block_size) != self.block_size or self.block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size}")
         if self.prune_ratio > MAX_PRUNE_RATIO:
-            log.warning("prune_ratio %.3f capped at %.1f as in the official InfoBatch", self.prune_ratio, MAX_PRUNE_RATIO)
+            log.warning(
+                "prune_ratio %.3f capped at %.1f as in the official InfoBatch", self.prune_ratio, MAX_PRUNE_RATIO
+            )
 
     @property
     def ratio(self) -> float:
@@ -108,8 +110,15 @@ def well_learned(scores: np.ndarray, thresh: float) -> np.ndarray:
         return scores < np.float64(thresh)  # NaN < x is False
 
 
-def decide(scores: np.ndarray, slots: np.ndarray, thresh: float, epoch: int, config: PruneConfig,
-           decision_ids: np.ndarray | None = None, learned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def decide(
+    scores: np.ndarray,
+    slots: np.ndarray,
+    thresh: float,
+    epoch: int,
+    config: PruneConfig,
+    decision_ids: np.ndarray | None = None,
+    learned: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Keep mask and boosted mask (kept and well-learned: weight ``1/(1-r)``) for some slots.
 
     ``decision_ids`` (default: the slots) are what the drop coin is hashed on; samples sharing an

@@ -122,10 +122,10 @@ def make_handler(root: str, counters: _Counters, behaviour: Behaviour | None = N
         def _redirected(self, path: str) -> bool:
             """Answer the hub-like redirect paths; True when a redirect was sent."""
             if path.startswith("/__redirect__/"):
-                self._empty(302, {"Location": path[len("/__redirect__"):]})
+                self._empty(302, {"Location": path[len("/__redirect__") :]})
                 return True
             if path.startswith("/__signed__/"):
-                target = path[len("/__signed__"):]
+                target = path[len("/__signed__") :]
                 expires = f"{time.time() + how.signed_ttl:.3f}"
                 self._empty(302, {"Location": f"{target}?expires={expires}&signature={_signature(target, expires)}"})
                 return True
@@ -224,8 +224,17 @@ class _Server(ThreadingHTTPServer):
 class RangeServer:
     """Serve ``root`` on 127.0.0.1 in a background thread (``with RangeServer(dir) as url: ...``)."""
 
-    def __init__(self, root: str, port: int = 0, *, ranges: bool = True, ttfb: float = 0.0,
-                 bandwidth: float = 0.0, endless: bool = False, signed_ttl: float = 60.0) -> None:
+    def __init__(
+        self,
+        root: str,
+        port: int = 0,
+        *,
+        ranges: bool = True,
+        ttfb: float = 0.0,
+        bandwidth: float = 0.0,
+        endless: bool = False,
+        signed_ttl: float = 60.0,
+    ) -> None:
         self.counters = _Counters()
         self.behaviour = Behaviour(ranges, ttfb, bandwidth, endless, signed_ttl)
         self.httpd = _Server(("127.0.0.1", port), make_handler(root, self.counters, self.behaviour))
@@ -242,15 +251,19 @@ class RangeServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve a folder over HTTP with Range support on 127.0.0.1.",
-                                     epilog="example: python -m infobatch_stream.rangeserver shards/ --ttfb 0.02 "
-                                            "--bandwidth 50e6")
+    parser = argparse.ArgumentParser(
+        description="Serve a folder over HTTP with Range support on 127.0.0.1.",
+        epilog="example: python -m infobatch_stream.rangeserver shards/ --ttfb 0.02 --bandwidth 50e6",
+    )
     parser.add_argument("root")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--no-ranges", action="store_true", help="ignore Range headers (answer 200 with the whole file)")
+    parser.add_argument(
+        "--no-ranges", action="store_true", help="ignore Range headers (answer 200 with the whole file)"
+    )
     parser.add_argument("--ttfb", type=float, default=0.0, help="seconds to wait before each response (default 0)")
-    parser.add_argument("--bandwidth", type=float, default=0.0,
-                        help="bytes per second per connection (default 0: unpaced)")
+    parser.add_argument(
+        "--bandwidth", type=float, default=0.0, help="bytes per second per connection (default 0: unpaced)"
+    )
     args = parser.parse_args(argv)
     server = RangeServer(args.root, args.port, ranges=not args.no_ranges, ttfb=args.ttfb, bandwidth=args.bandwidth)
     print(f"serving {os.path.abspath(args.root)} on {server.url}", flush=True)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import Any
 
 DEFAULT_INFLIGHT = 8
 DEFAULT_BUDGET = 32 << 20
@@ -55,7 +56,7 @@ class ReadAhead:
             return False
         return self.buffered == 0 or self.buffered + nbytes <= self.budget
 
-    def submit(self, read: Callable[[], bytes], nbytes: int) -> Future:
+    def submit(self, read: Callable[[], Any], nbytes: int) -> Future:
         self.buffered += nbytes
         self.peak = max(self.peak, self.buffered)
         future = _pool(self.max_inflight).submit(read)

@@ -31,20 +31,21 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from webdataset.handlers import reraise_exception
 
+from . import verify
 from .errors import StaleIndexError, handle
 from .index import ShardInfo
 from .meta import META_KEY, make_meta
 from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT, ReadAhead
 from .stages import PART_KEY, SHARD_KEY, current_worker
 from .storage import ObjectInfo, RangeNotSupported, backend_for, is_local, local_path
-from . import verify
 from .tarscan import BLOCK, _read_full, decompressed
 
 if TYPE_CHECKING:
@@ -76,8 +77,9 @@ class ReadOptions:
         if self.merge_gap is not None and self.merge_gap < 0:
             raise ValueError(f"merge_gap must be >= 0 bytes, got {self.merge_gap}")
         if self.max_inflight < 1 or self.readahead_bytes < 1:
-            raise ValueError(f"max_inflight and readahead_bytes must be >= 1, got {self.max_inflight} and "
-                             f"{self.readahead_bytes}")
+            raise ValueError(
+                f"max_inflight and readahead_bytes must be >= 1, got {self.max_inflight} and {self.readahead_bytes}"
+            )
 
     def remote_range_bytes(self) -> int:
         return int(min(MAX_RANGE_BYTES, max(MIN_REMOTE_RANGE, self.readahead_bytes // (2 * self.max_inflight))))
@@ -103,8 +105,9 @@ class ReadRange:
     stop: int
 
 
-def plan_ranges(start: np.ndarray, end: np.ndarray, kept: np.ndarray, merge_gap: int,
-                max_bytes: int = MAX_RANGE_BYTES) -> list[ReadRange]:
+def plan_ranges(
+    start: np.ndarray, end: np.ndarray, kept: np.ndarray, merge_gap: int, max_bytes: int = MAX_RANGE_BYTES
+) -> list[ReadRange]:
     """Byte ranges covering the kept samples (``kept``: their positions, ascending).
 
     Consecutive kept samples separated by at most ``merge_gap`` bytes share a range, unless
@@ -134,7 +137,9 @@ def _check_fresh(url: str, info: ShardInfo, verify: str, seen: ObjectInfo | None
     if info.filesize and seen.size != info.filesize:
         problem = f"its size is {seen.size} bytes, the index says {info.filesize}"
     elif verify == "size+mtime" and seen.mtime is not None and info.mtime is not None and seen.mtime != info.mtime:
-        problem = f"its mtime is {seen.mtime}, the index says {info.mtime} (shards copied with new mtimes: verify='size')"
+        problem = (
+            f"its mtime is {seen.mtime}, the index says {info.mtime} (shards copied with new mtimes: verify='size')"
+        )
     elif verify == "size+mtime" and seen.etag and info.etag and seen.etag != info.etag:
         problem = f"its ETag is {seen.etag}, the index recorded {info.etag}"
     if problem:
@@ -208,12 +213,20 @@ class _Layout:
     """Where each kept sample's members lie in the shard: enough to cut samples from buffers, and
     to check each member's header in the buffer against the index (:mod:`infobatch_stream.verify`)."""
 
-    def __init__(self, ib: "InfoBatch", shard: int, url: str, epoch: int, kept: np.ndarray, boosted: np.ndarray,
-                 start: np.ndarray) -> None:
+    def __init__(
+        self,
+        ib: InfoBatch,
+        shard: int,
+        url: str,
+        epoch: int,
+        kept: np.ndarray,
+        boosted: np.ndarray,
+        start: np.ndarray,
+    ) -> None:
         index = ib.index
         self.url, self.epoch, self.tag = url, epoch, ib.tag
         self.lo, hi = index.slots(shard)
-        member_first = np.asarray(index.array("member_first")[self.lo:hi + 1])
+        member_first = np.asarray(index.array("member_first")[self.lo : hi + 1])
         m0, m1 = int(member_first[0]), int(member_first[-1])
         offsets = np.asarray(index.array("data_offset")[m0:m1])
         sizes = np.asarray(index.array("size")[m0:m1])
@@ -223,20 +236,27 @@ class _Layout:
         self.member_first = (member_first - m0).tolist()
         self.keys = index.keys(shard)
         self.kept, self.boosted = kept.tolist(), boosted.tolist()
-        key_offsets = np.asarray(index.array("key_offsets")[self.lo:hi + 1])
+        key_offsets = np.asarray(index.array("key_offsets")[self.lo : hi + 1])
         self.members = verify.KeptMembers(
-            kept=kept, member_first=member_first - m0, offsets=offsets, sizes=sizes, starts=start,
-            key_blob=np.asarray(index.array("keys")[key_offsets[0]:key_offsets[-1]]),
-            key_offsets=key_offsets - key_offsets[0], suffix_ids=suffix_ids, suffixes=index.suffixes)
+            kept=kept,
+            member_first=member_first - m0,
+            offsets=offsets,
+            sizes=sizes,
+            starts=start,
+            key_blob=np.asarray(index.array("keys")[key_offsets[0] : key_offsets[-1]]),
+            key_offsets=key_offsets - key_offsets[0],
+            suffix_ids=suffix_ids,
+            suffixes=index.suffixes,
+        )
 
     def samples(self, buf: bytes, r: ReadRange) -> Iterator[dict[str, Any]]:
         self.check(buf, r)
         offsets, sizes, suffix_of, member_first = self.offsets, self.sizes, self.suffix_of, self.member_first
-        for pos in self.kept[r.first:r.stop]:
+        for pos in self.kept[r.first : r.stop]:
             sample: dict[str, Any] = {"__key__": self.keys[pos], "__url__": self.url}
             for j in range(member_first[pos], member_first[pos + 1]):
                 a = offsets[j] - r.start
-                sample[suffix_of[j]] = buf[a:a + sizes[j]]
+                sample[suffix_of[j]] = buf[a : a + sizes[j]]
             sample[META_KEY] = make_meta(self.lo + pos, self.epoch, self.boosted[pos], self.tag)
             yield sample
 
@@ -248,12 +268,15 @@ class _Layout:
         if rows.stop == rows.start:
             return
         if len(buf) != r.end - r.start or not table.in_bounds(rows, r.start, len(buf)):
-            self._stale(int(table.owners[rows.start]), int(table.members[rows.start]),
-                        "the index's offsets do not fit the bytes read")
+            self._stale(
+                int(table.owners[rows.start]),
+                int(table.members[rows.start]),
+                "the index's offsets do not fit the bytes read",
+            )
         bad = np.flatnonzero(~table.fast_ok(buf, r.start, rows)) + rows.start
         for i in bad.tolist():
             j, pos = int(table.members[i]), int(table.owners[i])
-            entry = buf[int(table.entry[i]) - r.start:offsets_end(table, i) - r.start]
+            entry = buf[int(table.entry[i]) - r.start : offsets_end(table, i) - r.start]
             if not verify.exact_ok(entry, self.keys[pos], self.suffix_of[j], self.sizes[j], self.url):
                 self._stale(pos, j, "the tar header there names another member or size")
 
@@ -261,7 +284,8 @@ class _Layout:
         raise StaleIndexError(
             f"shard {self.url}: member {self.keys[pos]}.{self.suffix_of[j]} ({self.sizes[j]} bytes at byte "
             f"{self.offsets[j]}) is not where the index puts it: {why}; the shard changed since it was indexed: "
-            "re-run `infobatch-stream index`")
+            "re-run `infobatch-stream index`"
+        )
 
 
 def offsets_end(table: verify.KeptMembers, i: int) -> int:
@@ -272,7 +296,7 @@ def offsets_end(table: verify.KeptMembers, i: int) -> int:
 class _Job:
     """One shard request on its way: planned ranges, reads in flight, its I/O counts."""
 
-    def __init__(self, ib: "InfoBatch", req: ShardRequest, epoch: int, thresh: float, options: ReadOptions) -> None:
+    def __init__(self, ib: InfoBatch, req: ShardRequest, epoch: int, thresh: float, options: ReadOptions) -> None:
         self.ib, self.req, self.options = ib, req, options
         self.counter = _Counter()
         self.ranges: list[ReadRange] = []
@@ -437,18 +461,33 @@ class _Job:
         finally:
             control, worker = self.ib.control, current_worker()
             if self.empty:
-                control.add_io(worker, generation, shards_skipped=1,
-                               bytes_skipped=self.ib.index.shards[self.req.shard].filesize)
+                control.add_io(
+                    worker, generation, shards_skipped=1, bytes_skipped=self.ib.index.shards[self.req.shard].filesize
+                )
             elif self.opened:
-                control.add_io(worker, generation, bytes_read=self.counter.bytes_read, requests=self.counter.requests,
-                               shards_read=1, bytes_skipped=max(self.region - self.counter.bytes_read, 0))
+                control.add_io(
+                    worker,
+                    generation,
+                    bytes_read=self.counter.bytes_read,
+                    requests=self.counter.requests,
+                    shards_read=1,
+                    bytes_skipped=max(self.region - self.counter.bytes_read, 0),
+                )
             elif self.counter.requests:
                 control.add_io(worker, generation, bytes_read=self.counter.bytes_read, requests=self.counter.requests)
 
 
-def read_requests(ib: "InfoBatch", requests: Iterable[ShardRequest], epoch: int, thresh: float,
-                  options: ReadOptions = ReadOptions(), *, handler: Callable[[Exception], bool] = reraise_exception,
-                  generation: int | None = None, tagged: bool = False) -> Iterator[Any]:
+def read_requests(
+    ib: InfoBatch,
+    requests: Iterable[ShardRequest],
+    epoch: int,
+    thresh: float,
+    options: ReadOptions = ReadOptions(),
+    *,
+    handler: Callable[[Exception], bool] = reraise_exception,
+    generation: int | None = None,
+    tagged: bool = False,
+) -> Iterator[Any]:
     """The kept samples of each request, in order (``(request, sample)`` pairs with ``tagged``),
     with reads of the next ranges and shards in flight meanwhile (bounded by ``options``).
 
@@ -514,17 +553,26 @@ def read_requests(ib: "InfoBatch", requests: Iterable[ShardRequest], epoch: int,
             job.finish(generation, ahead)
 
 
-def read_shard(ib: "InfoBatch", url: str, shard: int, epoch: int, thresh: float, *,
-               merge_gap: int | None = None, verify: str = "size+mtime",
-               part: tuple[int, int] | None = None, only: np.ndarray | None = None,
-               generation: int | None = None) -> Iterator[dict[str, Any]]:
+def read_shard(
+    ib: InfoBatch,
+    url: str,
+    shard: int,
+    epoch: int,
+    thresh: float,
+    *,
+    merge_gap: int | None = None,
+    verify: str = "size+mtime",
+    part: tuple[int, int] | None = None,
+    only: np.ndarray | None = None,
+    generation: int | None = None,
+) -> Iterator[dict[str, Any]]:
     """The kept samples of one shard (see :class:`ShardRequest` for ``part`` and ``only``)."""
     options = ReadOptions(merge_gap=merge_gap, verify=verify)
     request = ShardRequest(url, shard, part, only)
     yield from read_requests(ib, [request], epoch, thresh, options, generation=generation)
 
 
-def _requests_from(src: Iterable[dict[str, Any]], ib: "InfoBatch", done: list[bool], mark: int) -> Iterator[ShardRequest]:
+def _requests_from(src: Iterable[dict[str, Any]], ib: InfoBatch, done: list[bool], mark: int) -> Iterator[ShardRequest]:
     """Shard requests for the ``{"url": ...}`` items of a shard list (``ib.shards()`` or any);
     ``done[0]`` turns True when ``src`` is exhausted; ``mark``: see :meth:`Announcements.started_since`."""
     announced = ib._announced_parts
@@ -542,19 +590,29 @@ def _requests_from(src: Iterable[dict[str, Any]], ib: "InfoBatch", done: list[bo
     done[0] = True
 
 
-def read_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch", *,
-                 handler: Callable[[Exception], bool] = reraise_exception,
-                 options: ReadOptions = ReadOptions(), merge_gap: int | None = None,
-                 verify: str | None = None) -> Iterator[dict[str, Any]]:
+def read_samples(
+    src: Iterable[dict[str, Any]],
+    ib: InfoBatch,
+    *,
+    handler: Callable[[Exception], bool] = reraise_exception,
+    options: ReadOptions = ReadOptions(),
+    merge_gap: int | None = None,
+    verify: str | None = None,
+) -> Iterator[dict[str, Any]]:
     """For each ``{"url": ...}`` from ``src``: the shard's kept samples, tagged with ``__ib__``."""
     if merge_gap is not None or verify is not None:
-        options = ReadOptions(merge_gap if merge_gap is not None else options.merge_gap, verify or options.verify,
-                              options.max_inflight, options.readahead_bytes)
+        options = ReadOptions(
+            merge_gap if merge_gap is not None else options.merge_gap,
+            verify or options.verify,
+            options.max_inflight,
+            options.readahead_bytes,
+        )
     epoch, thresh = ib.begin_pass()
     generation = ib.control.generation
     done, mark = [False], ib._announced_parts.passes
-    yield from read_requests(ib, _requests_from(src, ib, done, mark), epoch, thresh, options, handler=handler,
-                             generation=generation)
+    yield from read_requests(
+        ib, _requests_from(src, ib, done, mark), epoch, thresh, options, handler=handler, generation=generation
+    )
     if done[0]:  # not when the handler stopped the stream: a splitter is told from a short read
         ib._announced_parts.check_all_read("ib.tarfile_to_samples()", mark)
 
@@ -562,7 +620,7 @@ def read_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch", *,
 class ReaderStage:
     """``ib.tarfile_to_samples()``: a picklable pipeline stage wrapping :func:`read_samples`."""
 
-    def __init__(self, ib: "InfoBatch", handler: Callable[[Exception], bool], options: ReadOptions) -> None:
+    def __init__(self, ib: InfoBatch, handler: Callable[[Exception], bool], options: ReadOptions) -> None:
         self.ib, self.handler, self.options = ib, handler, options
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -22,14 +22,22 @@ from .index import DatasetIndex, IndexMismatchError, _index_here, listed
 from .storage import StorageError
 from .tarscan import TarFormatError
 
-_ERRORS: dict[str, type[Exception]] = {c.__name__: c for c in (TarFormatError, IndexMismatchError, StorageError,
-                                                                FileNotFoundError, PermissionError, ValueError)}
+_ERRORS: dict[str, type[Exception]] = {
+    c.__name__: c
+    for c in (TarFormatError, IndexMismatchError, StorageError, FileNotFoundError, PermissionError, ValueError)
+}
 
 
 def index_in_subprocess(patterns: list[str], globbing: bool, concurrency: int, progress: bool) -> DatasetIndex:
     with tempfile.TemporaryDirectory(prefix="infobatch-index-") as tmp:
-        job = {"patterns": patterns, "globbing": globbing, "concurrency": concurrency, "progress": progress,
-               "output": os.path.join(tmp, "index.json"), "error": os.path.join(tmp, "error.json")}
+        job: dict[str, Any] = {
+            "patterns": patterns,
+            "globbing": globbing,
+            "concurrency": concurrency,
+            "progress": progress,
+            "output": os.path.join(tmp, "index.json"),
+            "error": os.path.join(tmp, "error.json"),
+        }
         proc = subprocess.Popen([sys.executable, "-m", "infobatch_stream.remote_index"], stdin=subprocess.PIPE)
         try:
             proc.communicate(json.dumps(job).encode())

@@ -32,8 +32,10 @@ from .stats import EpochStats
 log = logging.getLogger(__name__)
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since torch 1.6
-_EXPECTED = ("expected a file written by ib.save(), a torch.save() checkpoint holding ib.state_dict(), "
-             "or a JSON list of ib.stats() (or an object with a \"stats\" list)")
+_EXPECTED = (
+    "expected a file written by ib.save(), a torch.save() checkpoint holding ib.state_dict(), "
+    'or a JSON list of ib.stats() (or an object with a "stats" list)'
+)
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 CHUNK = policy.PLAN_BLOCK  # scores per piece (4 MB): a planning block, so the mean adds up as the planner's does
 MAX_JSON = 64 << 20  # a stats file holds a few hundred bytes per epoch
@@ -117,8 +119,11 @@ def _torch_load(path: str) -> Any:
         text = str(e)
         if "Weights only load failed" in text:  # torch's advice (weights_only=False) is not ours to give
             unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-            reason = ("it holds objects other than tensors and plain values"
-                      + (f" ({unsafe.group(1)})" if unsafe else "") + ", which the report never unpickles")
+            reason = (
+                "it holds objects other than tensors and plain values"
+                + (f" ({unsafe.group(1)})" if unsafe else "")
+                + ", which the report never unpickles"
+            )
         else:
             lines = text.strip().splitlines()
             reason = lines[0].split(". ")[0][:200] if lines else type(e).__name__
@@ -129,7 +134,8 @@ def _find_state(obj: Any, path: str) -> dict[str, Any]:
     """The first ``ib.state_dict()`` (a dict with ``format == 1`` and ``stats``) inside ``obj``,
     breadth first: checkpoints nest it under a key of the user's choosing. Each container is
     visited once (a crafted pickle can make a list that holds itself)."""
-    queue, found, visited = deque([obj]), [], set()
+    queue, visited = deque([obj]), set()
+    found: list[dict[str, Any]] = []
     while queue and len(found) < 2:
         item = queue.popleft()
         if id(item) in visited:
@@ -143,8 +149,9 @@ def _find_state(obj: Any, path: str) -> dict[str, Any]:
         elif isinstance(item, (list, tuple)):
             queue.extend(item)
     if not found:
-        raise ReportError(f"{path} is a torch checkpoint but holds no ib.state_dict() "
-                          "(a dict with \"format\": 1 and \"stats\")")
+        raise ReportError(
+            f'{path} is a torch checkpoint but holds no ib.state_dict() (a dict with "format": 1 and "stats")'
+        )
     if len(found) > 1:
         log.warning("%s holds several InfoBatch states (one per rank?); reporting the first", path)
     return found[0]
@@ -154,8 +161,9 @@ def _json_run(path: str, size: int) -> Run:
     """A JSON list of ``ib.stats()``, or an object whose ``stats`` is one (the examples add
     other keys next to it)."""
     if size > MAX_JSON:
-        raise ReportError(f"{path} is {size:,} bytes, too large for a JSON of ib.stats() (at most {MAX_JSON:,}): "
-                          f"{_EXPECTED}")
+        raise ReportError(
+            f"{path} is {size:,} bytes, too large for a JSON of ib.stats() (at most {MAX_JSON:,}): {_EXPECTED}"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
@@ -177,24 +185,37 @@ def _normalise(stats: list[Any], path: str) -> list[dict[str, Any]]:
     is nothing to report. Counts are integers in [0, 2**63) and ``kept + pruned == total``."""
     out = []
     for i, entry in enumerate(stats):
-        if not isinstance(entry, dict) or "epoch" not in entry or "total" not in entry or \
-                ("kept" not in entry and "pruned" not in entry):
-            raise ReportError(f"{path}: stats entry {i} is not an ib.stats() epoch (needs epoch, total, kept or "
-                              f"pruned; got {str(entry)[:80]})")
-        row = {f.name: entry.get(f.name) for f in fields(EpochStats)}
+        if (
+            not isinstance(entry, dict)
+            or "epoch" not in entry
+            or "total" not in entry
+            or ("kept" not in entry and "pruned" not in entry)
+        ):
+            raise ReportError(
+                f"{path}: stats entry {i} is not an ib.stats() epoch (needs epoch, total, kept or "
+                f"pruned; got {str(entry)[:80]})"
+            )
+        row: dict[str, Any] = {f.name: entry.get(f.name) for f in fields(EpochStats)}
         for name, value in row.items():
-            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if name == "threshold"
-                  else _is_count(value))
+            ok = (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+                if name == "threshold"
+                else _is_count(value)
+            )
             if value is not None and not ok:
-                raise ReportError(f"{path}: stats entry {i} field {name!r} is {str(value)[:40]}, expected "
-                                  + ("a number" if name == "threshold" else "an integer >= 0"))
+                raise ReportError(
+                    f"{path}: stats entry {i} field {name!r} is {str(value)[:40]}, expected "
+                    + ("a number" if name == "threshold" else "an integer >= 0")
+                )
         if row["kept"] is None:
             row["kept"] = row["total"] - row["pruned"]
         if row["pruned"] is None:
             row["pruned"] = row["total"] - row["kept"]
         if not 0 <= row["kept"] <= row["total"] or row["kept"] + row["pruned"] != row["total"]:
-            raise ReportError(f"{path}: stats entry {i} has kept {row['kept']} and pruned {row['pruned']} of "
-                              f"{row['total']} samples, which do not add up")
+            raise ReportError(
+                f"{path}: stats entry {i} has kept {row['kept']} and pruned {row['pruned']} of "
+                f"{row['total']} samples, which do not add up"
+            )
         out.append(row)
     return out
 
@@ -212,9 +233,13 @@ def summarize(run: Run) -> dict[str, Any]:
     kept = sum(s["kept"] for s in stats)
     pruning = [s for s in stats if s["pruned"] > 0]
     out: dict[str, Any] = {
-        "file": run.path, "source": run.source, "epochs": len(stats),
+        "file": run.path,
+        "source": run.source,
+        "epochs": len(stats),
         "total": stats[-1]["total"] if stats else 0,
-        "full_data": full, "trained": trained, "kept": kept,
+        "full_data": full,
+        "trained": trained,
+        "kept": kept,
         "saved_trained": (1 - trained / full if full else 0.0) if recorded else None,
         "saved_kept": 1 - kept / full if full else 0.0,
         "pruning_epochs": len(pruning),
@@ -251,9 +276,12 @@ def score_summary(scores: np.ndarray) -> dict[str, Any]:
     edges, log_bins = _hist_edges(first["finite"], first["lo"], first["hi"])
     below, fine, counts = _second_pass(scores, mean, targets, edges)
     value = {k: _ranked_value(first["coarse"], fine, k) for k in ranks}
-    out.update(mean=mean, below_mean=below,
-               quantiles={f"q{round(q * 100)}": _interpolate(value, seen, q) for q in QUANTILES},
-               histogram={"edges": edges.tolist(), "counts": counts.tolist(), "log": log_bins})
+    out.update(
+        mean=mean,
+        below_mean=below,
+        quantiles={f"q{round(q * 100)}": _interpolate(value, seen, q) for q in QUANTILES},
+        histogram={"edges": edges.tolist(), "counts": counts.tolist(), "log": log_bins},
+    )
     return out
 
 
@@ -297,7 +325,7 @@ def _first_pass(scores: np.ndarray) -> dict[str, Any]:
 
 def _quantile_ranks(n: int) -> list[int]:
     """The order statistics (0-based) that ``np.quantile``'s linear method interpolates between."""
-    ranks = set()
+    ranks: set[int] = set()
     for q in QUANTILES:
         k = int(math.floor((n - 1) * q))
         ranks.update((k, min(k + 1, n - 1)))
@@ -321,8 +349,9 @@ def _hist_edges(finite: int, lo: float, hi: float) -> tuple[np.ndarray, bool]:
     return (np.linspace(lo, hi, bins + 1) if hi > lo else np.linspace(lo - 0.5, hi + 0.5, bins + 1)), False
 
 
-def _second_pass(scores: np.ndarray, mean: float, targets: set[int],
-                 edges: np.ndarray) -> tuple[int, dict[int, np.ndarray], np.ndarray]:
+def _second_pass(
+    scores: np.ndarray, mean: float, targets: set[int], edges: np.ndarray
+) -> tuple[int, dict[int, np.ndarray], np.ndarray]:
     """Scores below the mean (compared in float64, as the planner does), histograms of the low
     halves inside the high-half bins that hold a wanted rank, and the score histogram."""
     below, counts = 0, np.zeros(max(len(edges) - 1, 0), dtype=np.int64)
@@ -382,9 +411,16 @@ def format_report(run: Run, summary: dict[str, Any]) -> str:
         lines.append("config: " + ", ".join(f"{k}={v}" for k, v in run.config.items()))
     lines += ["| " + " | ".join(head) + " |", "| " + " | ".join(["---:"] * len(head)) + " |"]
     for s in run.stats:
-        cells = [str(s["epoch"]), _num(s["threshold"], ".6g"), _num(s["seen"]), _num(s["well_learned"]),
-                 _num(s["pruned"]), _num(s["kept"]), f"{100 * s['kept'] / s['total']:.1f}%" if s["total"] else "-",
-                 _num(s["trained"])]
+        cells = [
+            str(s["epoch"]),
+            _num(s["threshold"], ".6g"),
+            _num(s["seen"]),
+            _num(s["well_learned"]),
+            _num(s["pruned"]),
+            _num(s["kept"]),
+            f"{100 * s['kept'] / s['total']:.1f}%" if s["total"] else "-",
+            _num(s["trained"]),
+        ]
         if io:
             cells += [_size(s["bytes_read"] or 0), _size(s["bytes_skipped"] or 0)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -394,25 +430,33 @@ def format_report(run: Run, summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"epochs: {n}; full data: {summary['full_data']:,} samples ({summary['total']:,} x {n})",
-        (f"trained: {summary['trained']:,} samples ({100 * summary['saved_trained']:.1f}% saved)"
-         if summary["trained"] is not None else "trained: not recorded in this file (written by an older version)"),
+        (
+            f"trained: {summary['trained']:,} samples ({100 * summary['saved_trained']:.1f}% saved)"
+            if summary["trained"] is not None
+            else "trained: not recorded in this file (written by an older version)"
+        ),
         f"kept by the plan: {summary['kept']:,} samples ({100 * summary['saved_kept']:.1f}% saved)",
         f"pruning epochs: {summary['pruning_epochs']} of {n}, "
         f"{100 * summary['mean_pruned_fraction']:.1f}% of the data pruned per pruning epoch on average",
     ]
     if summary["trained"] not in (None, summary["kept"]):
-        lines.append("note: trained differs from kept: a partial epoch, several ranks (trained counts the saving "
-                     "rank only), padding, or training that skipped update()")
+        lines.append(
+            "note: trained differs from kept: a partial epoch, several ranks (trained counts the saving "
+            "rank only), padding, or training that skipped update()"
+        )
     if io:
-        lines.append(f"bytes read: {_size(summary['bytes_read'])}, skipped: {_size(summary['bytes_skipped'])} "
-                     "(by ib.tarfile_to_samples() / ib.dataset())")
+        lines.append(
+            f"bytes read: {_size(summary['bytes_read'])}, skipped: {_size(summary['bytes_skipped'])} "
+            "(by ib.tarfile_to_samples() / ib.dataset())"
+        )
     scores = summary.get("scores")
     if scores is not None:
         line = f"scores: {scores['seen']:,} of {scores['samples']:,} samples seen"
         if scores["seen"]:
             q = scores["quantiles"]
-            line += (f"; mean {scores['mean']:.6g} ({scores['below_mean']:,} below it); quantiles "
-                     + ", ".join(f"{k} {v:.6g}" for k, v in q.items()))
+            line += f"; mean {scores['mean']:.6g} ({scores['below_mean']:,} below it); quantiles " + ", ".join(
+                f"{k} {v:.6g}" for k, v in q.items()
+            )
         lines.append(line)
     return "\n".join(lines)
 
@@ -451,10 +495,15 @@ def plot_run(run: Run, summary: dict[str, Any], path: str) -> None:
             axes[2].axvline(mean, color="tab:red", linestyle="--", label="mean now (next threshold)")
         axes[2].set(title=f"scores ({summary['scores']['seen']:,} seen)", xlabel="score", ylabel="samples")
         axes[2].legend(fontsize="small")
-    done, saved = ((summary["trained"], summary["saved_trained"]) if summary["trained"] is not None
-                   else (summary["kept"], summary["saved_kept"]))
-    fig.suptitle(f"{os.path.basename(run.path)}: {done:,} of {summary['full_data']:,} samples "
-                 f"{'trained' if summary['trained'] is not None else 'kept'} ({100 * saved:.1f}% saved)")
+    done, saved = (
+        (summary["trained"], summary["saved_trained"])
+        if summary["trained"] is not None
+        else (summary["kept"], summary["saved_kept"])
+    )
+    fig.suptitle(
+        f"{os.path.basename(run.path)}: {done:,} of {summary['full_data']:,} samples "
+        f"{'trained' if summary['trained'] is not None else 'kept'} ({100 * saved:.1f}% saved)"
+    )
     try:
         fig.savefig(path, dpi=100)
     except OSError as e:

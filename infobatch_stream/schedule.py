@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +42,27 @@ class ProgressScheduler:
     that takes another number of steps than expected is logged: the LR would drift.
     """
 
-    def __init__(self, ib: "InfoBatch", scheduler: "LRScheduler", batch_size: int, num_workers: int = 0,
-                 drop_last: bool = False, *, total_steps: int | None = None,
-                 steps_per_epoch: Callable[[int], int] | None = None) -> None:
+    def __init__(
+        self,
+        ib: InfoBatch,
+        scheduler: LRScheduler,
+        batch_size: int,
+        num_workers: int = 0,
+        drop_last: bool = False,
+        *,
+        total_steps: int | None = None,
+        steps_per_epoch: Callable[[int], int] | None = None,
+    ) -> None:
         own = getattr(scheduler, "total_steps", None) or getattr(scheduler, "T_max", None)
         if total_steps is None:
             if own is None:
                 raise ValueError(f"pass total_steps: the number of steps {type(scheduler).__name__} was built for")
             total_steps = int(own)
         if own is not None and int(own) != int(total_steps):
-            raise ValueError(f"total_steps={total_steps} but {type(scheduler).__name__} was built for {own} steps: "
-                             "the schedule would end early or step past its end")
+            raise ValueError(
+                f"total_steps={total_steps} but {type(scheduler).__name__} was built for {own} steps: "
+                "the schedule would end early or step past its end"
+            )
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.ib, self.scheduler, self.total_steps = ib, scheduler, int(total_steps)
@@ -83,12 +94,16 @@ class ProgressScheduler:
     def _mismatch(self) -> None:
         if not self._warned:
             self._warned = True
-            log.warning("epoch %d took %s steps where %d were expected: the learning rate drifts; give "
-                        "ProgressScheduler the loader's batch_size, num_workers and drop_last, or steps_per_epoch",
-                        self.epoch, f"more than {self.steps}" if self.done > self.steps else self.done, self.steps)
+            log.warning(
+                "epoch %d took %s steps where %d were expected: the learning rate drifts; give "
+                "ProgressScheduler the loader's batch_size, num_workers and drop_last, or steps_per_epoch",
+                self.epoch,
+                f"more than {self.steps}" if self.done > self.steps else self.done,
+                self.steps,
+            )
 
     def get_last_lr(self) -> list[float]:
-        return self.scheduler.get_last_lr()
+        return [float(lr) for lr in self.scheduler.get_last_lr()]
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "done": self.done, "steps": self.steps, "scheduler": self.scheduler.state_dict()}

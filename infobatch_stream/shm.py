@@ -79,7 +79,7 @@ class SharedArray:
         self.array = np.memmap(path, dtype=self.dtype, mode="r+", shape=(max(self.length, 1),))[: self.length]
 
     @classmethod
-    def create(cls, length: int, dtype: np.dtype | str, fill: float | int = 0, tag: str = "array") -> "SharedArray":
+    def create(cls, length: int, dtype: np.typing.DTypeLike, fill: float | int = 0, tag: str = "array") -> SharedArray:
         directory = shm_dir()
         remove_stale(directory)
         pid = os.getpid()
@@ -94,8 +94,10 @@ class SharedArray:
                 os.posix_fallocate(lock_fd, 0, nbytes)  # reserve now: a sparse file would SIGBUS later
             except OSError as e:
                 raise OSError(
-                    e.errno, f"cannot reserve {nbytes / 2**20:.1f} MiB for a shared {tag} array in {directory} "
-                    f"({e.strerror}); give it more room (e.g. docker --shm-size) or free space there") from None
+                    e.errno,
+                    f"cannot reserve {nbytes / 2**20:.1f} MiB for a shared {tag} array in {directory} "
+                    f"({e.strerror}); give it more room (e.g. docker --shm-size) or free space there",
+                ) from None
             os.rename(staging, path)  # appears under its real name already locked
         except BaseException:
             os.close(lock_fd)
@@ -104,7 +106,7 @@ class SharedArray:
             except FileNotFoundError:
                 pass
             raise
-        shared = cls(path, length, dtype)
+        shared = cls(path, length, np.dtype(dtype))
         weakref.finalize(shared, _unlink_if_owner, path, pid, lock_fd)
         if fill != 0:
             shared.array[:] = fill
@@ -120,7 +122,7 @@ class SharedArray:
 
     def __setstate__(self, state: dict) -> None:
         try:
-            self.__init__(state["path"], state["length"], state["dtype"])
+            SharedArray.__init__(self, state["path"], state["length"], state["dtype"])
         except FileNotFoundError:
             raise RuntimeError(
                 f"shared array {state['path']} is gone: the process that created it has exited; "

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import deque
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -72,7 +73,8 @@ class Announcements:
                 f"{missing[0].shard}): a stage between them dropped them. ib.shards() already splits the epoch over "
                 "ranks and loader workers: remove wds.split_by_worker / wds.split_by_node (or any other splitter) "
                 "from the pipeline. (With ib.filter(), a shard that failed to open and was skipped by a handler= "
-                "also ends here: read with ib.tarfile_to_samples(handler=...), which counts skipped shards.)")
+                "also ends here: read with ib.tarfile_to_samples(handler=...), which counts skipped shards.)"
+            )
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
@@ -87,7 +89,7 @@ def loader_worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def epoch_parts(ib: "InfoBatch") -> list[Part]:
+def epoch_parts(ib: InfoBatch) -> list[Part]:
     """This rank's and worker's share of the published epoch (see :mod:`infobatch_stream.balance`).
 
     The rank and world size come from the control block, written by the training process when
@@ -95,16 +97,18 @@ def epoch_parts(ib: "InfoBatch") -> list[Part]:
     control = ib.control
     order = shard_order(ib.index.num_shards, ib.config.seed, control.epoch)
     worker, num_workers = loader_worker()
-    return assign(order, np.asarray(control.kept_per_shard), control.rank, control.world_size, worker, num_workers,
-                  ib.remainder)
+    return assign(
+        order, np.asarray(control.kept_per_shard), control.rank, control.world_size, worker, num_workers, ib.remainder
+    )
 
 
-def account_empty(ib: "InfoBatch", parts: list[Part]) -> None:
+def account_empty(ib: InfoBatch, parts: list[Part]) -> None:
     """Count this worker's shards with nothing kept as skipped (they are never opened)."""
     empty = [p.shard for p in parts if p.first == p.stop]
     if empty:
-        ib.control.add_io(current_worker(), shards_skipped=len(empty),
-                          bytes_skipped=sum(ib.index.shards[s].filesize for s in empty))
+        ib.control.add_io(
+            current_worker(), shards_skipped=len(empty), bytes_skipped=sum(ib.index.shards[s].filesize for s in empty)
+        )
 
 
 class ShardSource(IterableDataset):
@@ -115,7 +119,7 @@ class ShardSource(IterableDataset):
     nothing kept are left out, so they are never opened.
     """
 
-    def __init__(self, ib: "InfoBatch") -> None:
+    def __init__(self, ib: InfoBatch) -> None:
         self.ib = ib
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -143,8 +147,9 @@ class ShardSource(IterableDataset):
 class _ShardCursor:
     """Maps the samples of one shard, arriving in tar order, to positions in the index."""
 
-    def __init__(self, url: str, shard: int, first_slot: int, keys: list[str],
-                 keep: list[bool], boosted: list[bool]) -> None:
+    def __init__(
+        self, url: str, shard: int, first_slot: int, keys: list[str], keep: list[bool], boosted: list[bool]
+    ) -> None:
         self.url, self.shard, self.first_slot = url, shard, first_slot
         self.keys, self.keep, self.boosted = keys, keep, boosted
         self.next = 0
@@ -174,7 +179,7 @@ class _ShardCursor:
         return self.next == len(self.keys) and len(self.keys) > 0 and key == self.keys[0]
 
 
-def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[dict[str, Any]]:
+def filter_samples(src: Iterable[dict[str, Any]], ib: InfoBatch) -> Iterator[dict[str, Any]]:
     """Drop the epoch's pruned samples and tag kept ones with ``__ib__`` = (slot, epoch, boosted)."""
     epoch, thresh = ib.begin_pass()
     index = ib.index
@@ -199,7 +204,8 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[d
             if part is None and announced.started_since(mark):
                 raise ValueError(
                     f"shard {url} reached ib.filter() but ib.shards() did not hand it to this worker: a stage "
-                    "between them added or repeated shards; put ib.filter() right after tarfile_to_samples()")
+                    "between them added or repeated shards; put ib.filter() right after tarfile_to_samples()"
+                )
             if part is not None:
                 shard = part.shard  # the entry ib.shards() meant, also when a URL is listed twice
             lo, _ = index.slots(shard)
@@ -217,11 +223,15 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: "InfoBatch") -> Iterator[d
 def _warn_if_decoded(sample: dict[str, Any]) -> None:
     """ib.filter() after ``wds.decode()`` still prunes correctly, but every pruned sample was
     decoded for nothing: say so once per pass."""
-    decoded = [k for k, v in sample.items() if not k.startswith("__") and not isinstance(v, (bytes, bytearray, memoryview))]
+    decoded = [
+        k for k, v in sample.items() if not k.startswith("__") and not isinstance(v, (bytes, bytearray, memoryview))
+    ]
     if decoded:
-        message = (f"ib.filter() got decoded fields ({decoded[0]!r} is a {type(sample[decoded[0]]).__name__}, not "
-                   "bytes): pruned samples are decoded before being dropped; put ib.filter() right after "
-                   "tarfile_to_samples() and decode after it")
+        message = (
+            f"ib.filter() got decoded fields ({decoded[0]!r} is a {type(sample[decoded[0]]).__name__}, not "
+            "bytes): pruned samples are decoded before being dropped; put ib.filter() right after "
+            "tarfile_to_samples() and decode after it"
+        )
         log.warning(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
@@ -229,7 +239,7 @@ def _warn_if_decoded(sample: dict[str, Any]) -> None:
 class FilterStage:
     """A pipeline stage (``stage(src) -> iterator``) for ``wds.DataPipeline`` and ``.compose``."""
 
-    def __init__(self, ib: "InfoBatch") -> None:
+    def __init__(self, ib: InfoBatch) -> None:
         self.ib = ib
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:

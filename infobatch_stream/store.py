@@ -18,8 +18,8 @@ class ScoreStore:
         self._shared = shared
 
     @classmethod
-    def create(cls, num_slots: int) -> "ScoreStore":
-        return cls(SharedArray.create(num_slots, np.float32, fill=np.nan, tag="scores"))
+    def create(cls, num_slots: int) -> ScoreStore:
+        return cls(SharedArray.create(num_slots, np.dtype(np.float32), fill=np.nan, tag="scores"))
 
     @property
     def shared(self) -> SharedArray:

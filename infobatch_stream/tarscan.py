@@ -17,8 +17,9 @@ import io
 import lzma
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import numpy as np
 
@@ -64,7 +65,9 @@ class ShardSamples:
     """The samples of one shard as flat arrays (one row per sample, members concatenated)."""
 
     keys: list[str] = field(default_factory=list)
-    start: list[int] = field(default_factory=list)  # where the first member's entry starts (long-name/PAX headers included)
+    start: list[int] = field(
+        default_factory=list
+    )  # where the first member's entry starts (long-name/PAX headers included)
     end: list[int] = field(default_factory=list)  # end of the last member's padded body
     nmembers: list[int] = field(default_factory=list)
     suffixes: list[str] = field(default_factory=list)  # one per member
@@ -105,7 +108,7 @@ def _number(raw: bytes) -> int | None:
         return value - 256 ** (len(raw) - 1) if raw[:1] == b"\xff" else value
     end = raw.find(b"\0")
     try:
-        return int(raw[:end if end >= 0 else None].decode("ascii").strip() or "0", 8)
+        return int(raw[: end if end >= 0 else None].decode("ascii").strip() or "0", 8)
     except (UnicodeDecodeError, ValueError):
         return None
 
@@ -179,7 +182,7 @@ def _parse_pax(data: bytes, size: int, where: str) -> dict[str, str]:
         if length == 0 or end - 1 < match.end() or end > len(data) or pos < size < end:
             raise TarFormatError(f"{where}: malformed PAX record length {length}; rewrite the shard")
         key = match.group(2).decode("utf-8", "surrogateescape")
-        out[key] = data[match.end():end - 1].decode("utf-8", "surrogateescape")
+        out[key] = data[match.end() : end - 1].decode("utf-8", "surrogateescape")
         pos = end
     return out
 
@@ -204,8 +207,9 @@ def _apply_pax(name: str, size: int, records: dict[str, str], where: str) -> tup
     return name, size
 
 
-def _resolve(name: str, typ: bytes, size: int, global_pax: dict[str, str],
-             chain: list[str | dict[str, str]], where: str) -> tuple[str, int]:
+def _resolve(
+    name: str, typ: bytes, size: int, global_pax: dict[str, str], chain: list[str | dict[str, str]], where: str
+) -> tuple[str, int]:
     """The name and size tarfile ends up with for a member behind extended headers.
 
     ``_proc_builtin`` applies the global PAX records to the member's own header; then, as the
@@ -226,8 +230,9 @@ def _resolve(name: str, typ: bytes, size: int, global_pax: dict[str, str],
 
 def _refuse_sparse(name: str, dicts: list[dict[str, str]], where: str) -> None:
     if any(k.startswith("GNU.sparse.") for d in dicts for k in d):
-        raise TarFormatError(f"{where}: sparse member {name!r} (PAX GNU.sparse) is not supported; "
-                             "rewrite the shard without sparse files")
+        raise TarFormatError(
+            f"{where}: sparse member {name!r} (PAX GNU.sparse) is not supported; rewrite the shard without sparse files"
+        )
 
 
 class _Cursor:
@@ -254,7 +259,8 @@ class _Cursor:
         if len(data) != n:
             raise TarFormatError(
                 f"{self.shard}: truncated tar, {what} at byte {self.pos} needs {n} bytes but only {len(data)} "
-                "remain; the shard is incomplete: re-download or rewrite it")
+                "remain; the shard is incomplete: re-download or rewrite it"
+            )
         self.pos += n
         return data
 
@@ -266,7 +272,8 @@ class _Cursor:
             if self.filesize is not None and self.pos + n > self.filesize:
                 raise TarFormatError(
                     f"{self.shard}: truncated tar, {what} at byte {self.pos} needs {n} bytes but only "
-                    f"{max(self.filesize - self.pos, 0)} remain; the shard is incomplete: re-download or rewrite it")
+                    f"{max(self.filesize - self.pos, 0)} remain; the shard is incomplete: re-download or rewrite it"
+                )
             self.fileobj.seek(n, 1)
         else:
             remaining = n
@@ -275,7 +282,8 @@ class _Cursor:
                 if not chunk:
                     raise TarFormatError(
                         f"{self.shard}: truncated tar, {what} at byte {self.pos} needs {n} bytes but the stream "
-                        "ended; the shard is incomplete: re-download or rewrite it")
+                        "ended; the shard is incomplete: re-download or rewrite it"
+                    )
                 remaining -= len(chunk)
         self.pos += n
 
@@ -310,8 +318,9 @@ class _Pending:
         they are consumed (the global PAX records stay)."""
         name, typ = _header_name(block)
         if typ == b"S":
-            raise TarFormatError(f"{where}: sparse member {name!r} is not supported; rewrite the shard without "
-                                 "sparse files")
+            raise TarFormatError(
+                f"{where}: sparse member {name!r} is not supported; rewrite the shard without sparse files"
+            )
         _refuse_sparse(name, [self.global_pax] + [h for h in self.chain if isinstance(h, dict)], where)
         name, size = _resolve(name, typ, size, self.global_pax, self.chain, where)
         if self.entry_start is not None:
@@ -337,14 +346,17 @@ def _end_of_stream(block: bytes, cursor: _Cursor, pending: _Pending) -> bool:
     if pending.chain_start is not None and block.count(0) == len(block):
         raise TarFormatError(
             f"{shard}: truncated tar, the extended header at byte {pending.chain_start} is not followed by a member "
-            f"(stream ends or archive ends at byte {pos}); the shard is incomplete: re-download or rewrite it")
+            f"(stream ends or archive ends at byte {pos}); the shard is incomplete: re-download or rewrite it"
+        )
     if not block:
         if pos == 0:
             raise TarFormatError(f"{shard}: empty file (0 bytes at byte 0), not a tar; re-download or rewrite it")
         return True  # EOF without end-of-archive blocks: tolerated, as tarfile's stream mode does
     if len(block) < BLOCK:
-        raise TarFormatError(f"{shard}: truncated tar header at byte {pos} ({len(block)} of 512 bytes); "
-                             "the shard is incomplete: re-download or rewrite it")
+        raise TarFormatError(
+            f"{shard}: truncated tar header at byte {pos} ({len(block)} of 512 bytes); "
+            "the shard is incomplete: re-download or rewrite it"
+        )
     return block.count(0) == BLOCK  # the end-of-archive marker
 
 
@@ -368,8 +380,9 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
         if typ in _EXTENDED:
             what = f"GNU long name of {size} bytes" if typ in (b"L", b"K") else f"PAX header of {size} bytes"
             if size > MAX_EXTENDED:
-                raise TarFormatError(f"{where}: {what} is absurd (over {MAX_EXTENDED >> 20} MiB); the shard is "
-                                     "corrupt: rewrite it")
+                raise TarFormatError(
+                    f"{where}: {what} is absurd (over {MAX_EXTENDED >> 20} MiB); the shard is corrupt: rewrite it"
+                )
             pending.add(typ, cursor.exact(_padded(size), what), size, offset, where)
             continue
         member = pending.member(block, size, offset, cursor.pos, where)
@@ -455,7 +468,7 @@ def scan_shard(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) ->
         samples.filesize = filesize
         return samples
     counted = _CountingReader(fileobj)
-    samples = group_samples(iter_members(counted, shard), shard)
+    samples = group_samples(iter_members(counted, shard), shard)  # type: ignore[arg-type]
     while counted.read(1 << 20):
         pass
     samples.filesize = counted.count
@@ -506,13 +519,14 @@ class _Decompressing(io.RawIOBase):
         except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:
             raise TarFormatError(
                 f"{self.where}: the {self.kind} stream is truncated or corrupt after {self.pos} decompressed bytes "
-                f"({e}); rewrite or re-download the shard") from None
+                f"({e}); rewrite or re-download the shard"
+            ) from None
         self.pos += len(data)
         return data
 
     def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
         data = self.read(len(b))
-        b[:len(data)] = data
+        b[: len(data)] = data
         return len(data)
 
 
@@ -548,5 +562,5 @@ class _Prefixed(io.RawIOBase):
 
     def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
         data = self.read(len(b))
-        b[:len(data)] = data
+        b[: len(data)] = data
         return len(data)

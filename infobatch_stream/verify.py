@@ -58,7 +58,7 @@ def _header_columns(buf: bytes, positions: np.ndarray, width: int) -> tuple[np.n
     and the bytes of the fields checked, as rows of a ``(k, m)`` array (one contiguous vector
     per byte position, so that each test below is one pass over ``m`` values)."""
     data = np.frombuffer(buf, dtype=np.uint8)
-    headers = data[:len(data) // BLOCK * BLOCK].reshape(-1, BLOCK)[positions // BLOCK]
+    headers = data[: len(data) // BLOCK * BLOCK].reshape(-1, BLOCK)[positions // BLOCK]
     picked = np.concatenate((np.arange(width), _FIELDS))
     return headers.sum(axis=1, dtype=np.uint32), np.take(headers, picked, axis=1).T.copy()  # take: 5x faster here
 
@@ -67,24 +67,37 @@ class KeptMembers:
     """The members of a shard's kept samples as the index describes them, laid out so that one
     read buffer's worth can be compared with the headers in it in a few numpy operations."""
 
-    def __init__(self, *, kept: np.ndarray, member_first: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
-                 starts: np.ndarray, key_blob: np.ndarray, key_offsets: np.ndarray, suffix_ids: np.ndarray,
-                 suffixes: list[str]) -> None:
+    def __init__(
+        self,
+        *,
+        kept: np.ndarray,
+        member_first: np.ndarray,
+        offsets: np.ndarray,
+        sizes: np.ndarray,
+        starts: np.ndarray,
+        key_blob: np.ndarray,
+        key_offsets: np.ndarray,
+        suffix_ids: np.ndarray,
+        suffixes: list[str],
+    ) -> None:
         """``member_first``, ``key_offsets``: per shard sample, relative to the shard (length
         ``n + 1``); ``offsets``, ``sizes``, ``suffix_ids``: per member of the shard; ``starts``:
         per sample; ``kept``: positions of the kept samples, ascending."""
         counts = member_first[kept + 1] - member_first[kept]
         self.first = np.concatenate(([0], np.cumsum(counts)))  # kept sample i has rows first[i]:first[i+1]
         owner = np.repeat(kept, counts)
-        rows = np.arange(int(self.first[-1])) - np.repeat(self.first[:-1], counts) + np.repeat(member_first[kept], counts)
+        rows = (
+            np.arange(int(self.first[-1])) - np.repeat(self.first[:-1], counts) + np.repeat(member_first[kept], counts)
+        )
         self.members, self.owners = rows, owner
         self.header = offsets[rows] - BLOCK
         self.size = sizes[rows]
         is_first = rows == member_first[owner]
         prev = np.maximum(rows - 1, 0)
         self.entry = np.where(is_first, starts[owner], offsets[prev] + (sizes[prev] + BLOCK - 1) // BLOCK * BLOCK)
-        self.names, self.key_len, self.name_len = _expected_names(key_blob, key_offsets, owner, suffix_ids[rows],
-                                                                  suffixes)
+        self.names, self.key_len, self.name_len = _expected_names(
+            key_blob, key_offsets, owner, suffix_ids[rows], suffixes
+        )
 
     def rows(self, first: int, stop: int) -> slice:
         """The member rows of kept samples ``[first, stop)``."""
@@ -95,8 +108,8 @@ class KeptMembers:
         names, key_len = self.names[:, rows], self.key_len[rows]
         width = names.shape[0]
         total, cols = _header_columns(buf, self.header[rows] - base, width)
-        size, plain = _fixed_octal(cols[width:width + 12], 11, b"\0")  # "%011o\0": tarfile, GNU tar
-        ok = plain & (size == self.size[rows]) & _checksum_ok(total, cols[width + 12:width + 20])
+        size, plain = _fixed_octal(cols[width : width + 12], 11, b"\0")  # "%011o\0": tarfile, GNU tar
+        ok = plain & (size == self.size[rows]) & _checksum_ok(total, cols[width + 12 : width + 20])
         kind = cols[width + 20]
         ok &= (kind == ord("0")) | (kind == 0) | (kind == ord("7"))  # regular files
         ok &= cols[width + 21] == 0  # no ustar prefix: the name field is the whole name
@@ -119,20 +132,28 @@ class KeptMembers:
     def in_bounds(self, rows: slice, base: int, length: int) -> bool:
         """Whether every header of ``rows`` (and what precedes it) lies inside the buffer."""
         entry, header = self.entry[rows], self.header[rows]
-        return bool(len(entry) == 0 or (entry.min() >= base and np.all(header >= entry)
-                                        and header.max() + BLOCK <= base + length
-                                        and not np.any((header - base) % BLOCK) and not np.any((entry - base) % BLOCK)))
+        return bool(
+            len(entry) == 0
+            or (
+                entry.min() >= base
+                and np.all(header >= entry)
+                and header.max() + BLOCK <= base + length
+                and not np.any((header - base) % BLOCK)
+                and not np.any((entry - base) % BLOCK)
+            )
+        )
 
 
-def _expected_names(key_blob: np.ndarray, key_offsets: np.ndarray, owner: np.ndarray, suffix_ids: np.ndarray,
-                    suffixes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _expected_names(
+    key_blob: np.ndarray, key_offsets: np.ndarray, owner: np.ndarray, suffix_ids: np.ndarray, suffixes: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """NUL-terminated ``key.suffix`` names (uint8 ``(W, m)``, ``W`` = longest name + 1 up to 100),
     key lengths and name lengths. A name of 100 bytes or more never matches here."""
     encoded = [s.encode("utf-8", "surrogateescape") for s in suffixes]
     suffix_len = np.array([len(s) for s in encoded] or [0], dtype=np.int64)
     table = np.zeros((max(len(encoded), 1), max(int(suffix_len.max()), 1)), dtype=np.uint8)
     for i, s in enumerate(encoded):
-        table[i, :len(s)] = np.frombuffer(s, dtype=np.uint8)
+        table[i, : len(s)] = np.frombuffer(s, dtype=np.uint8)
     key_start = key_offsets[owner]
     key_len = key_offsets[owner + 1] - key_start
     name_len = key_len + 1 + suffix_len[suffix_ids]
@@ -142,8 +163,9 @@ def _expected_names(key_blob: np.ndarray, key_offsets: np.ndarray, owner: np.nda
         return _names_fixed_keys(key_blob, int(lengths[0]), owner, table, suffix_ids, width), key_len, name_len
     col = np.arange(width)[None, :]
     in_key = col < key_len[:, None]
-    names = np.where(in_key, key_blob[np.minimum(key_start[:, None] + col, max(len(key_blob) - 1, 0))]
-                     if len(key_blob) else 0, 0).astype(np.uint8)
+    names = np.where(
+        in_key, key_blob[np.minimum(key_start[:, None] + col, max(len(key_blob) - 1, 0))] if len(key_blob) else 0, 0
+    ).astype(np.uint8)
     names[col == key_len[:, None]] = ord(".")
     in_suffix = (col > key_len[:, None]) & (col < name_len[:, None])
     at = np.clip(col - key_len[:, None] - 1, 0, table.shape[1] - 1)
@@ -174,13 +196,14 @@ def exact_ok(entry: bytes, key: str, suffix: str, size: int, where: str) -> bool
     return k == key and s is not None and s.lower() == suffix
 
 
-def _names_fixed_keys(key_blob: np.ndarray, k: int, owner: np.ndarray, table: np.ndarray, suffix_ids: np.ndarray,
-                      width: int) -> np.ndarray:
+def _names_fixed_keys(
+    key_blob: np.ndarray, k: int, owner: np.ndarray, table: np.ndarray, suffix_ids: np.ndarray, width: int
+) -> np.ndarray:
     """:func:`_expected_names` when every key of the shard has ``k`` bytes (numbered keys, the
     usual case): the key bytes are a ``(n, k)`` view of the blob, so two gathers build the names."""
     names = np.zeros((width, len(owner)), dtype=np.uint8)
     names[:k] = np.take(key_blob.reshape(-1, k), owner, axis=0).T
     names[k] = ord(".")
     suffix = np.take(table, suffix_ids, axis=0).T
-    names[k + 1:k + 1 + len(suffix)] = suffix[:width - k - 1]
+    names[k + 1 : k + 1 + len(suffix)] = suffix[: width - k - 1]
     return names

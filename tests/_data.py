@@ -18,8 +18,9 @@ def write_shards(folder: str, num_shards: int = 8, per_shard: int = 40, prefix: 
     pattern = os.path.join(folder, f"{prefix}-%03d.tar")
     with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
         for i in range(num_shards * per_shard):
-            sink.write({"__key__": f"sample{i:06d}", "cls": str(i % 10).encode(),
-                        "bin": rng.bytes(int(rng.integers(0, 3000)))})
+            sink.write(
+                {"__key__": f"sample{i:06d}", "cls": str(i % 10).encode(), "bin": rng.bytes(int(rng.integers(0, 3000)))}
+            )
     return [pattern % i for i in range(num_shards)]
 
 

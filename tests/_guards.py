@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
 def deadline(seconds: int, what: str = "no answer") -> Iterator[None]:
     """Raise ``AssertionError`` in the main thread if the block runs longer than ``seconds``."""
+
     def on_alarm(*_: Any) -> None:
         raise AssertionError(f"still running after {seconds} s: {what}")
 

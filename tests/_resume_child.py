@@ -32,8 +32,12 @@ def make_loader(ib: InfoBatch, kind: str):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         workers = int(kind[3:])
-        return StatefulDataLoader(ib.dataset(wds.to_tuple(META_KEY), shuffle=SHUFFLE), batch_size=BATCH,
-                                  num_workers=workers, multiprocessing_context="fork" if workers else None)
+        return StatefulDataLoader(
+            ib.dataset(wds.to_tuple(META_KEY), shuffle=SHUFFLE),
+            batch_size=BATCH,
+            num_workers=workers,
+            multiprocessing_context="fork" if workers else None,
+        )
     from torchdata.nodes import Batcher, Loader, Mapper, ParallelMapper
 
     source = ib.node(shuffle=SHUFFLE)
@@ -73,7 +77,7 @@ def train(index: str, work: str, kind: str, every: int, die_at: int | None = Non
     with open(log_path, "ab") as log:
         log.truncate(logged * 8)  # what happened after the checkpoint is done again
         log.seek(0, os.SEEK_END)
-        for epoch in range(epoch, EPOCHS):
+        for epoch in range(epoch, EPOCHS):  # noqa: B020 - resumes from the saved epoch
             ib.set_epoch(epoch)
             for batch in loader:
                 meta = as_meta(batch, kind)
@@ -84,8 +88,16 @@ def train(index: str, work: str, kind: str, every: int, die_at: int | None = Non
                 if step % every == 0:
                     log.flush()
                     os.fsync(log.fileno())
-                    _save(ckpt, {"ib": ib.state_dict(), "loader": loader.state_dict(), "epoch": epoch,
-                                 "step": step, "logged": logged})
+                    _save(
+                        ckpt,
+                        {
+                            "ib": ib.state_dict(),
+                            "loader": loader.state_dict(),
+                            "epoch": epoch,
+                            "step": step,
+                            "logged": logged,
+                        },
+                    )
                 if step == die_at:
                     log.flush()
                     os.kill(os.getpid(), signal.SIGKILL)

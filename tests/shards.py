@@ -12,15 +12,17 @@ import os
 import shutil
 import subprocess
 import tarfile
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import webdataset as wds
 
 # An entry of ``write_tar``: (name, bytes) for a regular file, (name, None) for a directory.
 Entry = tuple[str, "bytes | None"]
 
-HAVE_GNU_TAR = shutil.which("tar") is not None and "GNU tar" in subprocess.run(
-    ["tar", "--version"], capture_output=True, text=True).stdout
+HAVE_GNU_TAR = (
+    shutil.which("tar") is not None
+    and "GNU tar" in subprocess.run(["tar", "--version"], capture_output=True, text=True).stdout
+)
 
 
 def payload(n: int, seed: int = 0) -> bytes:
@@ -28,8 +30,9 @@ def payload(n: int, seed: int = 0) -> bytes:
     return bytes((i * 131 + seed * 7 + (i >> 8)) % 251 for i in range(n))
 
 
-def write_tar(path: str | os.PathLike, entries: Sequence[Entry], format: int = tarfile.GNU_FORMAT,
-              mtime: float = 1_700_000_000) -> str:
+def write_tar(
+    path: str | os.PathLike, entries: Sequence[Entry], format: int = tarfile.GNU_FORMAT, mtime: float = 1_700_000_000
+) -> str:
     """Write ``entries`` in order with ``tarfile`` in the given format; return the path."""
     path = os.fspath(path)
     with tarfile.open(path, "w", format=format) as tf:
@@ -62,8 +65,9 @@ def write_tar_bytes(entries: Sequence[Entry], format: int = tarfile.GNU_FORMAT) 
     return buf.getvalue()
 
 
-def write_wds_shards(directory: str | os.PathLike, samples: Iterable[dict], maxcount: int,
-                     name: str = "shard") -> list[str]:
+def write_wds_shards(
+    directory: str | os.PathLike, samples: Iterable[dict], maxcount: int, name: str = "shard"
+) -> list[str]:
     """Write samples with ``webdataset.ShardWriter`` (its default float mtime gives PAX headers)."""
     pattern = os.path.join(os.fspath(directory), f"{name}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
@@ -92,9 +96,23 @@ def gnu_tar(root: str | os.PathLike, out: str | os.PathLike, fmt: str, members: 
     """Archive ``members`` of ``root`` with GNU tar in format ``fmt`` (gnu, posix/pax, ustar, v7)."""
     out = os.fspath(out)
     subprocess.run(
-        ["tar", f"--format={fmt}", "--sort=name", "--owner=0", "--group=0", "--numeric-owner",
-         "--mtime=@1700000000", "-C", os.fspath(root), "-cf", out, *members],
-        check=True, capture_output=True)
+        [
+            "tar",
+            f"--format={fmt}",
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--mtime=@1700000000",
+            "-C",
+            os.fspath(root),
+            "-cf",
+            out,
+            *members,
+        ],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 

@@ -27,8 +27,13 @@ def _read(order, kept, world_size, num_workers, remainder):
 
 
 @settings(max_examples=300, deadline=None)
-@given(kept=st.lists(st.integers(0, 7), min_size=1, max_size=9), world_size=st.integers(1, 5),
-       num_workers=st.integers(0, 3), remainder=st.sampled_from(["pad", "drop"]), seed=st.integers(0, 99))
+@given(
+    kept=st.lists(st.integers(0, 7), min_size=1, max_size=9),
+    world_size=st.integers(1, 5),
+    num_workers=st.integers(0, 3),
+    remainder=st.sampled_from(["pad", "drop"]),
+    seed=st.integers(0, 99),
+)
 def test_every_rank_gets_the_same_share(kept, world_size, num_workers, remainder, seed):
     kept = np.asarray(kept)
     order = np.random.default_rng(seed).permutation(len(kept))
@@ -38,7 +43,7 @@ def test_every_rank_gets_the_same_share(kept, world_size, num_workers, remainder
     assert [len(r) for r in per_rank] == [n] * world_size
     everything = [p for r in per_rank for p in r]
     if remainder == "drop":
-        assert sorted(everything) == sorted(line[:world_size * n])  # the tail K mod W is not read
+        assert sorted(everything) == sorted(line[: world_size * n])  # the tail K mod W is not read
     else:
         assert set(everything) == set(line)  # every kept sample; repeats are the padding only
         assert sum(c - 1 for c in Counter(everything).values()) == world_size * n - len(line) < max(world_size, 1)

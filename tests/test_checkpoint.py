@@ -11,17 +11,26 @@ import os
 import subprocess
 import sys
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from _data import make_index, train_epochs
 from torch.utils.data import DataLoader
 
-from _data import make_index, train_epochs
 from infobatch_stream import META_KEY, InfoBatch
-from infobatch_stream.checkpoint import MAGIC, MAGIC_V1, CheckpointError, check_state, iter_chunks, load_state, save_state
+from infobatch_stream.checkpoint import (
+    MAGIC,
+    MAGIC_V1,
+    CheckpointError,
+    check_state,
+    iter_chunks,
+    load_state,
+    save_state,
+)
 from infobatch_stream.cli import main
 
 ARRAYS = ("scores", "plan", "kept_per_shard", "pending_slots", "pending_losses")
@@ -45,7 +54,7 @@ def split(raw: bytes) -> tuple[dict[str, Any], bytes]:
     assert raw[:8] == MAGIC
     length = int.from_bytes(raw[8:16], "little")
     start = -(-(20 + length) // 64) * 64
-    return json.loads(raw[20:20 + length]), raw[start:]
+    return json.loads(raw[20 : 20 + length]), raw[start:]
 
 
 def join(header: bytes | dict, blob: bytes, magic: bytes = MAGIC, fix_crc: bool = True, crc: bytes = b"") -> bytes:
@@ -59,7 +68,7 @@ def join(header: bytes | dict, blob: bytes, magic: bytes = MAGIC, fix_crc: bool 
 
 
 def outcome(path: str, index: Any, reference: dict[str, Any]) -> str:
-    """"ok" if the file loads, passes check_state and holds exactly the saved state; else the
+    """ "ok" if the file loads, passes check_state and holds exactly the saved state; else the
     CheckpointError's message. Any other exception fails the test."""
     try:
         state = load_state(path)
@@ -113,7 +122,9 @@ def test_every_flipped_byte_is_refused_or_harmless(saved, tmp_path, capsys):
         if result == "ok":
             loaded.append(pos)
         else:
-            assert path in result and ("use an earlier" in result or pos < 8 and "not an infobatch_stream" in result), result
+            assert path in result and ("use an earlier" in result or pos < 8 and "not an infobatch_stream" in result), (
+                result
+            )
             messages.add(result)
         if pos % 97 == 0 or (pos >= start and pos % 7 == 0):
             if result == "ok":
@@ -121,11 +132,14 @@ def test_every_flipped_byte_is_refused_or_harmless(saved, tmp_path, capsys):
                 capsys.readouterr()
             else:
                 assert_report_refuses(path, capsys)
-    data = {k: (start + s["offset"], start + s["offset"] + int(np.prod(s["shape"])) * np.dtype(s["dtype"]).itemsize)
-            for k, s in header["arrays"].items()}
+    data = {
+        k: (start + s["offset"], start + s["offset"] + int(np.prod(s["shape"])) * np.dtype(s["dtype"]).itemsize)
+        for k, s in header["arrays"].items()
+    }
     assert not [p for p in loaded if p < 20 or any(a <= p < b for a, b in data.values())]  # only padding loads
-    for what in [f"the checksum of array {key!r} does not match its bytes" for key in ("scores", "plan", "kept_per_shard")] \
-            + ["the checksum of its header does not match", "is not an infobatch_stream checkpoint"]:
+    for what in [
+        f"the checksum of array {key!r} does not match its bytes" for key in ("scores", "plan", "kept_per_shard")
+    ] + ["the checksum of its header does not match", "is not an infobatch_stream checkpoint"]:
         assert any(what in m for m in messages), what
 
 
@@ -140,20 +154,21 @@ def _set(*keys_and_value: Any) -> Callable[[dict], None]:
             del target[keys[-1]]
         else:
             target[keys[-1]] = value
+
     return mutate
 
 
 _DELETE = object()
 HEADER_MUTATIONS = {
     "negative offset": _set("arrays", "scores", "offset", -64),
-    "huge offset": _set("arrays", "scores", "offset", 2 ** 62),
-    "offset past 2**64": _set("arrays", "scores", "offset", 10 ** 30),
+    "huge offset": _set("arrays", "scores", "offset", 2**62),
+    "offset past 2**64": _set("arrays", "scores", "offset", 10**30),
     "string offset": _set("arrays", "scores", "offset", "0"),
     "float offset": _set("arrays", "scores", "offset", 1.5),
     "bool offset": _set("arrays", "scores", "offset", False),
-    "huge shape": _set("arrays", "scores", "shape", [2 ** 40]),
-    "huge 2-D shape": _set("arrays", "scores", "shape", [40, 2 ** 40]),
-    "empty but huge shape": _set("arrays", "scores", "shape", [0, 2 ** 62, 2 ** 62]),
+    "huge shape": _set("arrays", "scores", "shape", [2**40]),
+    "huge 2-D shape": _set("arrays", "scores", "shape", [40, 2**40]),
+    "empty but huge shape": _set("arrays", "scores", "shape", [0, 2**62, 2**62]),
     "negative dim": _set("arrays", "scores", "shape", [-1]),
     "nested shape": _set("arrays", "scores", "shape", [[40]]),
     "string shape": _set("arrays", "scores", "shape", "40"),
@@ -169,7 +184,7 @@ HEADER_MUTATIONS = {
     "no dtype": _set("arrays", "scores", "dtype", _DELETE),
     "no checksum": _set("arrays", "scores", "crc32", _DELETE),
     "negative checksum": _set("arrays", "scores", "crc32", -1),
-    "checksum past 32 bits": _set("arrays", "scores", "crc32", 2 ** 40),
+    "checksum past 32 bits": _set("arrays", "scores", "crc32", 2**40),
     "string checksum": _set("arrays", "plan", "crc32", "x"),
     "array spec not an object": _set("arrays", "scores", 5),
     "arrays a list": _set("arrays", []),
@@ -180,13 +195,15 @@ HEADER_MUTATIONS = {
     "plan missing": _set("arrays", "plan", _DELETE),
     "pending_losses missing": _set("arrays", "pending_losses", _DELETE),
     "an array that is also a value": lambda h: h["arrays"].update(epoch=h["arrays"]["kept_per_shard"]),
-    "stats given as an array": lambda h: (h["state"].pop("stats"),
-                                          h["arrays"].update(stats=h["arrays"]["kept_per_shard"])),
+    "stats given as an array": lambda h: (
+        h["state"].pop("stats"),
+        h["arrays"].update(stats=h["arrays"]["kept_per_shard"]),
+    ),
     "epoch a string": _set("state", "epoch", "x"),
     "epoch negative": _set("state", "epoch", -1),
     "epoch a float": _set("state", "epoch", 1.5),
     "epoch a bool": _set("state", "epoch", True),
-    "epoch beyond int64": _set("state", "epoch", 2 ** 70),
+    "epoch beyond int64": _set("state", "epoch", 2**70),
     "epoch missing": _set("state", "epoch", _DELETE),
     "stats a number": _set("state", "stats", 5),
     "stats entry a number": _set("state", "stats", [5]),
@@ -224,9 +241,19 @@ def test_crafted_headers_end_in_a_checkpoint_error(saved, tmp_path, capsys, name
     assert path in result, result
     if name not in ("num_samples wrong", "num_samples a string", "fingerprint a number", "format 2", "format true"):
         assert "damaged" in result or "truncated" in result or "unexpected dtype" in result, result
-    reported = {"scores missing", "plan missing", "pending_losses missing", "updates negative", "updates missing",
-                "threshold a string", "threshold null", "epoch missing", "num_samples a string", "fingerprint a number",
-                "stats unknown field"}
+    reported = {
+        "scores missing",
+        "plan missing",
+        "pending_losses missing",
+        "updates negative",
+        "updates missing",
+        "threshold a string",
+        "threshold null",
+        "epoch missing",
+        "num_samples a string",
+        "fingerprint a number",
+        "stats unknown field",
+    }
     if name in reported:  # fields the report does not use: it reports what it can
         assert main(["report", path]) == 0
         capsys.readouterr()
@@ -235,7 +262,7 @@ def test_crafted_headers_end_in_a_checkpoint_error(saved, tmp_path, capsys, name
 
 
 RAW_MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
-    "header length 2**63": lambda raw: raw[:8] + (2 ** 63).to_bytes(8, "little") + raw[16:],
+    "header length 2**63": lambda raw: raw[:8] + (2**63).to_bytes(8, "little") + raw[16:],
     "header length 2**64-1": lambda raw: raw[:8] + b"\xff" * 8 + raw[16:],
     "header length 0": lambda raw: raw[:8] + bytes(8) + raw[16:],
     "header length = file size": lambda raw: raw[:8] + len(raw).to_bytes(8, "little") + raw[16:],
@@ -244,17 +271,21 @@ RAW_MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
     "cut in the length": lambda raw: raw[:12],
     "cut in the checksum": lambda raw: raw[:18],
     "cut in the header": lambda raw: raw[:100],
-    "cut in the scores": lambda raw: raw[:len(raw) - len(split(raw)[1]) + 50],
-    "header not checksummed again": lambda raw: join(json.dumps(dict(split(raw)[0], extra=1)).encode(),
-                                                     split(raw)[1], fix_crc=False, crc=raw[16:20]),
+    "cut in the scores": lambda raw: raw[: len(raw) - len(split(raw)[1]) + 50],
+    "header not checksummed again": lambda raw: join(
+        json.dumps(dict(split(raw)[0], extra=1)).encode(), split(raw)[1], fix_crc=False, crc=raw[16:20]
+    ),
     "deeply nested header": lambda raw: join(b"[" * 200_000 + b"]" * 200_000, b""),
     "a 5000-digit number": lambda raw: join(b'{"state": {"epoch": ' + b"9" * 5000 + b'}, "arrays": {}}', b""),
     "not UTF-8": lambda raw: join(b'{"state": {"\xff\xfe": 1}, "arrays": {}}', b""),
     "header a list": lambda raw: join(b"[1, 2]", b""),
     "no header at all": lambda raw: join(b"", b""),
-    "IBSTATE1 with a huge header length": lambda raw: MAGIC_V1 + (2 ** 62).to_bytes(8, "little") + raw[16:],
-    "IBSTATE1 with an object array": lambda raw: join(json.dumps(
-        {"state": {}, "arrays": {"x": {"dtype": "|O", "shape": [1], "offset": 0}}}).encode(), bytes(64), MAGIC_V1),
+    "IBSTATE1 with a huge header length": lambda raw: MAGIC_V1 + (2**62).to_bytes(8, "little") + raw[16:],
+    "IBSTATE1 with an object array": lambda raw: join(
+        json.dumps({"state": {}, "arrays": {"x": {"dtype": "|O", "shape": [1], "offset": 0}}}).encode(),
+        bytes(64),
+        MAGIC_V1,
+    ),
 }
 
 
@@ -282,7 +313,9 @@ def test_crafted_files_through_the_real_entry_point(saved, tmp_path):
     paths.append(str(tmp_path / "flipped.ibs"))
     with open(paths[-1], "wb") as f:
         f.write(flipped)
-    script = "import sys; from infobatch_stream.cli import main; sys.exit(max(main(['report', p]) for p in sys.argv[1:]))"
+    script = (
+        "import sys; from infobatch_stream.cli import main; sys.exit(max(main(['report', p]) for p in sys.argv[1:]))"
+    )
     for path in paths:
         done = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, timeout=120)
         assert done.returncode == 1 and done.stderr.count("\n") == 1 and path in done.stderr, done.stderr
@@ -298,16 +331,27 @@ STATE_MUTATIONS: dict[str, tuple[str, Callable[[dict], None]]] = {
     "scores a list": ("scores", lambda s: s.update(scores=s["scores"].tolist())),
     "plan int64": ("plan", lambda s: s.update(plan=s["plan"].long())),
     "plan long": ("plan", lambda s: s.update(plan=torch.cat([s["plan"], s["plan"]]))),
-    "kept_per_shard off by one": ("kept_per_shard", lambda s: s["kept_per_shard"].__setitem__(1, s["kept_per_shard"][1] + 1)),
+    "kept_per_shard off by one": (
+        "kept_per_shard",
+        lambda s: s["kept_per_shard"].__setitem__(1, s["kept_per_shard"][1] + 1),
+    ),
     "kept_per_shard int32": ("kept_per_shard", lambda s: s.update(kept_per_shard=s["kept_per_shard"].int())),
-    "pending slot out of range": ("pending_slots", lambda s: s.update(pending_slots=torch.tensor([40]),
-                                                                      pending_losses=torch.tensor([0.5]))),
-    "pending slot negative": ("pending_slots", lambda s: s.update(pending_slots=torch.tensor([-1]),
-                                                                  pending_losses=torch.tensor([0.5]))),
-    "pending lengths differ": ("pending_losses", lambda s: s.update(pending_slots=torch.tensor([3]),
-                                                                    pending_losses=torch.tensor([0.5, 0.2]))),
-    "pending loss NaN": ("pending_losses", lambda s: s.update(pending_slots=torch.tensor([3]),
-                                                              pending_losses=torch.tensor([float("nan")]))),
+    "pending slot out of range": (
+        "pending_slots",
+        lambda s: s.update(pending_slots=torch.tensor([40]), pending_losses=torch.tensor([0.5])),
+    ),
+    "pending slot negative": (
+        "pending_slots",
+        lambda s: s.update(pending_slots=torch.tensor([-1]), pending_losses=torch.tensor([0.5])),
+    ),
+    "pending lengths differ": (
+        "pending_losses",
+        lambda s: s.update(pending_slots=torch.tensor([3]), pending_losses=torch.tensor([0.5, 0.2])),
+    ),
+    "pending loss NaN": (
+        "pending_losses",
+        lambda s: s.update(pending_slots=torch.tensor([3]), pending_losses=torch.tensor([float("nan")])),
+    ),
     "epoch a tensor": ("epoch", lambda s: s.update(epoch=torch.tensor(2))),
     "config with a tensor": ("config", lambda s: s["config"].update(seed=torch.tensor(0))),
     "stats a tensor": ("stats", lambda s: s.update(stats=torch.zeros(3))),

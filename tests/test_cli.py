@@ -11,14 +11,15 @@ import sys
 import numpy as np
 import torch
 import webdataset as wds
-
 from _data import write_shards
-from infobatch_stream import DatasetIndex, InfoBatch, META_KEY
+
+from infobatch_stream import META_KEY, DatasetIndex, InfoBatch
 
 
 def run_cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infobatch_stream.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "infobatch_stream.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_index_command_writes_a_wids_shard_list(tmp_path):
@@ -51,7 +52,9 @@ def test_every_command_shows_an_example():
 def test_demo_runs_end_to_end(tmp_path):
     done = run_cli("demo", "--epochs", "4", "--delta", "1.0", "--out", str(tmp_path / "demo"), "-q")
     assert done.returncode == 0, done.stderr
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| full data") or line.startswith("| InfoBatch")]
+    rows = [
+        line for line in done.stdout.splitlines() if line.startswith("| full data") or line.startswith("| InfoBatch")
+    ]
     assert len(rows) == 2
     full, pruned = (int(r.split("|")[3].strip().replace(",", "")) for r in rows)
     assert full == 4 * 1347 and 1347 * 2 < pruned < full  # epoch 0 is full, later epochs prune
@@ -80,11 +83,13 @@ def _index(urls: list[str], folder) -> str:
 
 def test_index_command_expands_every_pattern_and_reports_missing_shards(tmp_path):
     write_shards(str(tmp_path / "shards"), num_shards=4, per_shard=3, prefix="data")
-    done = run_cli("index", "shards/data-{000..001}.tar", "shards/data-{002..003}.tar", "-o", "two.json", "-q",
-                   cwd=str(tmp_path))
+    done = run_cli(
+        "index", "shards/data-{000..001}.tar", "shards/data-{002..003}.tar", "-o", "two.json", "-q", cwd=str(tmp_path)
+    )
     assert done.returncode == 0, done.stderr
     assert "indexed 4 shards, 12 samples" in done.stdout
     missing = run_cli("index", "shards/nope.tar", "-o", "x.json", "-q", cwd=str(tmp_path))
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
-        "infobatch-stream index: error: [Errno 2] No such file or directory: 'shards/nope.tar'"]
+        "infobatch-stream index: error: [Errno 2] No such file or directory: 'shards/nope.tar'"
+    ]

@@ -20,11 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import webdataset as wds
+from _data import make_index, slot_loss, write_sized_shards
 from torch.utils.data import DataLoader
 
-from _data import make_index, slot_loss, write_sized_shards
-from infobatch_stream import META_KEY, CheckpointError, InfoBatch, SettingsMismatchError, build_index
-from infobatch_stream import planner
+from infobatch_stream import META_KEY, CheckpointError, InfoBatch, SettingsMismatchError, build_index, planner
 from infobatch_stream.distributed import all_gather_updates
 from infobatch_stream.stages import shard_order
 
@@ -46,8 +45,13 @@ def _free_port() -> int:
 
 
 def _rank_entry(rank: int, world_size: int, port: int, scenario: str, args: tuple, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=TIMEOUT))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=TIMEOUT),
+    )
     planner.BLOCK = PLAN_BLOCK
     try:
         result = SCENARIOS[scenario](*args)
@@ -62,8 +66,9 @@ def run_group(world_size: int, scenario: str, args: tuple, out: str) -> list[dic
     os.makedirs(out, exist_ok=True)
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, scenario, args, out))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_rank_entry, args=(r, world_size, port, scenario, args, out)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + TIMEOUT
@@ -93,14 +98,26 @@ def _pipeline(ib: InfoBatch, path: str, shuffle: int = 0) -> wds.DataPipeline:
 
 
 def _loader(ib: InfoBatch, path: str, num_workers: int, shuffle: int = 0) -> DataLoader:
-    return DataLoader(_pipeline(ib, path, shuffle), batch_size=BATCH, num_workers=num_workers,
-                      multiprocessing_context="fork" if num_workers else None, persistent_workers=num_workers > 0)
+    return DataLoader(
+        _pipeline(ib, path, shuffle),
+        batch_size=BATCH,
+        num_workers=num_workers,
+        multiprocessing_context="fork" if num_workers else None,
+        persistent_workers=num_workers > 0,
+    )
 
 
 def _train(ib: InfoBatch, loader: DataLoader, epochs: int = EPOCHS, step=None) -> dict:
     """Train with the fixed per-slot loss (+ epoch); what each epoch read and planned."""
-    out: dict = {"slots": [], "batches": [], "expected_batches": [], "per_rank": [], "padded": [], "dropped": [],
-                 "seen_before_exchange": []}
+    out: dict = {
+        "slots": [],
+        "batches": [],
+        "expected_batches": [],
+        "per_rank": [],
+        "padded": [],
+        "dropped": [],
+        "seen_before_exchange": [],
+    }
     for epoch in range(epochs):
         out["seen_before_exchange"].append(int(np.count_nonzero(~np.isnan(ib.store.scores))))
         stats = ib.set_epoch(epoch)
@@ -156,8 +173,9 @@ def _ddp_skewed(index_path: str) -> dict:
 def _two_rank_scenarios(index_path: str, skewed_path: str) -> dict:
     rank = dist.get_rank()
     # the chunked variable-size gather: rank r sends r * 3 + 1 updates, rounds of 2 per rank
-    slots, values = all_gather_updates(np.arange(rank * 3 + 1) + 100 * rank,
-                                       np.full(rank * 3 + 1, rank, dtype=np.float32), round_bytes=2 * 2 * 12)
+    slots, values = all_gather_updates(
+        np.arange(rank * 3 + 1) + 100 * rank, np.full(rank * 3 + 1, rank, dtype=np.float32), round_bytes=2 * 2 * 12
+    )
     result = {"gathered_slots": slots.tolist(), "gathered_values": values.tolist()}
     result["matrix"] = _matrix(index_path, [(0, "reader"), (2, "filter")], share_store=True, sync_every=3)
     result["ddp"] = _ddp_skewed(skewed_path)
@@ -177,14 +195,27 @@ def _outcome(call) -> dict:
     try:
         call()
     except Exception as e:  # noqa: BLE001 - recorded, compared by the tests
-        return {"error": type(e).__name__, "message": str(e), "mismatch": isinstance(e, SettingsMismatchError),
-                "checkpoint": isinstance(e, CheckpointError)}
+        return {
+            "error": type(e).__name__,
+            "message": str(e),
+            "mismatch": isinstance(e, SettingsMismatchError),
+            "checkpoint": isinstance(e, CheckpointError),
+        }
     return {"error": None}
 
 
 # rank 1's value of each setting that every rank must share (rank 0 keeps CONFIG's / the default)
-RANK1_SETTINGS = {"seed": 8, "num_epochs": 4, "prune_ratio": 0.7, "delta": 0.5, "granularity": 4,
-                  "remainder": "drop", "ema_decay": 0.5, "sync_every": 3, "share_store": False}
+RANK1_SETTINGS = {
+    "seed": 8,
+    "num_epochs": 4,
+    "prune_ratio": 0.7,
+    "delta": 0.5,
+    "granularity": 4,
+    "remainder": "drop",
+    "ema_decay": 0.5,
+    "sync_every": 3,
+    "share_store": False,
+}
 
 
 def _trained_part(ib: InfoBatch, epoch: int, n: int = 8) -> None:
@@ -201,12 +232,14 @@ def _mismatch_scenarios(index_path: str, other_path: str) -> dict:
     out: dict = {}
     for key, value in RANK1_SETTINGS.items():
         mine = {**CONFIG, key: value} if rank == 1 else dict(CONFIG)
-        out[f"init-{key}"] = _outcome(lambda: InfoBatch(index_path, **mine))
-    out["init-several"] = _outcome(lambda: InfoBatch(index_path, **{**CONFIG, **(
-        {"seed": 9, "remainder": "drop"} if rank == 1 else {})}))
+        out[f"init-{key}"] = _outcome(lambda mine=mine: InfoBatch(index_path, **mine))
+    out["init-several"] = _outcome(
+        lambda: InfoBatch(index_path, **{**CONFIG, **({"seed": 9, "remainder": "drop"} if rank == 1 else {})})
+    )
     out["init-fails-on-one"] = _outcome(lambda: InfoBatch(index_path, **CONFIG, remainder="pad" if rank == 0 else "x"))
-    out["init-no-index-on-one"] = _outcome(lambda: InfoBatch(index_path if rank == 0 else index_path + ".gone",
-                                                             **CONFIG))
+    out["init-no-index-on-one"] = _outcome(
+        lambda: InfoBatch(index_path if rank == 0 else index_path + ".gone", **CONFIG)
+    )
 
     ib = InfoBatch(index_path, **CONFIG)
     out["epochs"] = _outcome(lambda: ib.set_epoch(1 if rank == 0 else 2))
@@ -361,15 +394,19 @@ def test_every_rank_refuses_a_setting_that_differs(mismatch, key):
         rank0, rank1 = float(rank0), float(rank1)
     for got in _both(mismatch, f"init-{key}"):
         assert got["mismatch"], got
-        assert got["message"] == (f"{key} differs across ranks: rank 0 has {rank0!r}, rank 1 has {rank1!r}; "
-                                  "every rank must create InfoBatch with the same settings")
+        assert got["message"] == (
+            f"{key} differs across ranks: rank 0 has {rank0!r}, rank 1 has {rank1!r}; "
+            "every rank must create InfoBatch with the same settings"
+        )
 
 
 def test_several_differing_settings_are_all_named(mismatch):
     for got in _both(mismatch, "init-several"):
-        assert got["message"] == ("seed differs across ranks: rank 0 has 7, rank 1 has 9; remainder differs across "
-                                  "ranks: rank 0 has 'pad', rank 1 has 'drop'; every rank must create InfoBatch with "
-                                  "the same settings")
+        assert got["message"] == (
+            "seed differs across ranks: rank 0 has 7, rank 1 has 9; remainder differs across "
+            "ranks: rank 0 has 'pad', rank 1 has 'drop'; every rank must create InfoBatch with "
+            "the same settings"
+        )
 
 
 def test_a_rank_that_fails_to_start_stops_the_others(mismatch):
@@ -383,8 +420,10 @@ def test_a_rank_that_fails_to_start_stops_the_others(mismatch):
 
 def test_every_rank_refuses_different_epochs(mismatch):
     for got in _both(mismatch, "epochs"):
-        assert got["mismatch"] and got["message"] == ("epoch differs across ranks: rank 0 has 1, rank 1 has 2; call "
-                                                      "ib.set_epoch(epoch) with the same epoch on every rank")
+        assert got["mismatch"] and got["message"] == (
+            "epoch differs across ranks: rank 0 has 1, rank 1 has 2; call "
+            "ib.set_epoch(epoch) with the same epoch on every rank"
+        )
     for got in _both(mismatch, "negative-epoch"):  # compared before the local checks: no rank goes on alone
         assert got["mismatch"] and "rank 0 has -1, rank 1 has 0" in got["message"]
 
@@ -393,7 +432,8 @@ def test_ranks_in_different_collectives_all_refuse(mismatch):
     for got in _both(mismatch, "calls"):
         assert got["mismatch"] and got["message"].startswith(
             "call differs across ranks: rank 0 has ib.set_epoch(), rank 1 has ib.load_state_dict(); InfoBatch(), "
-            "ib.set_epoch() and ib.load_state_dict() are collectives")
+            "ib.set_epoch() and ib.load_state_dict() are collectives"
+        )
     assert [r["same-epoch-after"] for r in mismatch] == [{"error": None}] * 2  # still in step
 
 
@@ -401,11 +441,15 @@ def test_a_partway_resume_with_another_seed_is_refused_on_every_rank(mismatch):
     for case in ("resume-partway-seed", "resume-partway-one-rank"):  # the second: only rank 0's state is partway
         for got in _both(mismatch, case):
             assert got["mismatch"], got
-            assert got["message"].startswith("this state was saved partway through epoch 1 (rank 0 had trained 8 of "
-                                             "its 50 samples) with other settings than this InfoBatch's: seed: saved "
-                                             "7, now 8.")
-            assert got["message"].endswith("Resume with the saved settings (InfoBatch(..., seed=7)), or resume from a "
-                                           "state saved at an epoch boundary to change them")
+            assert got["message"].startswith(
+                "this state was saved partway through epoch 1 (rank 0 had trained 8 of "
+                "its 50 samples) with other settings than this InfoBatch's: seed: saved "
+                "7, now 8."
+            )
+            assert got["message"].endswith(
+                "Resume with the saved settings (InfoBatch(..., seed=7)), or resume from a "
+                "state saved at an epoch boundary to change them"
+            )
 
 
 def test_resumes_that_keep_the_rest_of_the_epoch_are_taken_on_every_rank(mismatch):
@@ -418,7 +462,8 @@ def test_states_of_different_steps_or_indexes_are_refused_on_every_rank(mismatch
     for got in _both(mismatch, "resume-saved-epochs-differ"):
         assert got["mismatch"] and got["message"].startswith(
             "saved epoch differs across ranks: rank 0 has 1, rank 1 has 0; every rank must load a state saved by "
-            "this run at the same step")
+            "this run at the same step"
+        )
     rank0, rank1 = _both(mismatch, "resume-other-index-on-one")
     assert rank1["checkpoint"] and "saved for another index" in rank1["message"]
     assert rank0["checkpoint"] and rank0["message"].startswith("rank 1 failed in ib.load_state_dict() (CheckpointError")

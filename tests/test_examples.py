@@ -18,15 +18,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "ddp_train.py"
 TIMEOUT = 120
-TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+TORCHRUN_VARS = (
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def run_example(cmd: list[str]) -> dict:
     """Run ``cmd`` (killing its whole process group after TIMEOUT s); the example's JSON summary."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -45,8 +55,20 @@ def out_dir(tmp_path_factory) -> str:
 
 
 def test_torchrun_two_ranks(out_dir):
-    summary = run_example([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(EXAMPLE), "--quick", "--out", out_dir])
+    summary = run_example(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(EXAMPLE),
+            "--quick",
+            "--out",
+            out_dir,
+        ]
+    )
     assert summary["world_size"] == 2 and summary["epochs"] == 6
     steps = summary["steps_per_rank"]
     assert len(steps) == 2 and steps[0] == steps[1] > 0, f"unequal steps per rank: {steps}"
@@ -70,8 +92,22 @@ def test_torchrun_two_ranks_from_s3(s3_server, tmp_path):
     out = tmp_path / "s3run"
     out.mkdir()
     s3_server.upload("ddp-bucket", urls, "train")
-    summary = run_example([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(EXAMPLE), "--quick", "--shards", "s3://ddp-bucket/train/*.tar", "--out", str(out)])
+    summary = run_example(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(EXAMPLE),
+            "--quick",
+            "--shards",
+            "s3://ddp-bucket/train/*.tar",
+            "--out",
+            str(out),
+        ]
+    )
     assert summary["world_size"] == 2
     steps = summary["steps_per_rank"]
     assert steps[0] == steps[1] > 0 and summary["saved"] > 0  # user shards: the example does not evaluate

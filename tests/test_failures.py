@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from _data import make_index, slot_loss, train_epochs
 from torch.utils.data import DataLoader
 
-from _data import make_index, slot_loss, train_epochs
 from infobatch_stream import META_KEY, DatasetIndex, InfoBatch, build_index
 from infobatch_stream.checkpoint import CheckpointError, load_state, save_state
 from infobatch_stream.reader import StaleIndexError
@@ -75,14 +75,16 @@ def test_damaged_checkpoints_are_refused(dataset, tmp_path):
     _trained(InfoBatch(index, num_epochs=3)).save(path)
     raw = open(path, "rb").read()
     cut = str(tmp_path / "cut.ibs")
-    open(cut, "wb").write(raw[:len(raw) - 100])
+    open(cut, "wb").write(raw[: len(raw) - 100])
     with pytest.raises(CheckpointError, match="truncated"):
         load_state(cut)
     flipped = bytearray(raw)
     flipped[-200] ^= 0x08  # a bit of a score (the arrays are the file's tail)
     bad = str(tmp_path / "flipped.ibs")
     open(bad, "wb").write(flipped)
-    with pytest.raises(CheckpointError, match=r"flipped\.ibs is damaged \(the checksum of array 'scores' does not match"):
+    with pytest.raises(
+        CheckpointError, match=r"flipped\.ibs is damaged \(the checksum of array 'scores' does not match"
+    ):
         InfoBatch(index, num_epochs=3).load(bad)
     junk = str(tmp_path / "junk.ibs")
     open(junk, "wb").write(b"\x80\x04 pickled bytes")
@@ -143,15 +145,19 @@ def test_a_dead_loader_worker_is_an_error_and_the_next_epoch_works(dataset):
     _, index = dataset
     ib = InfoBatch(index, num_epochs=3, prune_ratio=0.5, delta=1.0)
     ib.set_epoch(0)
-    dying = DataLoader(ib.dataset(wds.map(_die_in_worker), wds.to_tuple(META_KEY)), batch_size=5, num_workers=2,
-                       multiprocessing_context="fork", timeout=60)
+    dying = DataLoader(
+        ib.dataset(wds.map(_die_in_worker), wds.to_tuple(META_KEY)),
+        batch_size=5,
+        num_workers=2,
+        multiprocessing_context="fork",
+        timeout=60,
+    )
     with pytest.raises(RuntimeError, match="DataLoader worker.*(killed|exited)"):
         for (meta,) in dying:
             ib.update(meta, slot_loss(meta))
     before = np.array(ib.store.scores)
     assert not np.isinf(before).any()  # only whole batches were recorded
-    loader = DataLoader(ib.dataset(wds.to_tuple(META_KEY)), batch_size=5, num_workers=2,
-                        multiprocessing_context="fork")
+    loader = DataLoader(ib.dataset(wds.to_tuple(META_KEY)), batch_size=5, num_workers=2, multiprocessing_context="fork")
     ib.set_epoch(1)
     trained = [s for (meta,) in loader for s in (ib.update(meta, slot_loss(meta)), meta[:, 0].tolist())[1]]
     assert len(trained) == ib.stats()[1]["kept"]

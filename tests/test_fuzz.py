@@ -15,7 +15,8 @@ import gzip
 import os
 import tarfile
 import tempfile
-from typing import Any, Collection, Iterator
+from collections.abc import Collection, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,12 +24,12 @@ import torch
 import webdataset as wds
 from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
+from shards import sample_fields, wds_samples
+from test_tarscan import build_layout, fails_instead_of_hanging, layouts, members_of, wds_samples_of_bytes
 
 from infobatch_stream import META_KEY, DatasetIndex, InfoBatch, build_index
 from infobatch_stream.reader import StaleIndexError
 from infobatch_stream.tarscan import BLOCK, TarFormatError
-from shards import sample_fields, wds_samples
-from test_tarscan import build_layout, fails_instead_of_hanging, layouts, members_of, wds_samples_of_bytes
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DUPLICATE = "duplicate"  # WebDataset refuses a sample that repeats a suffix
@@ -70,12 +71,13 @@ def indexed_view(index: DatasetIndex, shard: int, raw: bytes) -> list[Sample]:
     """The samples as the index describes them: keys, and fields cut out of the (decompressed)
     tar with the index's member offsets and sizes."""
     lo, hi = index.slots(shard)
-    first, offset, size, suffix = (np.asarray(index.array(name)).tolist()
-                                   for name in ("member_first", "data_offset", "size", "suffix_id"))
+    first, offset, size, suffix = (
+        np.asarray(index.array(name)).tolist() for name in ("member_first", "data_offset", "size", "suffix_id")
+    )
     out = []
     for slot, key in zip(range(lo, hi), index.keys(shard)):
         members = range(first[slot], first[slot + 1])
-        fields = {index.suffixes[suffix[j]]: raw[offset[j]:offset[j] + size[j]] for j in members}
+        fields = {index.suffixes[suffix[j]]: raw[offset[j] : offset[j] + size[j]] for j in members}
         assert len(fields) == len(members), (key, "two members with one suffix")
         out.append((key, fields))
     return out
@@ -171,15 +173,16 @@ def test_index_of_a_cut_shard_is_a_prefix_or_a_clear_error(layout, where):
 
 @FUZZ
 @given(layouts(), st.booleans(), st.floats(0, 1, exclude_max=True), st.binary(min_size=1, max_size=40))
-@example(([("dd", None)] * 9 + [("d/sub/" + "k" * 122 + ".jpg", b"")], tarfile.GNU_FORMAT), True, 0.85706,
-         b"\x01\x01\x01")  # over the NUL that ends a GNU long name: tarfile reads on into the padding
+@example(
+    ([("dd", None)] * 9 + [("d/sub/" + "k" * 122 + ".jpg", b"")], tarfile.GNU_FORMAT), True, 0.85706, b"\x01\x01\x01"
+)  # over the NUL that ends a GNU long name: tarfile reads on into the padding
 def test_index_of_an_overwritten_shard_agrees_or_is_a_clear_error(layout, in_header, where, junk):
     """Bytes overwritten anywhere, or in header bytes only: a ``TarFormatError`` naming the shard
     and a byte, or the samples WebDataset reads from the damaged file (never a third answer,
     e.g. an index built where WebDataset fails)."""
     raw = bytearray(build_layout(*layout))
     at, stop = header_bytes(bytes(raw), where) if in_header else (int(where * len(raw)), len(raw))
-    raw[at:at + len(junk)] = junk[:stop - at]
+    raw[at : at + len(junk)] = junk[: stop - at]
     with scratch() as folder:
         path = write_shard(folder, "bad", bytes(raw))
         try:
@@ -255,7 +258,7 @@ def check_samples(ib: InfoBatch, shards: Shards, got: list[dict], failed: Collec
         by_shard.setdefault(shard, []).append(slot)
     for shard in range(ib.index.num_shards):
         kept, slots = kept_slots(ib, shard), by_shard.get(shard, [])
-        assert slots == (kept[:len(slots)] if shard in failed else kept), shard
+        assert slots == (kept[: len(slots)] if shard in failed else kept), shard
 
 
 def damage(path: str, raw: bytes, how: str, where: float, junk: bytes) -> bool:
@@ -273,7 +276,7 @@ def damage(path: str, raw: bytes, how: str, where: float, junk: bytes) -> bool:
     at, stop = header_bytes(raw, where)
     with open(path, "r+b") as f:
         f.seek(at)
-        f.write(junk[:stop - at])
+        f.write(junk[: stop - at])
     os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns))
     return False
 
@@ -307,8 +310,14 @@ def test_reader_gives_the_kept_samples_or_a_clear_error():
     def run(r):
         with scratch() as folder:
             shards = Shards(folder, [build_layout(*layout) for layout in r["layouts"]], r["compress"])
-            ib = InfoBatch(shards.index_path, num_epochs=NUM_EPOCHS, prune_ratio=0.8, delta=0.67, seed=r["seed"],
-                           granularity=r["granularity"])
+            ib = InfoBatch(
+                shards.index_path,
+                num_epochs=NUM_EPOCHS,
+                prune_ratio=0.8,
+                delta=0.67,
+                seed=r["seed"],
+                granularity=r["granularity"],
+            )
             read = dict(merge_gap=r["merge_gap"], verify=r["verify"])
             got, errors = shards.read(ib, **read)
             assert not errors and len(got) == ib.index.num_samples
@@ -355,6 +364,6 @@ def test_a_pipe_shard_cut_after_indexing_names_the_shard(tmp_path, compress):
     url = f"pipe:cat {path}"
     ib = InfoBatch(build_index([url]), num_epochs=2)
     with open(path, "wb") as f:
-        f.write(data[:len(data) // 2])
+        f.write(data[: len(data) // 2])
     with pytest.raises((StaleIndexError, TarFormatError), match=path):
         list(wds.DataPipeline(ib.shards(), ib.tarfile_to_samples()))

@@ -12,18 +12,6 @@ import tarfile
 
 import numpy as np
 import pytest
-
-from infobatch_stream.index import (
-    INDEX_KIND,
-    DatasetIndex,
-    IndexMismatchError,
-    _ARRAYS,
-    build_index,
-    expand_urls,
-    from_scans,
-    normalize_url,
-)
-from infobatch_stream.tarscan import ShardSamples, TarFormatError
 from shards import (
     HAVE_GNU_TAR,
     gnu_tar,
@@ -34,6 +22,18 @@ from shards import (
     write_tar,
     write_wds_shards,
 )
+
+from infobatch_stream.index import (
+    _ARRAYS,
+    INDEX_KIND,
+    DatasetIndex,
+    IndexMismatchError,
+    build_index,
+    expand_urls,
+    from_scans,
+    normalize_url,
+)
+from infobatch_stream.tarscan import ShardSamples, TarFormatError
 
 # ---- a small, varied dataset -----------------------------------------------------------------------
 
@@ -55,21 +55,35 @@ def dataset(tmp_path_factory) -> tuple[str, list[str]]:
     os.makedirs(folder)
     urls = write_wds_shards(folder, (wds_sample(i) for i in range(25)), maxcount=10, name="wds")
     urls.append(write_tar(os.path.join(folder, "empty.tar"), []))
-    urls.append(write_tar(os.path.join(folder, "long-gnu.tar"), [
-        ("top", None),
-        ("top/" + "g" * 120 + ".jpg", payload(512)),
-        ("top/" + "g" * 120 + ".cls", b"1"),
-        ("README", b"not a sample"),
-        ("ünï/çødé.jpg", payload(10)),  # non-ASCII keys survive the key blob
-        ("a.jpg", b""), ("b.jpg", b"x"), ("a.cls", b"2"),  # 'a' twice, not adjacent
-    ], format=tarfile.GNU_FORMAT))
+    urls.append(
+        write_tar(
+            os.path.join(folder, "long-gnu.tar"),
+            [
+                ("top", None),
+                ("top/" + "g" * 120 + ".jpg", payload(512)),
+                ("top/" + "g" * 120 + ".cls", b"1"),
+                ("README", b"not a sample"),
+                ("ünï/çødé.jpg", payload(10)),  # non-ASCII keys survive the key blob
+                ("a.jpg", b""),
+                ("b.jpg", b"x"),
+                ("a.cls", b"2"),  # 'a' twice, not adjacent
+            ],
+            format=tarfile.GNU_FORMAT,
+        )
+    )
     os.makedirs(os.path.join(folder, "sub"))
     urls.append(write_tar(os.path.join(folder, "sub", "nosamples.tar"), [("d", None), ("d/NOTES", b"n")]))
     if HAVE_GNU_TAR:
-        tree = make_tree(os.path.join(root, "tree"), {
-            "x.jpg": payload(1024), "x.txt": b"t", "y/z.jpg": payload(0), "y/z.CLS": b"9",
-            "p" * 70 + "/" + "q" * 70 + "/r.png": payload(100),
-        })
+        tree = make_tree(
+            os.path.join(root, "tree"),
+            {
+                "x.jpg": payload(1024),
+                "x.txt": b"t",
+                "y/z.jpg": payload(0),
+                "y/z.CLS": b"9",
+                "p" * 70 + "/" + "q" * 70 + "/r.png": payload(100),
+            },
+        )
         urls.append(gnu_tar(tree, os.path.join(folder, "gnu-posix.tar"), "posix", sorted(os.listdir(tree))))
     return root, urls
 
@@ -95,7 +109,7 @@ def check_index_against_webdataset(index: DatasetIndex, urls: list[str], files: 
         for slot, r in zip(range(lo, hi), ref):
             fields = {}
             for m in range(member_first[slot], member_first[slot + 1]):
-                fields[index.suffixes[suffix_id[m]]] = raw[data_offset[m]:data_offset[m] + size[m]]
+                fields[index.suffixes[suffix_id[m]]] = raw[data_offset[m] : data_offset[m] + size[m]]
             assert fields == sample_fields(r), (url, r["__key__"])
 
 
@@ -174,7 +188,8 @@ def test_brace_patterns_and_file_urls(dataset, index):
     pattern = os.path.join(folder, "wds-{000000..000002}.tar")
     assert expand_urls(pattern) == wds_urls
     assert expand_urls(pattern + "::" + os.path.join(folder, "empty.tar")) == wds_urls + [
-        os.path.join(folder, "empty.tar")]
+        os.path.join(folder, "empty.tar")
+    ]
     assert expand_urls(("a", "b")) == ["a", "b"]
     by_pattern = build_index(pattern)
     assert by_pattern.urls == wds_urls and by_pattern.num_samples == 25
@@ -207,7 +222,8 @@ def test_pipe_and_gzip_streams_give_the_same_index(dataset, index, tmp_path):
         for name in _ARRAYS:
             np.testing.assert_array_equal(streamed.array(name), index.array(name), err_msg=name)
         assert [streamed.keys(i) for i in range(streamed.num_shards)] == [
-            index.keys(i) for i in range(index.num_shards)]
+            index.keys(i) for i in range(index.num_shards)
+        ]
     # WebDataset reading the .gz shards directly sees the samples the index lists
     for shard, g in enumerate(gz_urls):
         assert [r["__key__"] for r in wds_samples(g)] == gunzipped.keys(shard)
@@ -345,8 +361,11 @@ def test_load_errors(dataset, saved, tmp_path):
     with pytest.raises(IndexMismatchError, match="not valid JSON"):
         DatasetIndex.load(str(bad_json))
     plain = tmp_path / "plain.json"  # a plain wids shard list has no offsets
-    plain.write_text(json.dumps({"__kind__": "wids-shard-index-v1", "wids_version": 1,
-                                 "shardlist": [{"url": "a.tar", "nsamples": 3}]}))
+    plain.write_text(
+        json.dumps(
+            {"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": [{"url": "a.tar", "nsamples": 3}]}
+        )
+    )
     with pytest.raises(IndexMismatchError, match="not an infobatch_stream index"):
         DatasetIndex.load(str(plain))
     doc = json.load(open(saved))
@@ -382,9 +401,17 @@ def test_shard_of_url_spellings(dataset, saved, tmp_path, monkeypatch):
     for shard, url in enumerate(urls):
         rel = os.path.relpath(url, root)
         spellings = [
-            url, rel, "./" + rel, os.path.join(root, "shards", "..", rel), url.replace("/shards/", "//shards/"),
-            "file:" + url, "file://" + url, "file:" + rel,
-            f"pipe:cat {url}", f"pipe:cat {rel}", f"pipe:cat   {url}",
+            url,
+            rel,
+            "./" + rel,
+            os.path.join(root, "shards", "..", rel),
+            url.replace("/shards/", "//shards/"),
+            "file:" + url,
+            "file://" + url,
+            "file:" + rel,
+            f"pipe:cat {url}",
+            f"pipe:cat {rel}",
+            f"pipe:cat   {url}",
             os.path.basename(url),  # unique basename: found even though the folder differs
             str(link / os.path.relpath(url, os.path.join(root, "shards"))),  # through a symlink
         ]
@@ -413,8 +440,19 @@ def test_shard_of_url_ambiguous_basenames(tmp_path):
 
 
 def test_shard_of_url_remote_urls():
-    scans = [ShardSamples(keys=["a"], start=[0], end=[1024], nmembers=[1], suffixes=["jpg"], data_offset=[512],
-                          size=[3], filesize=10240) for _ in range(2)]
+    scans = [
+        ShardSamples(
+            keys=["a"],
+            start=[0],
+            end=[1024],
+            nmembers=[1],
+            suffixes=["jpg"],
+            data_offset=[512],
+            size=[3],
+            filesize=10240,
+        )
+        for _ in range(2)
+    ]
     urls = ["https://host/data/shard-000.tar", "pipe:curl -s -L https://host/data/shard-001.tar"]
     ix = from_scans(urls, scans, [None, None])
     assert ix.shard_of_url(urls[0]) == 0 and ix.shard_of_url(urls[1]) == 1

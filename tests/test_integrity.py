@@ -10,11 +10,11 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
+from shards import HAVE_GNU_TAR, gnu_tar, make_tree, payload, write_tar
 
 from infobatch_stream import InfoBatch, InfoBatchError, StaleIndexError, build_index
 from infobatch_stream.meta import META_KEY, SLOT
 from infobatch_stream.rangeserver import RangeServer
-from shards import gnu_tar, make_tree, payload, write_tar, HAVE_GNU_TAR
 
 MTIME = 1_700_000_000
 PER_SHARD = 12
@@ -46,7 +46,7 @@ def _write(path: str, entries: list[tuple[str, bytes]], writer: str) -> None:
 
 REWRITES = {
     # name: entries of shard 0 after the rewrite (shard 0 had keys s00-0000..0011, seed 0)
-    "reordered": lambda: [e for i in reversed(range(PER_SHARD)) for e in _entries(_keys(0), 0)[2 * i:2 * i + 2]],
+    "reordered": lambda: [e for i in reversed(range(PER_SHARD)) for e in _entries(_keys(0), 0)[2 * i : 2 * i + 2]],
     "renamed": lambda: _entries(_keys(0, prefix="t"), 0),  # same sizes, same order, other keys
     "grown": lambda: _entries(_keys(0, -2, PER_SHARD + 2), 0),
     "shrunk": lambda: _entries(_keys(0, 2, PER_SHARD - 2), 0),
@@ -121,6 +121,7 @@ def shards(tmp_path):
         for path, e in zip(paths, entries):
             _write(path, e, writer)
         return paths, entries
+
     return make
 
 
@@ -202,9 +203,9 @@ def test_upper_case_suffixes_and_long_names_pass_the_exact_check(tmp_path):
 import json  # noqa: E402
 import pickle  # noqa: E402
 
+from _data import make_index, write_shards  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from _data import make_index, write_shards  # noqa: E402
 from infobatch_stream import IndexMismatchError, ShardAssignmentError, TarFormatError  # noqa: E402
 from infobatch_stream.index import DatasetIndex  # noqa: E402
 
@@ -232,8 +233,10 @@ def test_damaged_index_arrays_are_refused_when_a_shard_is_used(tmp_path, damage)
     path = str(tmp_path / "index.json")
     _damage(path, *DAMAGES[damage])
     ib = InfoBatch(path, num_epochs=2)  # opening costs nothing: the rows are checked on first use
-    for read in (lambda: list(wds.DataPipeline(wds.SimpleShardList(urls), ib.tarfile_to_samples())),
-                 lambda: list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), ib.filter()))):
+    for read in (
+        lambda: list(wds.DataPipeline(wds.SimpleShardList(urls), ib.tarfile_to_samples())),
+        lambda: list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), ib.filter())),
+    ):
         with pytest.raises(IndexMismatchError, match="index .*part-000.tar.*(damaged|checksum)"):
             read()
 
@@ -249,8 +252,10 @@ def test_per_shard_counts_that_still_sum_right_are_refused(tmp_path):
         ib.index.keys(0)
 
 
-@pytest.mark.parametrize("entry", [{"nsamples": "x"}, {"nsamples": -1}, {"url": 5}, {"filesize": None},
-                                   {"crc": "abc"}, {"compression": "zip"}])
+@pytest.mark.parametrize(
+    "entry",
+    [{"nsamples": "x"}, {"nsamples": -1}, {"url": 5}, {"filesize": None}, {"crc": "abc"}, {"compression": "zip"}],
+)
 def test_a_damaged_shard_entry_names_it(tmp_path, entry):
     make_index(str(tmp_path), num_shards=2, per_shard=10)
     path = str(tmp_path / "index.json")
@@ -283,7 +288,9 @@ def test_an_index_rebuilt_at_its_path_during_a_run_is_refused_by_workers(tmp_pat
     rng_bytes = np.random.default_rng(5)
     with wds.ShardWriter(os.path.join(str(tmp_path), "part-%03d.tar"), maxcount=10, verbose=0) as sink:
         for i in range(20):
-            sink.write({"__key__": f"sample{i:06d}", "cls": b"1", "bin": rng_bytes.bytes(int(rng_bytes.integers(0, 3000)))})
+            sink.write(
+                {"__key__": f"sample{i:06d}", "cls": b"1", "bin": rng_bytes.bytes(int(rng_bytes.integers(0, 3000)))}
+            )
     build_index(urls, path)
     assert DatasetIndex.load(path).fingerprint == ib.index.fingerprint
     copy = pickle.loads(pickle.dumps(ib))  # what a spawned DataLoader worker receives
@@ -293,20 +300,25 @@ def test_an_index_rebuilt_at_its_path_during_a_run_is_refused_by_workers(tmp_pat
     build_index(urls[:1], path)
     with pytest.raises(IndexMismatchError, match="changed after the training process loaded it"):
         pickle.loads(pickle.dumps(ib)).index.keys(0)
-    loader = DataLoader(wds.DataPipeline(ib.shards(), ib.tarfile_to_samples()), batch_size=None, num_workers=1,
-                        multiprocessing_context="spawn")
+    loader = DataLoader(
+        wds.DataPipeline(ib.shards(), ib.tarfile_to_samples()),
+        batch_size=None,
+        num_workers=1,
+        multiprocessing_context="spawn",
+    )
     with pytest.raises(Exception, match="changed after the training process loaded it"):
         list(loader)
 
 
 # ---- tar headers with absurd numbers; every bad shard named ------------------------------------
 
+
 def _absurd_size_tar(path: str, typ: bytes) -> str:
     write_tar(path, [("a.cls", b"1"), ("b.cls", b"2")])
     with open(path, "r+b") as f:
         header = bytearray(f.read(512))
         header[156:157] = typ
-        header[124:136] = b"\x80" + (2 ** 80).to_bytes(11, "big")  # base-256: 1.2e24 bytes
+        header[124:136] = b"\x80" + (2**80).to_bytes(11, "big")  # base-256: 1.2e24 bytes
         header[148:156] = b" " * 8
         header[148:156] = b"%06o\0 " % (sum(header))
         f.seek(0)
@@ -346,18 +358,24 @@ def test_every_spelling_gopen_would_run_is_refused(tmp_path, url):
 
 # ---- shards dropped between ib.shards() and the reader -----------------------------------------
 
+
 @pytest.mark.parametrize("path", ["reader", "filter"])
 def test_a_splitter_after_ib_shards_is_an_error(tmp_path, path):
     urls, index = make_index(str(tmp_path), num_shards=4, per_shard=10)
     ib = InfoBatch(index, num_epochs=2)
     reading = [ib.tarfile_to_samples()] if path == "reader" else [wds.tarfile_to_samples(), ib.filter()]
-    loader = DataLoader(wds.DataPipeline(ib.shards(), wds.split_by_worker, *reading), batch_size=None,
-                        num_workers=2, multiprocessing_context="fork")
+    loader = DataLoader(
+        wds.DataPipeline(ib.shards(), wds.split_by_worker, *reading),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context="fork",
+    )
     with pytest.raises(ShardAssignmentError, match="split_by_worker"):
         list(loader)
     # without the splitter: every sample once
-    loader = DataLoader(wds.DataPipeline(ib.shards(), *reading), batch_size=None, num_workers=2,
-                        multiprocessing_context="fork")
+    loader = DataLoader(
+        wds.DataPipeline(ib.shards(), *reading), batch_size=None, num_workers=2, multiprocessing_context="fork"
+    )
     assert len(list(loader)) == 40
 
 
@@ -365,15 +383,29 @@ def test_filter_after_decode_warns(tmp_path):
     urls, index = make_index(str(tmp_path), num_shards=1, per_shard=4)
     ib = InfoBatch(index, num_epochs=2)
     with pytest.warns(RuntimeWarning, match="decoded fields.*right after"):
-        got = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(),
-                                    wds.map(lambda s: {**s, "cls": int(s["cls"])}), ib.filter()))
+        got = list(
+            wds.DataPipeline(
+                wds.SimpleShardList(urls),
+                wds.tarfile_to_samples(),
+                wds.map(lambda s: {**s, "cls": int(s["cls"])}),
+                ib.filter(),
+            )
+        )
     assert len(got) == 4
 
 
-@pytest.mark.parametrize("doc", ['[1, 2]', '"x"', "[" * 100000 + "]" * 100000,
-                                 '{"__kind__": "wids-shard-index-v1", "infobatch_stream": {"format": 1, "arrays": 5}, "shardlist": []}',
-                                 '{"__kind__": "wids-shard-index-v1", "infobatch_stream": {"format": 1, "arrays": "../x"}, "shardlist": []}',
-                                 '{"__kind__": "wids-shard-index-v1", "infobatch_stream": {"format": 1, "arrays": "index.arrays"}, "shardlist": 3}'])
+@pytest.mark.parametrize(
+    "doc",
+    [
+        "[1, 2]",
+        '"x"',
+        "[" * 100000 + "]" * 100000,
+        '{"__kind__": "wids-shard-index-v1", "infobatch_stream": {"format": 1, "arrays": 5}, "shardlist": []}',
+        '{"__kind__": "wids-shard-index-v1", "infobatch_stream": {"format": 1, "arrays": "../x"}, "shardlist": []}',
+        '{"__kind__": "wids-shard-index-v1", "infobatch_stream": {"format": 1, "arrays": "index.arrays"}, '
+        '"shardlist": 3}',
+    ],
+)
 def test_a_crafted_index_json_is_an_index_error(tmp_path, doc):
     path = tmp_path / "index.json"
     path.write_text(doc)

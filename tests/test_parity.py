@@ -25,14 +25,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-
 from _data import write_sized_shards
+
 from infobatch_stream import META_KEY, InfoBatch, build_index
 
 SHARD_SIZES = [600, 350, 500, 450, 700, 400, 550, 450]  # 4,000 samples, uneven shards
@@ -51,6 +51,7 @@ CASES = [
 
 
 # ---- the published rules -------------------------------------------------------------------------
+
 
 def published_ratio(prune_ratio: float) -> float:
     """The paper's code keeps at least 10% of the well-learned samples: r is capped at 0.9."""
@@ -82,8 +83,9 @@ class PublishedInfoBatch:
     Only trained samples get a new score; pruned ones keep their old one.
     """
 
-    def __init__(self, n: int, num_epochs: int, prune_ratio: float, delta: float, seed: int = 0,
-                 exact_count: bool = True) -> None:
+    def __init__(
+        self, n: int, num_epochs: int, prune_ratio: float, delta: float, seed: int = 0, exact_count: bool = True
+    ) -> None:
         self.scores = np.ones(n, dtype=np.float32)  # the paper's default score, equal for all
         self.num_epochs, self.delta, self.exact_count = num_epochs, delta, exact_count
         self.ratio = published_ratio(prune_ratio)
@@ -99,7 +101,7 @@ class PublishedInfoBatch:
         if self.prunes(epoch):
             candidates = np.flatnonzero(learned)
             if self.exact_count:
-                dropped = self.rng.permutation(candidates)[int((1.0 - self.ratio) * len(candidates)):]
+                dropped = self.rng.permutation(candidates)[int((1.0 - self.ratio) * len(candidates)) :]
             else:
                 dropped = candidates[self.rng.random(len(candidates)) < self.ratio]
             keep[dropped] = False
@@ -111,6 +113,7 @@ class PublishedInfoBatch:
 
 
 # ---- the loss sequence both sides see ----------------------------------------------------------
+
 
 class LossModel:
     """Per-sample loss = difficulty x 0.8^(times trained) x noise(slot, epoch).
@@ -135,12 +138,13 @@ class LossModel:
         return loss.astype(np.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def epoch_noise(epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([LOSS_SEED, epoch]).lognormal(0.0, 0.15, n)
 
 
 # ---- running both sides ------------------------------------------------------------------------
+
 
 @dataclass
 class EpochRun:
@@ -185,8 +189,11 @@ def run_library(index, prune_ratio: float, delta: float, num_epochs: int, seed: 
             slots.append(batch)
             boosted.append(meta[:, 2].numpy().astype(bool))
         mismatches = int(np.count_nonzero(np.asarray(ib.store.scores) != shadow.scores))
-        runs.append(EpochRun(ib.stats()[epoch], plan, np.concatenate(slots), np.concatenate(boosted),
-                             expected, returned, mismatches))
+        runs.append(
+            EpochRun(
+                ib.stats()[epoch], plan, np.concatenate(slots), np.concatenate(boosted), expected, returned, mismatches
+            )
+        )
     return runs
 
 
@@ -206,6 +213,7 @@ def pruning_epochs(delta: float, num_epochs: int) -> list[int]:
 
 
 # ---- lockstep: same scores on both sides -------------------------------------------------------
+
 
 def test_epoch_zero_prunes_nothing_on_either_side(case):
     _, runs = case
@@ -244,7 +252,7 @@ def test_pruned_counts_agree_within_binomial_noise(case):
         sd = binomial_sd(n, r)
         assert abs(run.stats["pruned"] - run.shadow.pruned) <= SIGMAS * sd + 1, (epoch, run.stats, run.shadow.pruned)
         deviation += run.stats["pruned"] - r * n
-        variance += sd ** 2
+        variance += sd**2
     assert abs(deviation) <= SIGMAS * math.sqrt(variance)
 
 
@@ -298,7 +306,8 @@ def test_final_epochs_train_everything_with_weight_one(case):
 
 # ---- free running: the library against the reference's own trajectories ---------------------------
 
-@lru_cache(maxsize=None)
+
+@cache
 def reference_ensemble(prune_ratio: float, delta: float, num_epochs: int) -> dict[str, np.ndarray]:
     """Per-epoch figures (runs x epochs) of ``ENSEMBLE`` independent runs of the paper's rule with
     per-sample coins, whose spread then holds the same binomial noise as the library's."""

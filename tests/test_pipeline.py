@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from _data import make_index, slot_loss, train_epochs, write_sized_shards
 from torch.utils.data import DataLoader
 
-from _data import make_index, slot_loss, train_epochs, write_sized_shards
 from infobatch_stream import META_KEY, IndexMismatchError, InfoBatch, MetadataError, StaleIndexError, build_index
 from infobatch_stream.meta import as_meta_array
 from infobatch_stream.stages import shard_order
@@ -28,16 +28,22 @@ def dataset(tmp_path_factory):
 
 
 def batched_pipeline(ib: InfoBatch) -> wds.DataPipeline:
-    return wds.DataPipeline(ib.shards(), wds.tarfile_to_samples(), ib.filter(),
-                            wds.to_tuple("cls", META_KEY), wds.batched(16))
+    return wds.DataPipeline(
+        ib.shards(), wds.tarfile_to_samples(), ib.filter(), wds.to_tuple("cls", META_KEY), wds.batched(16)
+    )
 
 
-def train_slots(ib: InfoBatch, num_workers: int, epochs: int = EPOCHS, persistent: bool = False,
-                context: str | None = None) -> list[list[int]]:
+def train_slots(
+    ib: InfoBatch, num_workers: int, epochs: int = EPOCHS, persistent: bool = False, context: str | None = None
+) -> list[list[int]]:
     """Run ``epochs`` passes with the fixed per-slot loss; return the slots trained in each."""
-    loader = DataLoader(batched_pipeline(ib), batch_size=None, num_workers=num_workers,
-                        persistent_workers=persistent and num_workers > 0,
-                        multiprocessing_context=context if num_workers > 0 else None)
+    loader = DataLoader(
+        batched_pipeline(ib),
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=persistent and num_workers > 0,
+        multiprocessing_context=context if num_workers > 0 else None,
+    )
     return train_epochs(ib, loader, epochs)
 
 
@@ -117,8 +123,9 @@ def test_filter_on_any_iterable(dataset):
 def test_metadata_survives_default_collate(dataset):
     _, index = dataset
     ib = InfoBatch(index, num_epochs=2)
-    pipeline = wds.DataPipeline(ib.shards(), wds.tarfile_to_samples(), ib.filter(), wds.decode(),
-                                wds.to_tuple("cls", META_KEY))
+    pipeline = wds.DataPipeline(
+        ib.shards(), wds.tarfile_to_samples(), ib.filter(), wds.decode(), wds.to_tuple("cls", META_KEY)
+    )
     batch = next(iter(DataLoader(pipeline, batch_size=8, num_workers=0)))
     meta = batch[1]
     assert isinstance(meta, torch.Tensor) and meta.dtype == torch.int64 and meta.shape == (8, 4)
@@ -312,7 +319,7 @@ def test_a_shard_read_twice_in_an_epoch_gives_the_same_samples(dataset):
         seen.append(int(sample[META_KEY][0]))
         ib.update(sample[META_KEY], torch.rand(1) * 10)  # scores move a lot in between
     first = [s for s in seen if s < index.slots(0)[1]]
-    assert first[: len(first) // 2] == first[len(first) // 2:]
+    assert first[: len(first) // 2] == first[len(first) // 2 :]
     stats = ib.stats()[1]
     ib.set_epoch(1)  # again, after training in it: the frozen plan and its stats stay
     assert ib.stats()[1]["kept"] == stats["kept"] and ib.stats()[1]["trained"] == stats["trained"]
@@ -348,8 +355,12 @@ def test_a_shard_listed_twice_is_read_once_per_entry(tmp_path, path, num_workers
     index = build_index([urls[0], urls[1], urls[0]], str(tmp_path / "index.json"))
     ib = InfoBatch(index, num_epochs=4, prune_ratio=0.5, delta=1.0, seed=1)
     reading = [ib.tarfile_to_samples()] if path == "reader" else [wds.tarfile_to_samples(), ib.filter()]
-    loader = DataLoader(wds.DataPipeline(ib.shards(), *reading, wds.to_tuple(META_KEY)), batch_size=4,
-                        num_workers=num_workers, multiprocessing_context="fork" if num_workers else None)
+    loader = DataLoader(
+        wds.DataPipeline(ib.shards(), *reading, wds.to_tuple(META_KEY)),
+        batch_size=4,
+        num_workers=num_workers,
+        multiprocessing_context="fork" if num_workers else None,
+    )
     for epoch, slots in enumerate(train_epochs(ib, loader, 3)):
         planned = np.flatnonzero(ib.plan.read(0, 70)[0]) if epoch == 2 else None
         assert len(slots) == len(set(slots)) == ib.stats()[epoch]["kept"]
@@ -361,8 +372,9 @@ def test_a_shard_listed_twice_is_read_once_per_entry(tmp_path, path, num_workers
 def test_a_url_rewritten_between_source_and_filter_is_an_error(dataset):
     _, index = dataset
     ib = InfoBatch(index, num_epochs=2)
-    rewritten = wds.DataPipeline(ib.shards(), wds.map(lambda d: {**d, "url": "file:" + d["url"]}),
-                                 wds.tarfile_to_samples(), ib.filter())
+    rewritten = wds.DataPipeline(
+        ib.shards(), wds.map(lambda d: {**d, "url": "file:" + d["url"]}), wds.tarfile_to_samples(), ib.filter()
+    )
     assert len(list(rewritten)) == 320  # "file:" still names the same shard: matched, read once
     with pytest.raises(ValueError, match="did not hand it to this worker"):
         extra = wds.DataPipeline(ib.shards(), wds.map(lambda d: d), _twice, wds.tarfile_to_samples(), ib.filter())
@@ -386,8 +398,9 @@ def _real_batch(ib: InfoBatch, kind: str, size: int = 8):
         meta = next(iter(DataLoader(pipeline, batch_size=size, num_workers=0)))[1]
         assert isinstance(meta, torch.Tensor) and meta.dtype == torch.int64
     else:
-        pipeline = wds.DataPipeline(ib.shards(), ib.tarfile_to_samples(), wds.to_tuple("cls", META_KEY),
-                                    wds.batched(size))
+        pipeline = wds.DataPipeline(
+            ib.shards(), ib.tarfile_to_samples(), wds.to_tuple("cls", META_KEY), wds.batched(size)
+        )
         meta = next(iter(pipeline))[1]
         assert isinstance(meta, np.ndarray) and meta.dtype == np.int64
     return meta
@@ -412,7 +425,7 @@ def test_metadata_cast_to_a_wide_dtype_is_accepted(dataset, kind):
     ib = InfoBatch(index, num_epochs=2)
     meta = _real_batch(ib, kind)
     slots = np.asarray(meta)[:, 0]
-    assert 0 < ib.tag < 2 ** 23
+    assert 0 < ib.tag < 2**23
     for i, dtype in enumerate(WIDE):
         loss = torch.arange(len(slots), dtype=torch.float32) + 10 * i
         ib.update(_cast(meta, kind, dtype), loss)
@@ -427,8 +440,11 @@ def test_metadata_cast_to_a_narrow_dtype_is_refused_by_name(dataset, kind):
     ib = InfoBatch(index, num_epochs=2)
     meta = _real_batch(ib, kind)
     for dtype in NARROW[kind]:
-        with pytest.raises(MetadataError, match=rf"as (torch\.)?{dtype}, which holds integers exactly only up to "
-                                                r"\d+.*Keep the field int64"):
+        with pytest.raises(
+            MetadataError,
+            match=rf"as (torch\.)?{dtype}, which holds integers exactly only up to "
+            r"\d+.*Keep the field int64",
+        ):
             ib.update(_cast(meta, kind, dtype), torch.ones(len(meta)))
     assert isinstance(MetadataError("x"), ValueError)
     assert np.isnan(ib.store.scores).all() and ib.stats()[0]["trained"] == 0
@@ -453,15 +469,15 @@ def test_wide_dtypes_are_refused_where_the_slots_outgrow_them():
     """float32 is exact up to 2**24 and int32 up to 2**31 - 1: a larger index's slots would be
     rounded or wrapped (and a rounded slot is still a whole number), so the dtype is refused."""
     meta = torch.tensor([[3, 1, 0, 12345]])
-    assert as_meta_array(meta.float(), num_samples=2 ** 24 + 1).tolist() == [[3, 1, 0, 12345]]
+    assert as_meta_array(meta.float(), num_samples=2**24 + 1).tolist() == [[3, 1, 0, 12345]]
     with pytest.raises(MetadataError, match=r"as torch\.float32.*up to 16777216, and this index's slots go up to"):
-        as_meta_array(meta.float(), num_samples=2 ** 24 + 2)
+        as_meta_array(meta.float(), num_samples=2**24 + 2)
     with pytest.raises(MetadataError, match=r"as float32"):
-        as_meta_array(meta.numpy().astype(np.float32), num_samples=2 ** 25)
-    assert as_meta_array(meta.int(), num_samples=2 ** 31).tolist() == [[3, 1, 0, 12345]]
+        as_meta_array(meta.numpy().astype(np.float32), num_samples=2**25)
+    assert as_meta_array(meta.int(), num_samples=2**31).tolist() == [[3, 1, 0, 12345]]
     with pytest.raises(MetadataError, match=r"as torch\.int32.*up to 2147483647"):
-        as_meta_array(meta.int(), num_samples=2 ** 31 + 1)
-    assert as_meta_array(meta.double(), num_samples=2 ** 40).tolist() == [[3, 1, 0, 12345]]
+        as_meta_array(meta.int(), num_samples=2**31 + 1)
+    assert as_meta_array(meta.double(), num_samples=2**40).tolist() == [[3, 1, 0, 12345]]
     with pytest.raises(MetadataError, match="torch.bool, which does not hold integers"):
         as_meta_array(meta.bool(), num_samples=10)
 

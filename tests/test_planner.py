@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from _data import make_index
+
 from infobatch_stream import InfoBatch, planner
 from infobatch_stream.control import EpochPlan
 
@@ -18,8 +18,9 @@ def test_the_plan_does_not_depend_on_the_block_size(tmp_path, monkeypatch, block
     scores[::5] = np.nan  # some unseen
     ib.store.scores[:] = scores
     monkeypatch.setattr(planner, "BLOCK", 1 << 20)
-    reference = planner.plan_epoch(ib.store.scores, index, ib.config, 2, ib.plan, plan_is_shared_by_all=True,
-                                   writer=True)
+    reference = planner.plan_epoch(
+        ib.store.scores, index, ib.config, 2, ib.plan, plan_is_shared_by_all=True, writer=True
+    )
     bits = ib.plan.read(0, 91)
     monkeypatch.setattr(planner, "BLOCK", block)
     got = planner.plan_epoch(ib.store.scores, index, ib.config, 2, ib.plan, plan_is_shared_by_all=True, writer=True)
@@ -37,7 +38,7 @@ def test_plan_bytes_written_back_in_pieces():
     source.write(0, keep, boosted)
     data = source.packed(16, 100)  # slots 16..99: 11 keep bytes, then 11 boosted bytes
     for offset in range(0, len(data), 5):  # pieces that straddle the keep/boosted boundary
-        target.write_packed(16, 100, offset, data[offset:offset + 5])
+        target.write_packed(16, 100, offset, data[offset : offset + 5])
     got_keep, got_boosted = target.read(16, 100)
     assert np.array_equal(got_keep, keep[16:]) and np.array_equal(got_boosted, boosted[16:])
     assert not target.read(0, 16)[0].any()  # untouched

@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from _data import make_index, slot_loss, train_epochs
+from shards import HAVE_GNU_TAR, gnu_tar, make_tree, write_wds_shards
 from torch.utils.data import DataLoader
 
-from _data import make_index, slot_loss, train_epochs
 from infobatch_stream import META_KEY, DatasetIndex, InfoBatch, build_index, policy
 from infobatch_stream import reader as reader_mod
-from infobatch_stream.storage import StorageError
 from infobatch_stream.reader import HTTP_MERGE_GAP, LOCAL_MERGE_GAP, StaleIndexError, plan_ranges
-from shards import HAVE_GNU_TAR, gnu_tar, make_tree, write_wds_shards
+from infobatch_stream.storage import StorageError
 
 EPOCHS = 4
 CONFIG = dict(num_epochs=EPOCHS, prune_ratio=0.5, delta=0.75, seed=7)  # epochs 1, 2 prune; 3 is full
@@ -46,8 +46,11 @@ def wds_samples(n: int) -> list[dict]:
     sizes = [0, 1, 511, 512, 513, 1024, 1536, 100, 3000, 4096, 7000]
     out = []
     for i in range(n):
-        sample: dict[str, Any] = {"__key__": f"s{i:05d}", "cls": str(i % 10).encode(),
-                                  "bin": _bytes(rng, sizes[i % len(sizes)])}
+        sample: dict[str, Any] = {
+            "__key__": f"s{i:05d}",
+            "cls": str(i % 10).encode(),
+            "bin": _bytes(rng, sizes[i % len(sizes)]),
+        }
         if i % 3 == 0:
             sample["JPG"] = _bytes(rng, sizes[(i * 7) % len(sizes)])  # read back as "jpg"
         if i % 4 == 1:
@@ -85,8 +88,22 @@ def gnu_tree(root: str) -> list[str]:
     make_tree(root, files)
     os.makedirs(os.path.join(root, "emptydir"))
     os.symlink("k1.txt", os.path.join(root, "link.txt"))  # not a regular file: no sample
-    return ["k1.txt", "emptydir", "k2.txt", "README", "k1.cls", "__index__", "__meta__", "d1", "link.txt",
-            deep.split("/")[0], "L" + "o" * 150 + "ngkey.Txt", "big.bin", "z0.txt", "z1.bin"]
+    return [
+        "k1.txt",
+        "emptydir",
+        "k2.txt",
+        "README",
+        "k1.cls",
+        "__index__",
+        "__meta__",
+        "d1",
+        "link.txt",
+        deep.split("/")[0],
+        "L" + "o" * 150 + "ngkey.Txt",
+        "big.bin",
+        "z0.txt",
+        "z1.bin",
+    ]
 
 
 @dataclass
@@ -134,15 +151,18 @@ class Server:
     """``python -m infobatch_stream.rangeserver ROOT --port 0`` as a subprocess."""
 
     def __init__(self, root: str, *extra: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "infobatch_stream.rangeserver", root, "--port", "0", *extra],
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "infobatch_stream.rangeserver", root, "--port", "0", *extra],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         match = re.search(r"(http://127\.0\.0\.1:\d+)\s*$", line)
         if not match:
             self.stop()
             raise RuntimeError(f"rangeserver did not print its URL: {line!r}")
         self.url = match.group(1)
-        self.netloc = self.url[len("http://"):]
+        self.netloc = self.url[len("http://") :]
 
     def _get(self, path: str) -> dict:
         conn = http.client.HTTPConnection(self.netloc, timeout=10)
@@ -199,7 +219,11 @@ def assert_same_samples(got: list[dict], ref: list[dict]) -> None:
         assert set(g) == set(r), (g["__key__"], sorted(g), sorted(r))
         for field, value in r.items():
             if field == META_KEY:
-                assert g[field].dtype == value.dtype and np.array_equal(g[field], value), (g["__key__"], g[field], value)
+                assert g[field].dtype == value.dtype and np.array_equal(g[field], value), (
+                    g["__key__"],
+                    g[field],
+                    value,
+                )
             else:
                 assert type(g[field]) is type(value) and g[field] == value, (g["__key__"], field)
 
@@ -207,7 +231,7 @@ def assert_same_samples(got: list[dict], ref: list[dict]) -> None:
 def train(ib: InfoBatch, samples: list[dict]) -> None:
     """``ib.update`` with the fixed per-slot loss, in batches of 16 as a training loop would."""
     for i in range(0, len(samples), 16):
-        meta = torch.from_numpy(np.stack([s[META_KEY] for s in samples[i:i + 16]]))
+        meta = torch.from_numpy(np.stack([s[META_KEY] for s in samples[i : i + 16]]))
         ib.update(meta, slot_loss(meta))
 
 
@@ -251,8 +275,16 @@ class EpochRun:
     served: dict | None  # the HTTP server's counters for the reader's pass
 
 
-def check_identity(index: DatasetIndex, urls: list[str], *, merge_gap: int | None = None, config: dict | None = None,
-                   server: Server | None = None, epochs: int = EPOCHS, **reader_kw: Any) -> list[EpochRun]:
+def check_identity(
+    index: DatasetIndex,
+    urls: list[str],
+    *,
+    merge_gap: int | None = None,
+    config: dict | None = None,
+    server: Server | None = None,
+    epochs: int = EPOCHS,
+    **reader_kw: Any,
+) -> list[EpochRun]:
     """Train ``epochs`` epochs; in each, the reader's samples must equal the reference's.
 
     ``merge_gap`` goes to the reader as given (None: its default for the URL type)."""
@@ -304,13 +336,17 @@ def check_stream_io(runs: list[EpochRun], compressed: bool = False) -> None:
 # ---- 1. identity on local shards -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("merge_gap,config", [
-    (None, {}),
-    (None, {"granularity": 4}),
-    (0, {}),
-    (0, {"granularity": 4}),
-    (1 << 40, {}),
-], ids=["default", "k4", "gap0", "gap0-k4", "hugegap"])
+@pytest.mark.parametrize(
+    "merge_gap,config",
+    [
+        (None, {}),
+        (None, {"granularity": 4}),
+        (0, {}),
+        (0, {"granularity": 4}),
+        (1 << 40, {}),
+    ],
+    ids=["default", "k4", "gap0", "gap0-k4", "hugegap"],
+)
 def test_identity_local(local_index, merge_gap, config):
     urls, index = local_index
     runs = check_identity(index, urls, merge_gap=merge_gap, config=config)
@@ -481,8 +517,9 @@ def test_pipe_urls_against_a_local_index(local_index):
 
 def test_shards_with_nothing_kept_are_never_opened(tmp_path):
     rng = np.random.default_rng(3)
-    samples = [{"__key__": f"one{i:04d}", "bin": rng.bytes(int(rng.integers(100, 5000))), "cls": b"1"}
-               for i in range(40)]
+    samples = [
+        {"__key__": f"one{i:04d}", "bin": rng.bytes(int(rng.integers(100, 5000))), "cls": b"1"} for i in range(40)
+    ]
     urls = write_wds_shards(str(tmp_path), samples, maxcount=1, name="one")
     index = build_index(urls)
     ib = InfoBatch(index, num_epochs=2, prune_ratio=0.9, delta=1.0, seed=5)
@@ -636,11 +673,14 @@ def test_stale_over_http(corpus, server):
 
 def _train_with_loader(index: DatasetIndex, num_workers: int, epochs: int = 3) -> tuple[list[list[int]], list[dict]]:
     ib = InfoBatch(index, num_epochs=epochs, prune_ratio=0.5, delta=1.0, seed=11)
-    pipeline = wds.DataPipeline(ib.shards(), ib.tarfile_to_samples(), wds.to_tuple("__key__", META_KEY),
-                                wds.batched(8))
-    loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers,
-                        multiprocessing_context="fork" if num_workers else None,
-                        persistent_workers=num_workers > 0)
+    pipeline = wds.DataPipeline(ib.shards(), ib.tarfile_to_samples(), wds.to_tuple("__key__", META_KEY), wds.batched(8))
+    loader = DataLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        multiprocessing_context="fork" if num_workers else None,
+        persistent_workers=num_workers > 0,
+    )
     slots = train_epochs(ib, loader, epochs)
     stats = ib.stats()
     assert [len(s) for s in slots] == [s["kept"] for s in stats]  # each epoch yields its planned size
@@ -689,7 +729,7 @@ def test_block_drops_keep_the_marginal_rate(ratio):
     config = policy.PruneConfig(num_epochs=10, prune_ratio=ratio, delta=1.0, seed=9, block_size=k)
     block_start = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
     members = np.add.reduceat(learned.astype(np.int64), block_start)  # well-learned per block
-    sigma = np.sqrt(ratio * (1 - ratio) * float((members ** 2).sum()))  # drops are m_b x Bernoulli(r)
+    sigma = np.sqrt(ratio * (1 - ratio) * float((members**2).sum()))  # drops are m_b x Bernoulli(r)
     for epoch in range(5):
         keep, boosted = policy.decide(scores, slots, thresh, epoch, config, ids)
         dropped = ~keep
@@ -698,9 +738,9 @@ def test_block_drops_keep_the_marginal_rate(ratio):
         assert abs(dropped.sum() - ratio * learned.sum()) <= 6 * sigma, (epoch, dropped.sum() / learned.sum())
         # All well-learned members of a block share the decision.
         d = np.where(learned, dropped, False).astype(np.int64)
-        l = learned.astype(np.int64)
+        n_learned = learned.astype(np.int64)
         per_block = np.add.reduceat(d, block_start)
-        assert ((per_block == 0) | (per_block == np.add.reduceat(l, block_start))).all()
+        assert ((per_block == 0) | (per_block == np.add.reduceat(n_learned, block_start))).all()
 
 
 def test_block_drops_are_unbiased_per_sample():
@@ -724,7 +764,7 @@ def test_block_drops_are_unbiased_per_sample():
     # The grand mean over learned samples: blocks are correlated within an epoch.
     block_start = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
     members = np.add.reduceat(learned.astype(np.int64), block_start)
-    grand_sd = np.sqrt(ratio / (1 - ratio) * float((members ** 2).sum()) / learned.sum() ** 2 / epochs)
+    grand_sd = np.sqrt(ratio / (1 - ratio) * float((members**2).sum()) / learned.sum() ** 2 / epochs)
     assert abs(mean[learned].mean() - 1) <= 6 * grand_sd
 
 
@@ -763,8 +803,11 @@ def test_block_plan_matches_the_reader_and_cuts_ranges(tmp_path, local_index):
                     ranges = plan_ranges(start, end, np.flatnonzero(keep), gap)
                     nranges, nbytes = counts[name, k, gap]
                     counts[name, k, gap] = (nranges + len(ranges), nbytes + sum(r.end - r.start for r in ranges))
-    ratios = {(name, gap): counts[name, 1, gap][0] / counts[name, 8, gap][0]
-              for name in losses for gap in (0, LOCAL_MERGE_GAP)}
+    ratios = {
+        (name, gap): counts[name, 1, gap][0] / counts[name, 8, gap][0]
+        for name in losses
+        for gap in (0, LOCAL_MERGE_GAP)
+    }
     print("planned ranges k=1 / k=8:", {f"{n} gap={g}": round(r, 2) for (n, g), r in ratios.items()})
     # Without merging, blocks cut the reads: much more when most samples are well-learned
     # (a skewed loss), less when half are (the kept not-learned members still split a dropped block).

@@ -6,19 +6,18 @@ import argparse
 import json
 import os
 import pickle
-import warnings
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from _data import make_index, train_epochs
 from torch.utils.data import DataLoader
 
-from _data import make_index, train_epochs
-from infobatch_stream import META_KEY, InfoBatch
-from infobatch_stream import report
+from infobatch_stream import META_KEY, InfoBatch, report
 from infobatch_stream.cli import build_parser, main
 from infobatch_stream.planner import BLOCK
 from infobatch_stream.policy import seen_sum_count
@@ -33,8 +32,15 @@ def saved(tmp_path_factory):
     _, index = make_index(str(folder / "shards"), num_shards=4, per_shard=10)
     ib = InfoBatch(index, num_epochs=EPOCHS, delta=0.75)
     train_epochs(ib, DataLoader(ib.dataset(wds.to_tuple(META_KEY)), batch_size=5), EPOCHS)
-    paths = {kind: str(folder / name) for kind, name in
-             (("ib.save", "state.ibs"), ("torch.save", "last.ckpt"), ("json", "run.json"), ("list", "stats.txt"))}
+    paths = {
+        kind: str(folder / name)
+        for kind, name in (
+            ("ib.save", "state.ibs"),
+            ("torch.save", "last.ckpt"),
+            ("json", "run.json"),
+            ("list", "stats.txt"),
+        )
+    }
     ib.save(paths["ib.save"])
     torch.save({"model": {"w": torch.ones(3)}, "ib": ib.state_dict(), "epoch": EPOCHS}, paths["torch.save"])
     with open(paths["json"], "w") as f:
@@ -46,8 +52,15 @@ def saved(tmp_path_factory):
 
 def run_cli_all(*argvs: list[str]) -> list[subprocess.CompletedProcess]:
     """The commands as a user runs them, started together (each is mostly interpreter start-up)."""
-    procs = [subprocess.Popen([sys.executable, "-m", "infobatch_stream.cli", *argv], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for argv in argvs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "infobatch_stream.cli", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for argv in argvs
+    ]
     done = []
     for argv, proc in zip(argvs, procs):
         out, err = proc.communicate(timeout=120)
@@ -56,16 +69,20 @@ def run_cli_all(*argvs: list[str]) -> list[subprocess.CompletedProcess]:
 
 
 def table(stdout: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines()
-            if line.startswith("| ") and line[2].isdigit()]
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in stdout.splitlines()
+        if line.startswith("| ") and line[2].isdigit()
+    ]
 
 
 def test_report_prints_plots_and_summarises_every_kind_of_file(saved, capsys):
     stats, scores, config, paths, folder = saved
     assert [s["pruned"] > 0 for s in stats] == [False, True, True, False]  # the run exercises both phases
     kinds = list(paths)
-    argvs = [["report", paths[k], "--plot", str(folder / f"{k}.png"), "--json", str(folder / f"{k}.json")]
-             for k in kinds]
+    argvs = [
+        ["report", paths[k], "--plot", str(folder / f"{k}.png"), "--json", str(folder / f"{k}.json")] for k in kinds
+    ]
     outputs = run_cli_all(*argvs[:3])  # as a user runs it; the fourth in this process, to save a start-up
     assert main(argvs[3]) == 0
     outputs.append(subprocess.CompletedProcess(argvs[3], 0, *capsys.readouterr()))
@@ -78,7 +95,9 @@ def test_report_prints_plots_and_summarises_every_kind_of_file(saved, capsys):
         assert len(rows) == EPOCHS
         for row, s in zip(rows, stats):
             assert int(row[0]) == s["epoch"]
-            assert (row[1] == "-") if s["threshold"] is None else float(row[1]) == pytest.approx(s["threshold"], rel=1e-5)
+            assert (
+                (row[1] == "-") if s["threshold"] is None else float(row[1]) == pytest.approx(s["threshold"], rel=1e-5)
+            )
             assert [int(c.replace(",", "")) for c in row[2:6]] == [s["seen"], s["well_learned"], s["pruned"], s["kept"]]
             assert row[6] == f"{100 * s['kept'] / s['total']:.1f}%" and int(row[7]) == s["trained"]
             assert row[8] == f"{s['bytes_read'] / 1e3:.1f} kB" and row[9] == f"{s['bytes_skipped'] / 1e3:.1f} kB"
@@ -104,9 +123,12 @@ def test_report_prints_plots_and_summarises_every_kind_of_file(saved, capsys):
             assert summary["scores"]["quantiles"]["q50"] == pytest.approx(np.median(seen))
             assert summary["scores"]["below_mean"] == stats[-1]["well_learned"]  # the scores did not change
             assert summary["scores"]["mean"] == stats[-1]["threshold"]  # to the bit: summed as the planner does
-            assert summary["scores"]["quantiles"] == dict(zip(
-                ("q0", "q10", "q25", "q50", "q75", "q90", "q100"),
-                np.quantile(seen, [0, 0.1, 0.25, 0.5, 0.75, 0.9, 1]).tolist()))  # exact
+            assert summary["scores"]["quantiles"] == dict(
+                zip(
+                    ("q0", "q10", "q25", "q50", "q75", "q90", "q100"),
+                    np.quantile(seen, [0, 0.1, 0.25, 0.5, 0.75, 0.9, 1]).tolist(),
+                )
+            )  # exact
             hist = summary["scores"]["histogram"]
             assert hist["counts"] == np.histogram(seen, bins=hist["edges"])[0].tolist() and sum(hist["counts"]) == 40
             assert f"scores: {seen.size} of {seen.size} samples seen" in done.stdout
@@ -131,10 +153,16 @@ def test_bad_files_are_refused_with_the_file_named(saved, tmp_path, capsys):
         "broken.json": b'{"stats": [',
         "cut.ibs": open(paths["ib.save"], "rb").read()[:100],
     }
-    expected = {"random.bin": "is not a file the report can read", "model.pkl": "is not a file the report can read",
-                "other.json": "holds no per-epoch stats", "numbers.json": "stats entry 0 is not an ib.stats() epoch",
-                "broken.json": "is not valid JSON", "cut.ibs": "damaged",
-                "weights.pt": "holds no ib.state_dict()", "trap.pt": "which the report never unpickles"}
+    expected = {
+        "random.bin": "is not a file the report can read",
+        "model.pkl": "is not a file the report can read",
+        "other.json": "holds no per-epoch stats",
+        "numbers.json": "stats entry 0 is not an ib.stats() epoch",
+        "broken.json": "is not valid JSON",
+        "cut.ibs": "damaged",
+        "weights.pt": "holds no ib.state_dict()",
+        "trap.pt": "which the report never unpickles",
+    }
     for name, data in bad.items():
         (tmp_path / name).write_bytes(data)
     torch.save({"model": {"w": torch.ones(3)}}, str(tmp_path / "weights.pt"))
@@ -146,8 +174,10 @@ def test_bad_files_are_refused_with_the_file_named(saved, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("infobatch-stream report: error: ") and path in err and message in err, (name, err)
     assert not marker.exists()  # neither file was unpickled
-    done, = run_cli_all(["report", str(tmp_path / "random.bin")])  # the exit code through the real entry point
-    assert done.returncode == 1 and "random.bin" in done.stderr and "expected a file written by ib.save()" in done.stderr
+    (done,) = run_cli_all(["report", str(tmp_path / "random.bin")])  # the exit code through the real entry point
+    assert (
+        done.returncode == 1 and "random.bin" in done.stderr and "expected a file written by ib.save()" in done.stderr
+    )
     assert main(["report", str(tmp_path / "missing.ibs")]) == 1
     assert "missing.ibs" in capsys.readouterr().err
 
@@ -160,11 +190,11 @@ def test_bad_inputs_never_print_a_traceback(saved, tmp_path, capsys):
         "zero.json": ([dict(stats[1], total=0)], "do not add up"),
         "negative.json": ([dict(stats[0], kept=-1)], "expected an integer >= 0"),
         "bool.json": ([dict(stats[0], seen=True)], "expected an integer >= 0"),
-        "huge.json": ([dict(stats[0], bytes_read=10 ** 30)], "expected an integer >= 0"),
+        "huge.json": ([dict(stats[0], bytes_read=10**30)], "expected an integer >= 0"),
         "deep.json": ("[" * 100_000 + "]" * 100_000, "is not valid JSON"),
         "digits.json": ('[{"epoch": ' + "1" * 5000 + "}]", "is not valid JSON"),
     }
-    for name, (doc, message) in cases.items():
+    for name, (doc, _) in cases.items():
         (tmp_path / name).write_text(doc if isinstance(doc, str) else json.dumps(doc))
     with open(tmp_path / "large.json", "wb") as f:  # sparse: costs no disk
         f.write(b"[")
@@ -204,14 +234,21 @@ def test_score_summary_is_exact_over_several_pieces():
     scores[rng.random(n) < 0.3] = np.nan
     scores[:5] = [0.0, -0.0, np.inf, -np.inf, 7.0]
     scores[10:1000] = 7.0  # duplicates straddle a quantile
-    cases = [scores, np.full(10, np.nan, np.float32), np.array([3.5], np.float32), np.full(7, 2.0, np.float32),
-             rng.lognormal(size=999).astype(np.float32)]
+    cases = [
+        scores,
+        np.full(10, np.nan, np.float32),
+        np.array([3.5], np.float32),
+        np.full(7, 2.0, np.float32),
+        rng.lognormal(size=999).astype(np.float32),
+    ]
     for values in cases:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the summary itself warns of nothing
             got = report.score_summary(values)
         seen = values[~np.isnan(values)].astype(np.float64)
-        assert got["samples"] == len(values) and got["seen"] == seen.size and got["never_seen"] == len(values) - seen.size
+        assert (
+            got["samples"] == len(values) and got["seen"] == seen.size and got["never_seen"] == len(values) - seen.size
+        )
         if not seen.size:
             assert "quantiles" not in got
             continue
@@ -219,7 +256,7 @@ def test_score_summary_is_exact_over_several_pieces():
             expected = np.quantile(seen, report.QUANTILES)
         np.testing.assert_array_equal(list(got["quantiles"].values()), expected)
         with np.errstate(invalid="ignore"):  # inf + -inf
-            blocks = [seen_sum_count(values[b:b + BLOCK])[0] for b in range(0, len(values), BLOCK)]
+            blocks = [seen_sum_count(values[b : b + BLOCK])[0] for b in range(0, len(values), BLOCK)]
         mean = float(np.sum(np.array(blocks))) / seen.size  # planner.plan_epoch's threshold
         assert got["mean"] == mean or np.isnan(mean) and np.isnan(got["mean"])
         assert got["below_mean"] == int(np.count_nonzero(seen < got["mean"]))
@@ -241,7 +278,8 @@ def test_files_of_older_versions_report_what_they_have(saved, tmp_path, capsys):
     assert "trained: not recorded" in out
     summary = json.loads((tmp_path / "sum.json").read_text())
     assert summary["trained"] is None and summary["saved_kept"] == pytest.approx(
-        1 - sum(s["kept"] for s in stats) / (EPOCHS * stats[0]["total"]))
+        1 - sum(s["kept"] for s in stats) / (EPOCHS * stats[0]["total"])
+    )
     partial = [dict(s) for s in stats]
     partial[-1]["trained"] = 5  # a checkpoint taken mid-epoch
     path.write_text(json.dumps({"stats": partial}))

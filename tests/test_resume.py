@@ -7,12 +7,12 @@ import subprocess
 import sys
 import warnings
 
+import _resume_child as child
 import numpy as np
 import pytest
 import webdataset as wds
-
-import _resume_child as child
 from _data import make_index, slot_loss
+
 from infobatch_stream import META_KEY, InfoBatch, SettingsMismatchError
 from infobatch_stream import infobatch as infobatch_module
 from infobatch_stream.infobatch import MID_EPOCH_SETTINGS
@@ -97,8 +97,10 @@ def saved(index):
     return {"boundary": boundary, "partway": partway, "finished": finished, "epoch1": first + rest}
 
 
-@pytest.mark.parametrize("change", [{"seed": 6}, {"remainder": "drop"}, {"prune_ratio": 0.6},
-                                    {"seed": 6, "prune_ratio": 0.6, "num_epochs": 4}])
+@pytest.mark.parametrize(
+    "change",
+    [{"seed": 6}, {"remainder": "drop"}, {"prune_ratio": 0.6}, {"seed": 6, "prune_ratio": 0.6, "num_epochs": 4}],
+)
 def test_mid_epoch_resume_with_other_settings_is_refused(index, saved, change):
     ib = InfoBatch(index, **{**SETTINGS, **change})
     refused = {k: v for k, v in change.items() if k in MID_EPOCH_SETTINGS}
@@ -150,8 +152,11 @@ def test_the_refused_settings_would_train_samples_twice(index, saved, monkeypatc
 def test_other_settings_at_an_epoch_boundary_are_taken_with_a_warning(index, saved, when):
     """Nothing of the saved epoch trained yet, or all of this rank's share: a new seed is safe."""
     ib = InfoBatch(index, **{**SETTINGS, "seed": 6, "num_epochs": 4})
-    with pytest.warns(RuntimeWarning, match=r"keeping this InfoBatch's \(the next epoch planned uses them\): "
-                                            r"num_epochs: saved 3, now 4; seed: saved 5, now 6"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"keeping this InfoBatch's \(the next epoch planned uses them\): "
+        r"num_epochs: saved 3, now 4; seed: saved 5, now 6",
+    ):
         ib.load_state_dict(saved[when]["ib"])
     assert ib.epoch == 1 and not np.isnan(ib.store.scores).all()
     loader = _loader(ib)

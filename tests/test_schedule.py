@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import webdataset as wds
+from _data import make_index, slot_loss
 from torch.utils.data import DataLoader
 
-from _data import make_index, slot_loss
 from infobatch_stream import META_KEY, InfoBatch, ProgressScheduler
 from infobatch_stream.schedule import progress
 

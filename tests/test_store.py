@@ -61,7 +61,9 @@ def test_a_store_larger_than_shared_memory_is_a_clear_error(tmp_path, monkeypatc
 
     from infobatch_stream import shm
 
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tmp_path)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tmp_path)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         monkeypatch.setattr(shm, "shm_dir", lambda: str(tmp_path))

@@ -17,6 +17,18 @@ import pytest
 from _guards import deadline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shards import (
+    HAVE_GNU_TAR,
+    gnu_tar,
+    make_tree,
+    payload,
+    sample_fields,
+    tar_members,
+    wds_samples,
+    write_tar,
+    write_tar_bytes,
+    write_wds_shards,
+)
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from infobatch_stream.tarscan import (
@@ -29,18 +41,6 @@ from infobatch_stream.tarscan import (
     iter_members,
     key_and_suffix,
     scan_shard,
-)
-from shards import (
-    HAVE_GNU_TAR,
-    gnu_tar,
-    make_tree,
-    payload,
-    sample_fields,
-    tar_members,
-    wds_samples,
-    write_tar,
-    write_tar_bytes,
-    write_wds_shards,
 )
 
 needs_gnu_tar = pytest.mark.skipif(not HAVE_GNU_TAR, reason="GNU tar is not installed")
@@ -95,7 +95,7 @@ def assert_members_match_tarfile(members: list[TarMember], raw: bytes) -> None:
         if t.isreg():
             assert m.name == t.name
             assert m.size == t.size
-            assert raw[m.data_offset:m.data_offset + m.size] == tf_extract(raw, t)
+            assert raw[m.data_offset : m.data_offset + m.size] == tf_extract(raw, t)
         else:
             assert m.name.rstrip("/") == t.name.rstrip("/")
 
@@ -113,7 +113,7 @@ def assert_samples_match_wds(s: ShardSamples, raw: bytes, ref: list[dict]) -> No
     for i, r in enumerate(ref):
         fields = {}
         for j in sample_members(s, i, first):
-            fields[s.suffixes[j]] = raw[s.data_offset[j]:s.data_offset[j] + s.size[j]]
+            fields[s.suffixes[j]] = raw[s.data_offset[j] : s.data_offset[j] + s.size[j]]
         assert len(fields) == s.nmembers[i]
         assert fields == sample_fields(r), s.keys[i]
         # the sample's byte range covers exactly its members' headers and padded bodies
@@ -235,8 +235,9 @@ def tree_files(long_names: bool) -> dict[str, bytes]:
 
 
 @needs_gnu_tar
-@pytest.mark.parametrize("fmt,long_names", [("gnu", True), ("posix", True), ("pax", True), ("ustar", False),
-                                            ("v7", None)])
+@pytest.mark.parametrize(
+    "fmt,long_names", [("gnu", True), ("posix", True), ("pax", True), ("ustar", False), ("v7", None)]
+)
 @pytest.mark.parametrize("dot", [False, True], ids=["toplevel-names", "dot-slash-names"])
 def test_gnu_tar_shards(tmp_path, fmt, long_names, dot):
     if long_names is None:  # v7: 99-character names, directories as '\0' entries ending in '/'
@@ -251,7 +252,7 @@ def test_gnu_tar_shards(tmp_path, fmt, long_names, dot):
     keys = s.keys
     # the directory path is part of the key; 'a' comes back after 'a.d/z' as a separate sample
     i = keys.index(prefix + "a")
-    assert keys[i:i + 3] == [prefix + "a", prefix + "a.d/z", prefix + "a"]
+    assert keys[i : i + 3] == [prefix + "a", prefix + "a.d/z", prefix + "a"]
     assert prefix + "sub/dir/c" in keys
     assert prefix + "README" not in keys and not any("LICENSE" in k for k in keys)
     # WebDataset's meta rules only look at names that start with "__": "./__index__/x.json" is a sample
@@ -270,14 +271,15 @@ def test_gnu_tar_shards(tmp_path, fmt, long_names, dot):
     if fmt == "ustar":
         assert any(len(t.name) > 100 for t in info)  # split over prefix + name
     if fmt == "v7":
-        assert all(len(t.name) < 100 and raw[t.offset + 257:t.offset + 262] != b"ustar" for t in info)
+        assert all(len(t.name) < 100 and raw[t.offset + 257 : t.offset + 262] != b"ustar" for t in info)
     j = s.keys.index(prefix + "b")
     first = sum(s.nmembers[:j])
-    assert sorted(s.suffixes[first:first + s.nmembers[j]]) == ["jpg", "json", "txt"]
+    assert sorted(s.suffixes[first : first + s.nmembers[j]]) == ["jpg", "json", "txt"]
 
 
-@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT],
-                         ids=["gnu", "pax", "ustar"])
+@pytest.mark.parametrize(
+    "fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT], ids=["gnu", "pax", "ustar"]
+)
 def test_tarfile_long_names_and_dirs(tmp_path, fmt):
     long_dir = "p" * 60 + "/" + "q" * 60 if fmt == tarfile.USTAR_FORMAT else "p" * 130 + "/" + "q" * 130
     entries = [
@@ -301,10 +303,18 @@ def test_tarfile_long_names_and_dirs(tmp_path, fmt):
 
 def test_nonadjacent_repeats_and_interleaved_non_samples(tmp_path):
     entries = [
-        ("a.jpg", b"1"), ("b.jpg", b"2"), ("a.cls", b"3"),  # a, b, a: three samples
-        ("c.jpg", b"4"), ("dir", None), ("c.cls", b"5"),  # a directory does not split c
-        ("d.jpg", b"6"), ("NOTES", b"x"), ("d.cls", b"7"),  # neither does a keyless file
-        ("e.jpg", b"8"), ("__meta__", b"m"), ("e.cls", b"9"),  # nor a skipped meta file
+        ("a.jpg", b"1"),
+        ("b.jpg", b"2"),
+        ("a.cls", b"3"),  # a, b, a: three samples
+        ("c.jpg", b"4"),
+        ("dir", None),
+        ("c.cls", b"5"),  # a directory does not split c
+        ("d.jpg", b"6"),
+        ("NOTES", b"x"),
+        ("d.cls", b"7"),  # neither does a keyless file
+        ("e.jpg", b"8"),
+        ("__meta__", b"m"),
+        ("e.cls", b"9"),  # nor a skipped meta file
     ]
     path = write_tar(tmp_path / "r.tar", entries)
     s = check_shard(path)
@@ -386,8 +396,11 @@ def test_nti_forms():
     big = 9 * 2**30  # a 9 GiB member
     assert _nti(b"\x80" + big.to_bytes(11, "big"), "x") == big
     assert _nti(b"\xff" * 12, "x") == -1  # negative base-256 (mtimes before 1970)
-    assert _nti(b"\xff" + (256**11 - 5).to_bytes(11, "big"), "x") == -5 == tarfile.nti(
-        b"\xff" + (256**11 - 5).to_bytes(11, "big"))
+    assert (
+        _nti(b"\xff" + (256**11 - 5).to_bytes(11, "big"), "x")
+        == -5
+        == tarfile.nti(b"\xff" + (256**11 - 5).to_bytes(11, "big"))
+    )
     assert _nti(tarfile.itn(-12345, 8, tarfile.GNU_FORMAT), "x") == -12345
     with pytest.raises(TarFormatError, match="shard.tar: header at byte 512: bad numeric field"):
         _nti(b"12x4\0", "shard.tar: header at byte 512")
@@ -396,9 +409,9 @@ def test_nti_forms():
 def rewrite_header(raw: bytearray, offset: int, field: slice, value: bytes, fix_checksum: bool = True) -> None:
     raw[field] = value
     if fix_checksum:
-        header = raw[offset:offset + BLOCK]
+        header = raw[offset : offset + BLOCK]
         header[148:156] = b" " * 8
-        raw[offset + 148:offset + 156] = b"%06o\0 " % sum(header)
+        raw[offset + 148 : offset + 156] = b"%06o\0 " % sum(header)
 
 
 def test_v7_directory_as_regular_entry_with_slash():
@@ -454,8 +467,21 @@ def test_pax_size_overrides_header_size():
 def test_key_and_suffix_is_webdatasets_split():
     from webdataset.tariterators import base_plus_ext
 
-    for name in ["a.jpg", "a.b.c", "dir/a.jpg", "d.x/a.jpg", "d.x/a", "a", ".a", "dir/.a.b", "a.", "a/b/c.d/e.f",
-                 "./a.jpg", "", "x" * 300 + ".y"]:
+    for name in [
+        "a.jpg",
+        "a.b.c",
+        "dir/a.jpg",
+        "d.x/a.jpg",
+        "d.x/a",
+        "a",
+        ".a",
+        "dir/.a.b",
+        "a.",
+        "a/b/c.d/e.f",
+        "./a.jpg",
+        "",
+        "x" * 300 + ".y",
+    ]:
         assert key_and_suffix(name) == base_plus_ext(name), name
 
 
@@ -465,9 +491,12 @@ def test_key_and_suffix_is_webdatasets_split():
 @pytest.fixture
 def shard_with_long_names(tmp_path) -> tuple[str, bytes, list[TarMember]]:
     entries = [
-        ("a.jpg", payload(1500, 1)), ("a.cls", b"1"),
-        ("l" * 150 + ".jpg", payload(900, 2)), ("l" * 150 + ".cls", b"2"),
-        ("c.jpg", payload(3000, 3)), ("c.cls", b"3"),
+        ("a.jpg", payload(1500, 1)),
+        ("a.cls", b"1"),
+        ("l" * 150 + ".jpg", payload(900, 2)),
+        ("l" * 150 + ".cls", b"2"),
+        ("c.jpg", payload(3000, 3)),
+        ("c.cls", b"3"),
     ]
     path = write_tar(tmp_path / "whole.tar", entries, tarfile.GNU_FORMAT)
     raw = open(path, "rb").read()
@@ -515,7 +544,7 @@ def test_truncated_in_or_after_a_long_name(tmp_path, shard_with_long_names):
     _, raw, members = shard_with_long_names
     long_member = next(m for m in members if m.name.startswith("lll"))
     entry = long_member.header_offset  # the 'L' record
-    assert raw[entry + 156:entry + 157] == b"L"
+    assert raw[entry + 156 : entry + 157] == b"L"
     with pytest.raises(TarFormatError, match=rf"cut-{entry + 600}\.tar.*GNU long name.*byte {entry + BLOCK}"):
         scan_file_prefix(tmp_path, raw, entry + 600)
     # cut right after the long-name record: it names a member that is not there
@@ -532,8 +561,8 @@ def test_truncated_in_or_after_a_long_name(tmp_path, shard_with_long_names):
 def test_cut_at_a_member_boundary_gives_the_members_before_it(tmp_path, shard_with_long_names):
     _, raw, members = shard_with_long_names
     for i, m in enumerate(members):
-        assert members_of(raw[:m.end]) == members[:i + 1]
-        assert list(iter_members(NonSeekable(raw[:m.end]), "s")) == members[:i + 1]
+        assert members_of(raw[: m.end]) == members[: i + 1]
+        assert list(iter_members(NonSeekable(raw[: m.end]), "s")) == members[: i + 1]
 
 
 def test_bad_checksum(tmp_path, shard_with_long_names):
@@ -578,9 +607,15 @@ def pax_shard(record: bytes) -> bytes:
     ext.size = len(record)
     member = tarfile.TarInfo("a.jpg")
     member.size = 3
-    return (ext.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + record + b"\0" * (BLOCK - len(record))
-            + member.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + b"abc" + b"\0" * (BLOCK - 3)
-            + b"\0" * (2 * BLOCK))
+    return (
+        ext.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        + record
+        + b"\0" * (BLOCK - len(record))
+        + member.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        + b"abc"
+        + b"\0" * (BLOCK - 3)
+        + b"\0" * (2 * BLOCK)
+    )
 
 
 def test_pax_records_are_parsed():
@@ -594,8 +629,9 @@ def test_pax_records_are_parsed():
     assert_members_match_tarfile(members, raw)
 
 
-@pytest.mark.parametrize("record", [b"0 path=x\n", b"-9 path=x\n", b"3 path=x\n", b"99 path=x\n",
-                                    b"x path=x\n", b"nospace"])
+@pytest.mark.parametrize(
+    "record", [b"0 path=x\n", b"-9 path=x\n", b"3 path=x\n", b"99 path=x\n", b"x path=x\n", b"nospace"]
+)
 def test_malformed_pax_records_raise(record):
     with fails_instead_of_hanging():
         with pytest.raises(TarFormatError, match=r"pax\.tar: header at byte 0: malformed PAX"):
@@ -607,7 +643,7 @@ def test_negative_base256_size_raises(size):
     raw = bytearray(write_tar_bytes([("a.jpg", payload(600)), ("b.jpg", payload(600))]))
     second = 1536
     rewrite_header(raw, second, slice(second + 124, second + 136), tarfile.itn(size, 12, tarfile.GNU_FORMAT))
-    assert tarfile.nti(bytes(raw[second + 124:second + 136])) == size
+    assert tarfile.nti(bytes(raw[second + 124 : second + 136])) == size
     for stream in (io.BytesIO(bytes(raw)), NonSeekable(bytes(raw))):
         with fails_instead_of_hanging():
             with pytest.raises(TarFormatError, match=rf"neg\.tar: header at byte {second}: negative size"):
@@ -643,8 +679,11 @@ def test_sparse_members_are_refused(tmp_path, fmt):
         f.seek(3 << 20)
         f.write(b"data after a hole")
     out = str(tmp_path / f"sparse-{fmt}.tar")
-    subprocess.run(["tar", "--sparse", f"--format={fmt}", "-C", str(root), "-cf", out, "a.bin", "a.cls"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["tar", "--sparse", f"--format={fmt}", "-C", str(root), "-cf", out, "a.bin", "a.cls"],
+        check=True,
+        capture_output=True,
+    )
     if not any(t.issparse() for t in tar_members(out)):
         pytest.skip("this file system does not keep holes, so tar stored a plain file")
     # WebDataset would expand the holes; the scanner cannot give offsets for that: refuse loudly
@@ -660,17 +699,23 @@ def test_sparse_members_are_refused(tmp_path, fmt):
 END = b"\0" * (2 * BLOCK)
 
 
-def header(name: bytes, typ: bytes = b"0", size: int = 0, prefix: bytes = b"", magic: bytes = b"ustar\x0000",
-           mode: bytes = b"0000644\0") -> bytes:
+def header(
+    name: bytes,
+    typ: bytes = b"0",
+    size: int = 0,
+    prefix: bytes = b"",
+    magic: bytes = b"ustar\x0000",
+    mode: bytes = b"0000644\0",
+) -> bytes:
     """One ustar header with a valid checksum."""
     block = bytearray(BLOCK)
-    block[0:len(name)] = name
+    block[0 : len(name)] = name
     block[100:108] = mode
     block[124:136] = b"%011o\0" % size
     block[136:148] = b"%011o\0" % 1_700_000_000
     block[156:157] = typ
     block[257:265] = magic
-    block[345:345 + len(prefix)] = prefix
+    block[345 : 345 + len(prefix)] = prefix
     block[148:156] = b" " * 8
     block[148:156] = b"%06o\0 " % sum(block)
     return bytes(block)
@@ -712,7 +757,7 @@ def test_an_overwritten_long_name_end_reads_as_tarfile():
     reads the name up to the first NUL of the whole padded block, not of its declared size."""
     raw = bytearray(write_tar_bytes([("dd", None)] * 9 + [("d/sub/" + "k" * 122 + ".jpg", b"")], tarfile.GNU_FORMAT))
     g = raw.index(b".jpg\0") + 3
-    raw[g:g + 3] = b"\x01\x01\x01"  # 'g', the NUL that ends the declared 133 bytes, and a padding byte
+    raw[g : g + 3] = b"\x01\x01\x01"  # 'g', the NUL that ends the declared 133 bytes, and a padding byte
     raw = bytes(raw)
     members = assert_reads_as_tarfile(raw)
     assert members[-1].name == "d/sub/" + "k" * 122 + ".jp\x01\x01\x01"
@@ -745,24 +790,32 @@ def test_pax_paths_and_records_in_the_padding():
         members_of(junk + entry(b"x.cls", b"1") + END)  # tarfile ignores it; refusing is the clear answer
 
 
-@pytest.mark.parametrize("block,name,typ", [
-    (header(b"a.jpg", prefix=b"p", magic=b"ustar  \0"), "p/a.jpg", b"0"),  # no magic test: a GNU header too
-    (header(b"", typ=b"\0", prefix=b"p.jpg"), "p.jpg/", b"\0"),  # the V7 rule sees the name field only
-    (header(b"a/", typ=b"\0", prefix=b"p"), "p/a", b"5"),
-    (header(b"a//", typ=b"5", prefix=b"p"), "p/a", b"5"),
-    (header(b"a.jpg", typ=b"\0", prefix=b"p" * 155), "p" * 155 + "/a.jpg", b"\0"),  # unterminated prefix
-    (header(b"n" * 100, prefix=b"p"), "p/" + "n" * 100, b"0"),  # unterminated name
-], ids=["gnu-magic", "v7-empty-name", "v7-dir", "dir-slashes", "long-prefix", "long-name"])
+@pytest.mark.parametrize(
+    "block,name,typ",
+    [
+        (header(b"a.jpg", prefix=b"p", magic=b"ustar  \0"), "p/a.jpg", b"0"),  # no magic test: a GNU header too
+        (header(b"", typ=b"\0", prefix=b"p.jpg"), "p.jpg/", b"\0"),  # the V7 rule sees the name field only
+        (header(b"a/", typ=b"\0", prefix=b"p"), "p/a", b"5"),
+        (header(b"a//", typ=b"5", prefix=b"p"), "p/a", b"5"),
+        (header(b"a.jpg", typ=b"\0", prefix=b"p" * 155), "p" * 155 + "/a.jpg", b"\0"),  # unterminated prefix
+        (header(b"n" * 100, prefix=b"p"), "p/" + "n" * 100, b"0"),  # unterminated name
+    ],
+    ids=["gnu-magic", "v7-empty-name", "v7-dir", "dir-slashes", "long-prefix", "long-name"],
+)
 def test_name_and_prefix_fields(block, name, typ):
     members = assert_reads_as_tarfile(block + entry(b"z.cls", b"1") + END)
     assert (members[0].name, members[0].type) == (name, typ)
 
 
-@pytest.mark.parametrize("field,value", [
-    (slice(124, 136), b"\xd9\xa3" + b"\0" * 10),  # U+0663, a digit to int() but not to tarfile
-    (slice(100, 108), b"0009999\0"),  # mode: not octal
-    (slice(136, 148), b"1x" + b"\0" * 10),  # mtime
-], ids=["size", "mode", "mtime"])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        (slice(124, 136), b"\xd9\xa3" + b"\0" * 10),  # U+0663, a digit to int() but not to tarfile
+        (slice(100, 108), b"0009999\0"),  # mode: not octal
+        (slice(136, 148), b"1x" + b"\0" * 10),  # mtime
+    ],
+    ids=["size", "mode", "mtime"],
+)
 def test_a_field_tarfile_refuses_ends_the_scan_with_an_error(field, value):
     raw = bytearray(write_tar_bytes([("a.jpg", b"1"), ("b.jpg", b"2")], tarfile.GNU_FORMAT))
     rewrite_header(raw, BLOCK * 2, slice(BLOCK * 2 + field.start, BLOCK * 2 + field.stop), value)
@@ -865,9 +918,11 @@ def test_random_truncation_raises_or_gives_a_prefix(layout, where):
         expected = full  # only end-of-archive padding was lost
     else:
         expected = "error"
-    for name, open_ in [("seekable+size", lambda: (io.BytesIO(data), len(data))),
-                        ("seekable", lambda: (io.BytesIO(data), None)),
-                        ("stream", lambda: (NonSeekable(data, chunk=300), None))]:
+    for name, open_ in [
+        ("seekable+size", lambda: (io.BytesIO(data), len(data))),
+        ("seekable", lambda: (io.BytesIO(data), None)),
+        ("stream", lambda: (NonSeekable(data, chunk=300), None)),
+    ]:
         fileobj, size = open_()
         try:
             got = list(iter_members(fileobj, "cut.tar", filesize=size))

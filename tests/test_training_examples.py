@@ -53,8 +53,9 @@ def test_noisy_loss_examples_train_and_prune(data, name):
 def test_any_shards_with_the_same_fields(data, tmp_path):
     shards = os.path.join(data, "digits-{000..007}.tar")
     test = glob.glob(os.path.join(data, "test", "*.tar"))[0]
-    summary = run("classify", "--shards", shards, "--test-shards", test, "--out", str(tmp_path), "--epochs", "2",
-                  "--workers", "0")
+    summary = run(
+        "classify", "--shards", shards, "--test-shards", test, "--out", str(tmp_path), "--epochs", "2", "--workers", "0"
+    )
     assert summary["samples"] == summary["full_samples"]  # epoch 1 of 2 prunes nothing (delta 0.875)
     with pytest.raises(SystemExit):
         run("classify", "--shards", shards)  # a metric needs held-out shards
@@ -83,8 +84,10 @@ def test_bad_arguments_are_refused_up_front(data, tmp_path):
         json.dump({"example": "classify", "epochs": [{"samples": 1}] * 2, "config": {"out": data, "shards": None}}, f)
     parse = lambda *argv: common.parse(classify.EXAMPLE, classify.__doc__, list(argv))  # noqa: E731
     assert parse("--out", data, "--epochs", "2", "--arm", "random", "--match", summary).counts == [1, 1]
-    for argv in (["--epochs", "3", "--arm", "random", "--match", summary],  # matched run has 2 epochs
-                 ["--epochs", "2", "--arm", "random", "--match", summary, "--out", str(tmp_path)],  # other data
-                 ["--normalized-score"]):  # no noise level in classification
+    for argv in (
+        ["--epochs", "3", "--arm", "random", "--match", summary],  # matched run has 2 epochs
+        ["--epochs", "2", "--arm", "random", "--match", summary, "--out", str(tmp_path)],  # other data
+        ["--normalized-score"],
+    ):  # no noise level in classification
         with pytest.raises(SystemExit):
             parse(*(["--out", data] if "--out" not in argv else []), *argv)

@@ -28,19 +28,61 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["ObjectInfo", "Backend", "StorageError", "RangeNotSupported", "backend_for", "is_local", "local_path",
-           "identity", "expand_listing", "uses_obstore", "REMOTE_EXTRA"]
+from ..errors import RangeNotSupported, StorageError  # noqa: F401 - re-exported for the backends
+
+__all__ = [
+    "ObjectInfo",
+    "Backend",
+    "StorageError",
+    "RangeNotSupported",
+    "backend_for",
+    "is_local",
+    "local_path",
+    "identity",
+    "expand_listing",
+    "uses_obstore",
+    "REMOTE_EXTRA",
+]
 
 REMOTE_EXTRA = "pip install 'infobatch-stream[remote]'"
-from ..errors import RangeNotSupported, StorageError  # noqa: F401 - re-exported for the backends
 
 _OBJECT_STORE_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "azure", "adl"}
 # query parameters of presigned URLs: they change at every signing, the object does not
-_SIGNATURE_PARAMS = {"x-amz-signature", "x-amz-credential", "x-amz-date", "x-amz-expires", "x-amz-security-token",
-                     "x-amz-algorithm", "x-amz-signedheaders", "x-goog-signature", "x-goog-credential", "x-goog-date",
-                     "x-goog-expires", "x-goog-algorithm", "x-goog-signedheaders", "signature", "expires",
-                     "googleaccessid", "awsaccesskeyid", "sig", "se", "st", "sp", "sv", "sr", "skoid", "sktid", "skt",
-                     "ske", "sks", "skv", "spr", "token", "policy", "key-pair-id"}
+_SIGNATURE_PARAMS = {
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-date",
+    "x-amz-expires",
+    "x-amz-security-token",
+    "x-amz-algorithm",
+    "x-amz-signedheaders",
+    "x-goog-signature",
+    "x-goog-credential",
+    "x-goog-date",
+    "x-goog-expires",
+    "x-goog-algorithm",
+    "x-goog-signedheaders",
+    "signature",
+    "expires",
+    "googleaccessid",
+    "awsaccesskeyid",
+    "sig",
+    "se",
+    "st",
+    "sp",
+    "sv",
+    "sr",
+    "skoid",
+    "sktid",
+    "skt",
+    "ske",
+    "sks",
+    "skv",
+    "spr",
+    "token",
+    "policy",
+    "key-pair-id",
+}
 
 
 @dataclass(frozen=True)
@@ -98,9 +140,9 @@ def runs_command(url: str) -> bool:
 def local_path(url: str) -> str:
     """The file path of a local URL (``file://`` and ``file:`` stripped)."""
     if url.startswith("file://"):
-        return url[len("file://"):]
+        return url[len("file://") :]
     if url.startswith("file:"):
-        return url[len("file:"):]
+        return url[len("file:") :]
     return url
 
 

@@ -13,9 +13,19 @@ from typing import Any, BinaryIO
 from . import REMOTE_EXTRA, ObjectInfo, StorageError
 
 log = logging.getLogger(__name__)
-_PROTOCOL_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
-                      "abfss": "adlfs", "azure": "adlfs", "hf": "huggingface_hub", "http": "aiohttp",
-                      "https": "aiohttp"}
+_PROTOCOL_PACKAGES = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "abfss": "adlfs",
+    "azure": "adlfs",
+    "hf": "huggingface_hub",
+    "http": "aiohttp",
+    "https": "aiohttp",
+}
 
 
 def _filesystem(url: str) -> tuple[Any, str]:
@@ -30,8 +40,10 @@ def _filesystem(url: str) -> tuple[Any, str]:
         package = _PROTOCOL_PACKAGES.get(protocol, f"the fsspec implementation of {protocol}://")
         raise StorageError(f"{url}: reading {protocol}:// needs {package} ({exc}); pip install {package}") from None
     except ValueError as exc:
-        raise StorageError(f"{url}: no backend reads this URL ({exc}); supported: local paths, s3://, gs://, az://, "
-                           "http(s)://, pipe:, and any protocol an installed fsspec implementation registers") from None
+        raise StorageError(
+            f"{url}: no backend reads this URL ({exc}); supported: local paths, s3://, gs://, az://, "
+            "http(s)://, pipe:, and any protocol an installed fsspec implementation registers"
+        ) from None
     return fs, path
 
 
@@ -68,8 +80,10 @@ class FsspecBackend:
         except OSError as exc:
             raise StorageError(f"{url}: bytes {start}-{end - 1}: {exc}") from None
         if len(data) != end - start:
-            raise StorageError(f"shard {url}: asked for bytes {start}-{end - 1}, got {len(data)} bytes; the shard "
-                               "changed since it was indexed (re-index it) or the server ignores Range requests")
+            raise StorageError(
+                f"shard {url}: asked for bytes {start}-{end - 1}, got {len(data)} bytes; the shard "
+                "changed since it was indexed (re-index it) or the server ignores Range requests"
+            )
         return bytes(data), ObjectInfo(size)
 
     def stream(self, url: str) -> tuple[BinaryIO, ObjectInfo | None]:

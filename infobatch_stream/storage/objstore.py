@@ -15,10 +15,10 @@ served by the fsspec backend instead, with a warning, or gets an error that says
 from __future__ import annotations
 
 import io
-from datetime import timedelta
 import logging
 import os
 import warnings
+from datetime import timedelta
 from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
@@ -66,25 +66,24 @@ def _split(url: str) -> tuple[str, str, str]:
 def _make_store(scheme: str, netloc: str) -> Any:
     from obstore.store import HTTPStore, from_url
 
-    options = dict(CLIENT_OPTIONS)
+    options: dict[str, Any] = dict(CLIENT_OPTIONS)
     if scheme in ("http", "https"):
         options["allow_http"] = scheme == "http"
-        return HTTPStore.from_url(f"{scheme}://{netloc}", client_options=options, retry_config=RETRY)
+        return HTTPStore.from_url(f"{scheme}://{netloc}", client_options=options, retry_config=RETRY)  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     if scheme in ("s3", "s3a"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
         if endpoint.startswith("http://"):  # the user pointed us at a plain-HTTP endpoint (MinIO, moto)
             options["allow_http"] = True
         if os.environ.get("AWS_PROFILE") and not os.environ.get("AWS_ACCESS_KEY_ID"):
-            from obstore.auth.boto3 import Boto3CredentialProvider
-
             import boto3
+            from obstore.auth.boto3 import Boto3CredentialProvider
 
             kwargs["credential_provider"] = Boto3CredentialProvider(boto3.Session())
             region = boto3.Session().region_name
             if region and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
                 kwargs["region"] = region
-    return from_url(f"{scheme}://{netloc}", client_options=options, retry_config=RETRY, **kwargs)
+    return from_url(f"{scheme}://{netloc}", client_options=options, retry_config=RETRY, **kwargs)  # type: ignore[call-overload]
 
 
 def _store(url: str) -> tuple[Any, str]:
@@ -99,8 +98,9 @@ def _store(url: str) -> tuple[Any, str]:
         except ImportError as exc:
             raise StorageError(f"{url}: {exc}; AWS_PROFILE is resolved through boto3: pip install boto3") from None
         except Exception as exc:  # noqa: BLE001 - a bad setting: name the URL
-            raise StorageError(f"{url}: cannot configure the client ({exc}); check the endpoint and credential "
-                               "settings") from None
+            raise StorageError(
+                f"{url}: cannot configure the client ({exc}); check the endpoint and credential settings"
+            ) from None
         _stores[key] = store
         _used_in = os.getpid()
     return store, path
@@ -121,8 +121,10 @@ def _translate(url: str, exc: Exception) -> Exception:
     if isinstance(exc, ox.NotSupportedError) and "Range" in str(exc):
         return RangeNotSupported(f"{url}: the server ignores Range requests; the shard is read as a stream")
     if isinstance(exc, (ox.PermissionDeniedError, ox.UnauthenticatedError)):
-        return StorageError(f"{url}: access denied ({first}); check the credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE, "
-                            "GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY, ...) and the endpoint")
+        return StorageError(
+            f"{url}: access denied ({first}); check the credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE, "
+            "GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY, ...) and the endpoint"
+        )
     return StorageError(f"{url}: {first}")
 
 
@@ -137,9 +139,11 @@ class ObjectStoreBackend:
         if self._fallback is None:
             from .fsspec_backend import FsspecBackend
 
-            message = ("this process was forked after its parent read shards through obstore, whose threads do not "
-                       "survive fork(); reading through fsspec instead. Faster: DataLoader(..., "
-                       "multiprocessing_context='forkserver') or 'spawn'")
+            message = (
+                "this process was forked after its parent read shards through obstore, whose threads do not "
+                "survive fork(); reading through fsspec instead. Faster: DataLoader(..., "
+                "multiprocessing_context='forkserver') or 'spawn'"
+            )
             log.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             self._fallback = FsspecBackend(after_fork_of=url)
@@ -156,8 +160,10 @@ class ObjectStoreBackend:
             for chunk in result.stream(min_chunk_size=max(want, 1 << 16)):
                 got += len(chunk)
                 if got > want:  # never hold more than was asked for, whatever the server sends
-                    raise StorageError(f"{url}: asked for bytes {start}-{end - 1}, the server sent more; "
-                                       "it is not a conforming object store")
+                    raise StorageError(
+                        f"{url}: asked for bytes {start}-{end - 1}, the server sent more; "
+                        "it is not a conforming object store"
+                    )
                 chunks.append(chunk)
             meta = result.meta
         except (StorageError, FileNotFoundError):
@@ -167,8 +173,10 @@ class ObjectStoreBackend:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         info = _info(meta)
         if len(data) != want:
-            raise StorageError(f"shard {url} ended at byte {start + len(data)} ({info.size} bytes), the index expects "
-                               f"{end}; re-index it")
+            raise StorageError(
+                f"shard {url} ended at byte {start + len(data)} ({info.size} bytes), the index expects "
+                f"{end}; re-index it"
+            )
         return bytes(data), info
 
     def stream(self, url: str) -> tuple[BinaryIO, ObjectInfo | None]:
@@ -177,7 +185,7 @@ class ObjectStoreBackend:
         store, path = _store(url)
         try:
             result = _obstore().get(store, path)
-            return _ChunkStream(result.stream(min_chunk_size=1 << 20), url), _info(result.meta)
+            return _ChunkStream(result.stream(min_chunk_size=1 << 20), url), _info(result.meta)  # type: ignore[return-value]
         except Exception as exc:  # noqa: BLE001 - translated
             raise _translate(url, exc) from None
 
@@ -217,7 +225,7 @@ class _ChunkStream(io.RawIOBase):
 
     def readinto(self, b: Any) -> int:
         data = self.read(len(b))
-        b[:len(data)] = data
+        b[: len(data)] = data
         return len(data)
 
 
@@ -226,9 +234,9 @@ def list_prefix(pattern: str) -> list[str]:
     scheme, netloc, path = _split(pattern)
     cut = min(i for i, c in enumerate(path) if c in "*?[")
     prefix = path[:cut]
-    folder = prefix[:prefix.rfind("/") + 1] if "/" in prefix else ""
+    folder = prefix[: prefix.rfind("/") + 1] if "/" in prefix else ""
     store, _ = _store(pattern)
-    out = []
+    out: list[str] = []
     try:
         for batch in _obstore().list(store, prefix=folder or None):
             out.extend(f"{scheme}://{netloc}/{meta['path']}" for meta in batch)
