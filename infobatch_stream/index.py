@@ -146,6 +146,7 @@ class DatasetIndex:
         self._keys_cache: tuple[int, list[str]] | None = None
         self._checked: set[int] = set()  # shards whose rows this process has checked
         self._changed: str | None = None  # why the arrays reopened by a worker are not these
+        self._files: dict[str, os.stat_result] = {}  # the mapped array files as they were when opened
         if self._arrays is not None and set(indexcheck.DTYPES) <= set(self._arrays):
             # (an index made in memory without the per-sample arrays, e.g. for planning benchmarks, can plan
             # but not read)
@@ -186,6 +187,7 @@ class DatasetIndex:
             return
         if self._changed:
             raise IndexMismatchError(self._changed)
+        self._check_files()
         lo, hi = self.slots(shard)
         info = self.shards[shard]
         where = f"{self.path or '<memory>'} (shard {info.url})"
@@ -199,6 +201,21 @@ class DatasetIndex:
                 "rebuild it with `infobatch-stream index`"
             )
         self._checked.add(shard)
+
+    def _check_files(self) -> None:
+        """The mapped array files must be the ones opened: one rewritten in place (``cp``,
+        ``np.save`` over it) can be shorter now, and touching its pages would kill the process
+        with SIGBUS. Checked when a shard is first used; write new indexes to a new path."""
+        for file, was in self._files.items():
+            try:
+                now = os.stat(file)
+            except OSError:
+                now = None
+            if now is None or (now.st_ino, now.st_size, now.st_mtime_ns) != (was.st_ino, was.st_size, was.st_mtime_ns):
+                raise IndexMismatchError(
+                    f"index {self.path}: array file {file} changed after the index was opened (overwritten in "
+                    "place?); restart the run, and write new indexes to a new path"
+                )
 
     def keys(self, shard: int) -> list[str]:
         """The sample keys of one shard, in tar order (cached for the last shard asked)."""
@@ -415,7 +432,7 @@ class DatasetIndex:
                 arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
             except FileNotFoundError:
                 raise IndexMismatchError(f"index {path}: missing array file {file}; rebuild the index") from None
-            except (ValueError, OSError, EOFError) as e:
+            except Exception as e:  # noqa: BLE001 - numpy's header parser raises many kinds (TokenError, ...)
                 raise IndexMismatchError(
                     f"index {path}: array file {file} is damaged ({e}); rebuild the index"
                 ) from None
@@ -423,10 +440,12 @@ class DatasetIndex:
         if (
             not isinstance(suffixes, list)
             or not all(isinstance(x, str) for x in suffixes)
-            or not (fingerprint is None or isinstance(fingerprint, str) and len(fingerprint) >= 8)
+            or not (fingerprint is None or isinstance(fingerprint, str) and _is_hex(fingerprint))
         ):
             raise IndexMismatchError(f"index {path}: damaged suffix list or fingerprint; rebuild the index")
-        return cls(shards, arrays, suffixes, path=path, fingerprint=fingerprint)
+        index = cls(shards, arrays, suffixes, path=path, fingerprint=fingerprint)
+        index._files = {os.path.join(sidecar, f"{n}.npy"): os.stat(os.path.join(sidecar, f"{n}.npy")) for n in _ARRAYS}
+        return index
 
     def __getstate__(self) -> dict:
         # Workers reopen a saved index by path instead of receiving its arrays through a pipe.
@@ -440,7 +459,7 @@ class DatasetIndex:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._checked, self._changed = set(), None
+        self._checked, self._changed, self._files = set(), None, {}
         if self._arrays is None:
             # the shard list travels in the state (already accepted by whoever loaded it); the
             # arrays are reopened by path, so they must still be the ones it describes
@@ -453,7 +472,11 @@ class DatasetIndex:
                     "run is going?): a loader worker would read other samples than the plan; restart "
                     "the run, or write new indexes to a new path"
                 )
-            self._arrays = reopened._arrays
+            self._arrays, self._files = reopened._arrays, reopened._files
+
+
+def _is_hex(text: str) -> bool:
+    return 8 <= len(text) <= 128 and all(c in "0123456789abcdef" for c in text)
 
 
 def _shard_list(doc: dict, path: str) -> tuple[list[ShardInfo], list[str]]:
@@ -474,11 +497,11 @@ def _shard_list(doc: dict, path: str) -> tuple[list[ShardInfo], list[str]]:
                 not isinstance(url, str)
                 or type(nsamples) is not int
                 or type(filesize) is not int
-                or nsamples < 0
-                or filesize < 0
+                or not 0 <= nsamples < 1 << 40
+                or not 0 <= filesize < 1 << 62
                 or not (mtime is None or isinstance(mtime, (int, float)))
                 or not (etag is None or isinstance(etag, str))
-                or not (crc is None or type(crc) is int)
+                or not (crc is None or type(crc) is int and 0 <= crc < 1 << 32)
                 or compression not in (None, "gzip", "bz2", "xz")
             ):
                 raise TypeError
@@ -487,12 +510,26 @@ def _shard_list(doc: dict, path: str) -> tuple[list[ShardInfo], list[str]]:
                 f"index {path}: shard entry {i} is damaged ({str(entry)[:200]}); rebuild the "
                 "index with `infobatch-stream index`"
             ) from None
+        if len(url) > 8192 or "\0" in url:
+            raise IndexMismatchError(f"index {path}: shard entry {i} has an impossible URL {url[:80]!r}; rebuild it")
         written.append(url)
         local = _strip_file_scheme(url)
         if _is_local(local) and not os.path.isabs(local):
             url = os.path.normpath(os.path.join(base, local))
         shards.append(
             ShardInfo(url, nsamples, filesize, mtime, etag, compression, entry.get("ranges", True) is not False, crc)
+        )
+    with_crc = sum(s.crc is not None for s in shards)
+    if 0 < with_crc < len(shards):  # a CRC removed from some entries would switch their check off
+        raise IndexMismatchError(
+            f"index {path}: only {with_crc} of {len(shards)} shard entries have a checksum; "
+            "the index is damaged: rebuild it with `infobatch-stream index`"
+        )
+    if shards and not with_crc:
+        log.warning(
+            "index %s has no checksums (built by an earlier version): its rows get structural checks "
+            "only; rebuild it with `infobatch-stream index` to have them verified",
+            path,
         )
     return shards, written
 

@@ -103,6 +103,8 @@ def check_shard(
             problem = "a member lies outside its sample's bytes"
         elif np.any(offset[1:] < offset[:-1] + padded[:-1]):
             problem = "its members overlap or are out of order"
+        elif np.any((offset + padded)[mf[1:] - m0 - 1] != end):
+            problem = "a sample does not end where its last member does"
         elif np.any((suffix < 0) | (suffix >= num_suffixes)):
             problem = "a member has an unknown suffix id"
     if problem is not None:

@@ -40,7 +40,7 @@ import numpy as np
 from webdataset.handlers import reraise_exception
 
 from . import verify
-from .errors import StaleIndexError, handle
+from .errors import ShardAssignmentError, StaleIndexError, handle
 from .index import ShardInfo
 from .meta import META_KEY, make_meta
 from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT, ReadAhead
@@ -582,8 +582,11 @@ def _requests_from(src: Iterable[dict[str, Any]], ib: InfoBatch, done: list[bool
             if not isinstance(item, dict) or "url" not in item:
                 raise ValueError(f"ib.tarfile_to_samples() needs shard items like {{'url': ...}}, got {item!r}")
             shard = item[SHARD_KEY] if SHARD_KEY in item else ib.index.shard_of_url(url)
-            if announced.started_since(mark):
-                announced.pop(ib.index.shard_of_url(url))  # keyed as ib.shards() announced it
+            if announced.started_since(mark) and announced.pop(ib.index.shard_of_url(url)) is None:
+                raise ShardAssignmentError(  # keyed as ib.shards() announced it
+                    f"shard {url} reached ib.tarfile_to_samples() but ib.shards() did not hand it to this worker (or "
+                    "not again): a stage between them added or repeated shards; remove it"
+                )
             yield ShardRequest(url, shard, item.get(PART_KEY))
         except Exception as exn:  # noqa: BLE001 - reported in order, through the handler
             yield ShardRequest(url, error=exn)

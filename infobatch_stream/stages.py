@@ -130,7 +130,7 @@ class ShardSource(IterableDataset):
         account_empty(ib, parts)
         index = ib.index
         urls = index.urls
-        finished = False
+        finished, mine = False, announced.passes
         try:
             for part in parts:
                 if part.first == part.stop:
@@ -140,7 +140,7 @@ class ShardSource(IterableDataset):
                 yield {"url": url, PART_KEY: (part.first, part.stop), SHARD_KEY: part.shard}
             finished = True
         finally:
-            if not finished:  # the pass was abandoned or failed: a later pass of another source owes it nothing
+            if not finished and announced.passes == mine:  # abandoned or failed, and no later pass began since
                 announced.clear()
 
 
@@ -202,7 +202,7 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: InfoBatch) -> Iterator[dic
             shard = index.shard_of_url(url)
             part = announced.pop(shard) if announced.started_since(mark) else None
             if part is None and announced.started_since(mark):
-                raise ValueError(
+                raise ShardAssignmentError(
                     f"shard {url} reached ib.filter() but ib.shards() did not hand it to this worker: a stage "
                     "between them added or repeated shards; put ib.filter() right after tarfile_to_samples()"
                 )

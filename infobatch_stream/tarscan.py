@@ -33,6 +33,7 @@ _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _GNU_TYPES = {b"L", b"K", b"S"}  # tarfile puts no ustar prefix in front of these
 _EXTENDED = {b"L", b"K", b"x", b"X", b"g"}  # headers that describe the next one
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")  # tarfile's own record pattern
+_RESERVED_SUFFIXES = {"__key__", "__url__", "__ib__"}  # fields the readers set themselves
 MAX_EXTENDED = 16 << 20  # a long name or PAX header larger than this is damage, not metadata
 _OTHER_NUMBERS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))  # mode ... devminor
 
@@ -421,6 +422,11 @@ def group_samples(members: Iterator[TarMember], shard: str) -> ShardSamples:
         if key is None or suffix is None:
             continue
         suffix = suffix.lower()
+        if suffix in _RESERVED_SUFFIXES:
+            raise TarFormatError(
+                f"{shard}: member {member.name!r} at byte {member.header_offset} would overwrite the sample's "
+                f"{suffix!r} field; rename it or rewrite the shard"
+            )
         if key != current:
             out.keys.append(key)
             out.start.append(member.header_offset)
@@ -534,7 +540,7 @@ def _read_full(raw: BinaryIO, n: int) -> bytes:
     """Read ``n`` bytes or up to the end: pipes, sockets and HTTP bodies return short reads."""
     parts, got = [], 0
     while got < n:
-        chunk = raw.read(n - got)
+        chunk = raw.read(min(n - got, 1 << 20))  # memory grows with what arrives, not with what was asked
         if not chunk:
             break
         parts.append(chunk)

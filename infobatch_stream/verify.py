@@ -27,8 +27,9 @@ from .tarscan import BLOCK, belongs_to_sample, iter_members, key_and_suffix
 
 NAME = 100
 _FIELDS = np.concatenate((np.arange(124, 136), np.arange(148, 156), [156, 345]))  # size, checksum, type, prefix
-_EXTENDED_TYPES = np.frombuffer(b"LKxXg", dtype=np.uint8)
 _USTAR = np.frombuffer(b"ustar", dtype=np.uint8)  # POSIX and GNU magic alike
+_HARMLESS = [np.frombuffer(k, dtype=np.uint8) for k in (b"mtime=", b"atime=", b"ctime=")]
+_MAX_RECORDS = 3  # GNU tar --format=posix writes mtime, atime and ctime; wds.ShardWriter mtime alone
 
 
 def _fixed_octal(columns: np.ndarray, digits: int, tail: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -61,6 +62,36 @@ def _header_columns(buf: bytes, positions: np.ndarray, width: int) -> tuple[np.n
     headers = data[: len(data) // BLOCK * BLOCK].reshape(-1, BLOCK)[positions // BLOCK]
     picked = np.concatenate((np.arange(width), _FIELDS))
     return headers.sum(axis=1, dtype=np.uint32), np.take(headers, picked, axis=1).T.copy()  # take: 5x faster here
+
+
+def _plain_pax(buf: bytes, entry: np.ndarray, header: np.ndarray) -> np.ndarray:
+    """Which extended entries are one valid ``x`` header whose records only set times
+    (``NN mtime=...\\n``, up to three of them): such records cannot rename or resize the member,
+    so its own header says all. Anything else (long names, ``path``/``size`` records, chains of
+    several headers) goes to the exact parser, which applies them as tarfile does."""
+    data = np.frombuffer(buf, dtype=np.uint8)
+    ok = (header - entry == 2 * BLOCK) & (data[entry + 156] == ord("x"))
+    ok &= np.all(data[entry[:, None] + np.arange(257, 262)] == _USTAR, axis=1)
+    size, plain = _fixed_octal(data[entry[None, :] + np.arange(124, 136)[:, None]], 11, b"\0")
+    ok &= plain & (size > 0) & (size <= BLOCK)  # (its checksum is not needed: every byte that matters is checked)
+    at = np.where(ok, entry + BLOCK, 0)  # where the records start
+    pos = np.zeros(len(entry), dtype=np.int64)
+    done = np.zeros(len(entry), dtype=bool)
+    for _ in range(_MAX_RECORDS):
+        live = ok & ~done
+        if not live.any():
+            break
+        tens, ones = data[at + pos] - np.uint8(48), data[at + pos + 1] - np.uint8(48)
+        length = tens.astype(np.int64) * 10 + ones
+        good = (tens < 10) & (ones < 10) & (data[at + pos + 2] == ord(" ")) & (length >= 10)
+        good &= pos + length <= size
+        key = data[at[:, None] + pos[:, None] + 3 + np.arange(6)]
+        good &= np.any([np.all(key == k, axis=1) for k in _HARMLESS], axis=0)
+        good &= data[at + np.where(good, pos + length - 1, 0)] == ord("\n")
+        ok &= ~live | good
+        pos = np.where(live & good, pos + length, pos)
+        done |= live & good & (pos == size)
+    return ok & done
 
 
 class KeptMembers:
@@ -122,11 +153,8 @@ class KeptMembers:
             same[other] = np.all(np.where(upper, f + 32, f) == names[:, other], axis=0)
         ok &= same & (self.name_len[rows] < NAME)
         extended = np.flatnonzero(self.entry[rows] != self.header[rows])
-        if len(extended):  # long-name / PAX headers in front: the first of them is an extended header
-            at = self.entry[rows][extended] - base
-            data = np.frombuffer(buf, dtype=np.uint8)
-            magic = data[at[:, None] + np.arange(257, 262)]
-            ok[extended] &= np.isin(data[at + 156], _EXTENDED_TYPES) & np.all(magic == _USTAR, axis=1)
+        if len(extended):  # headers in front of the member: only harmless PAX records pass here
+            ok[extended] &= _plain_pax(buf, self.entry[rows][extended] - base, self.header[rows][extended] - base)
         return ok
 
     def in_bounds(self, rows: slice, base: int, length: int) -> bool:

@@ -13,7 +13,15 @@ import webdataset as wds
 from _data import make_index, slot_loss, train_epochs, write_sized_shards
 from torch.utils.data import DataLoader
 
-from infobatch_stream import META_KEY, IndexMismatchError, InfoBatch, MetadataError, StaleIndexError, build_index
+from infobatch_stream import (
+    META_KEY,
+    IndexMismatchError,
+    InfoBatch,
+    MetadataError,
+    ShardAssignmentError,
+    StaleIndexError,
+    build_index,
+)
 from infobatch_stream.meta import as_meta_array
 from infobatch_stream.stages import shard_order
 
@@ -376,7 +384,7 @@ def test_a_url_rewritten_between_source_and_filter_is_an_error(dataset):
         ib.shards(), wds.map(lambda d: {**d, "url": "file:" + d["url"]}), wds.tarfile_to_samples(), ib.filter()
     )
     assert len(list(rewritten)) == 320  # "file:" still names the same shard: matched, read once
-    with pytest.raises(ValueError, match="did not hand it to this worker"):
+    with pytest.raises(ShardAssignmentError, match="did not hand it to this worker"):
         extra = wds.DataPipeline(ib.shards(), wds.map(lambda d: d), _twice, wds.tarfile_to_samples(), ib.filter())
         list(extra)
 

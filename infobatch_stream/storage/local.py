@@ -14,7 +14,12 @@ class LocalBackend:
     def open(self, url: str) -> tuple[int, ObjectInfo]:
         """A descriptor and the file's info at open (what the reader checks against the index)."""
         path = local_path(url)
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as e:  # a folder, a name too long, a NUL in the name
+            raise StorageError(f"shard {url[:300]!r} cannot be opened ({e}); check the index's shard URLs") from None
         try:
             st = os.fstat(fd)
             if not os.path.isfile(path):
@@ -45,6 +50,11 @@ class LocalBackend:
             os.close(fd)
 
     def stream(self, url: str) -> tuple[BinaryIO, ObjectInfo | None]:
-        f = open(local_path(url), "rb")
+        try:
+            f = open(local_path(url), "rb")
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as e:
+            raise StorageError(f"shard {url[:300]!r} cannot be opened ({e}); check the index's shard URLs") from None
         st = os.fstat(f.fileno())
         return f, ObjectInfo(st.st_size, st.st_mtime)
