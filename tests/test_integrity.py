@@ -411,3 +411,95 @@ def test_a_crafted_index_json_is_an_index_error(tmp_path, doc):
     path.write_text(doc)
     with pytest.raises(IndexMismatchError):
         DatasetIndex.load(str(path))
+
+
+# ---- findings of an adversarial review -------------------------------------------------------
+
+
+def _pax_header(records: dict[str, str]) -> bytes:
+    """A PAX ``x`` header block and its record block."""
+    body = b"".join(
+        (lambda rec: b"%d %s" % (len(rec) + len(str(len(rec) + 3)) + 1, rec))(f"{k}={v}\n".encode())
+        for k, v in records.items()
+    )
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, len(body)
+    return info.tobuf(tarfile.USTAR_FORMAT) + body.ljust(512, b"\0")
+
+
+@pytest.mark.parametrize("records", [{"path": "zzz.jpg"}, {"size": "100"}, {"mtime": "1", "path": "s00-0003.jpg"}])
+def test_a_pax_record_that_renames_or_resizes_a_kept_member_is_caught(shards, records):
+    """The member's own header is intact; a PAX header in front of it, same size, now names or
+    sizes it otherwise (what tarfile and WebDataset would see)."""
+    paths, _ = shards("pax")
+    index = build_index(paths)
+    start, _ = index.byte_ranges(0)
+    with open(paths[0], "r+b") as f:
+        f.seek(int(start[2]))
+        assert f.read(512)[156:157] == b"x"  # tarfile's PAX format with a float mtime: one x header per member
+        f.seek(int(start[2]))
+        f.write(_pax_header(records))
+    os.utime(paths[0], (MTIME, MTIME))
+    ib = InfoBatch(index, num_epochs=2)
+    for read in (
+        lambda: list(wds.DataPipeline(wds.SimpleShardList(paths), ib.tarfile_to_samples(verify="size"))),
+        lambda: list(iter(ib.dataset(verify="size"))),
+    ):
+        with pytest.raises(StaleIndexError, match="s00-0002"):
+            read()
+
+
+def test_a_stage_that_repeats_shards_is_refused_by_the_reader(tmp_path):
+    urls, index = make_index(str(tmp_path), num_shards=2, per_shard=5)
+    ib = InfoBatch(index, num_epochs=2)
+
+    def twice(src):  # type: ignore[no-untyped-def]
+        for item in src:
+            yield item
+            yield item
+
+    with pytest.raises(ShardAssignmentError, match="added or repeated"):
+        list(wds.DataPipeline(ib.shards(), twice, ib.tarfile_to_samples()))
+
+
+def test_an_old_pass_closed_late_does_not_hide_a_splitter(tmp_path):
+    urls, index = make_index(str(tmp_path), num_shards=4, per_shard=5)
+    ib = InfoBatch(index, num_epochs=2)
+    old = iter(wds.DataPipeline(ib.shards(), ib.tarfile_to_samples()))
+    next(old)  # a peeked iterator, kept
+    dropping = wds.DataPipeline(
+        ib.shards(), wds.select(lambda item: not item["url"].endswith("001.tar")), ib.tarfile_to_samples()
+    )
+    it = iter(dropping)
+    next(it)
+    old.close()  # closed during the new pass
+    with pytest.raises(ShardAssignmentError):
+        list(it)
+
+
+def test_an_array_file_overwritten_in_place_is_refused_not_a_sigbus(tmp_path):
+    urls, _ = make_index(str(tmp_path), num_shards=2, per_shard=5)
+    path = str(tmp_path / "index.json")
+    ib = InfoBatch(path, num_epochs=2)
+    file = str(tmp_path / "index.arrays" / "data_offset.npy")
+    with open(file, "r+b") as f:
+        f.truncate(128)  # shorter than its mapping: touching the pages would be SIGBUS
+    with pytest.raises(IndexMismatchError, match="changed after the index was opened"):
+        list(wds.DataPipeline(wds.SimpleShardList(urls), ib.tarfile_to_samples()))
+
+
+def test_reserved_suffixes_are_refused_at_indexing(tmp_path):
+    for suffix in ("__key__", "__url__", "__ib__"):
+        path = write_tar(tmp_path / f"r{suffix}.tar", [("a.cls", b"1"), (f"a.{suffix}", b"forged")])
+        with pytest.raises(TarFormatError, match="would overwrite"):
+            build_index([path])
+
+
+def test_an_index_with_checksums_on_some_entries_only_is_damaged(tmp_path):
+    make_index(str(tmp_path), num_shards=2, per_shard=5)
+    path = str(tmp_path / "index.json")
+    doc = json.load(open(path))
+    del doc["shardlist"][1]["crc"]
+    json.dump(doc, open(path, "w"))
+    with pytest.raises(IndexMismatchError, match="1 of 2 shard entries have a checksum"):
+        DatasetIndex.load(path)
