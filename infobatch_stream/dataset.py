@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from torch.utils.data import IterableDataset
@@ -29,9 +29,7 @@ from . import policy
 from .balance import Part
 from .reader import ReadOptions, ShardRequest, read_requests
 from .stages import account_empty, epoch_parts, loader_worker
-
-if TYPE_CHECKING:
-    from .infobatch import InfoBatch
+from .worker import WorkerView
 
 _SHUFFLE_STREAM = 0x5F3759DF  # separates the shuffle's coins from the pruning coins
 
@@ -98,7 +96,7 @@ class ResumableDataset(IterableDataset):
 
     def __init__(
         self,
-        ib: InfoBatch,
+        view: WorkerView,
         stages: tuple[Callable[[Iterable], Iterable], ...],
         shuffle: int = 0,
         handler: Callable[[Exception], bool] = reraise_exception,
@@ -106,7 +104,7 @@ class ResumableDataset(IterableDataset):
     ) -> None:
         if shuffle < 0:
             raise ValueError(f"shuffle must be a buffer size >= 0, got {shuffle}")
-        self.ib, self.stages, self.shuffle = ib, stages, shuffle
+        self.view, self.stages, self.shuffle = view, stages, shuffle
         self.handler, self.options = handler, options
         self._cursor: Cursor | None = None
         self._resume: dict[str, Any] | None = None
@@ -127,9 +125,9 @@ class ResumableDataset(IterableDataset):
         return iter(items)
 
     def _start(self) -> tuple[Cursor, list[Part], float]:
-        ib = self.ib
-        epoch, thresh = ib.begin_pass()
-        control = ib.control
+        view = self.view
+        epoch, thresh = view.begin_pass()
+        control = view.control
         worker, num_workers = loader_worker()
         cursor = Cursor(epoch, control.generation, control.rank, control.world_size, worker, num_workers)
         resume, self._resume = self._resume, None
@@ -143,9 +141,9 @@ class ResumableDataset(IterableDataset):
                 )
             cursor.position, cursor.step = int(resume["position"]), int(resume["step"])
             cursor.buffer = [int(i) for i in resume["buffer"]]
-        parts = epoch_parts(ib)
+        parts = epoch_parts(view)
         if cursor.position == 0 and not cursor.buffer:
-            account_empty(ib, parts)
+            account_empty(view, parts)
         self._cursor = cursor
         return cursor, [p for p in parts if p.stop > p.first], thresh
 
@@ -162,11 +160,11 @@ class ResumableDataset(IterableDataset):
         the samples listed in ``only`` (from :func:`locate`). The reader reads ahead across the
         parts; a shard's failure goes to the handler (WebDataset's semantics: True goes on with
         the next shard, counted in ``shards_failed``; False ends the stream)."""
-        urls = self.ib.index.urls
+        urls = self.view.index.urls
         if only is None:
             requests = [ShardRequest(urls[p.shard], p.shard, (p.first, p.stop)) for p in skip(parts, ordinal)]
             for sample in read_requests(
-                self.ib, requests, epoch, thresh, self.options, handler=self._handle, generation=generation
+                self.view, requests, epoch, thresh, self.options, handler=self._handle, generation=generation
             ):
                 yield ordinal, sample
                 ordinal += 1
@@ -174,7 +172,7 @@ class ResumableDataset(IterableDataset):
         requests = [ShardRequest(urls[parts[i].shard], parts[i].shard, only=kept) for i, kept, _ in only]
         shares = {id(r): iter(share) for r, (_, _, share) in zip(requests, only)}  # in the order read
         for req, sample in read_requests(
-            self.ib, requests, epoch, thresh, self.options, handler=self._handle, generation=generation, tagged=True
+            self.view, requests, epoch, thresh, self.options, handler=self._handle, generation=generation, tagged=True
         ):
             yield next(shares[id(req)]), sample
 
@@ -204,7 +202,7 @@ class ResumableDataset(IterableDataset):
         if order:
             again = dict(self._read(parts, 0, thresh, epoch, cursor.generation, only=locate(parts, order)))
             buf = [again[i] for i in order]
-        seed = [self.ib.config.seed, _SHUFFLE_STREAM, cursor.rank, cursor.worker]
+        seed = [self.view.config.seed, _SHUFFLE_STREAM, cursor.rank, cursor.worker]
 
         def pick(n: int) -> int:
             coin = policy.uniform(hash_seed(seed), epoch, np.array([cursor.step], dtype=np.int64))[0]

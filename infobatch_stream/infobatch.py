@@ -31,12 +31,13 @@ from .control import EpochControl, EpochPlan
 from .errors import CheckpointError, MetadataError, SettingsMismatchError
 from .index import DatasetIndex
 from .meta import BOOSTED, EPOCH, SLOT, TAG, as_meta_array, index_tag
-from .planner import decision_ids, plan_epoch
+from .planner import plan_epoch
 from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT
 from .reader import ReaderStage, ReadOptions
-from .stages import Announcements, FilterStage, ShardSource, current_worker
+from .stages import FilterStage, ShardSource
 from .stats import EpochStats
 from .store import ScoreStore
+from .worker import WorkerView
 
 if TYPE_CHECKING:
     from .dataset import ResumableDataset
@@ -169,7 +170,8 @@ class InfoBatch:
         self._warned: set[tuple[str, int]] = set()
         self._pending: list[np.ndarray] = []  # this rank's (slot, loss) updates since the last exchange
         self._updates = 0  # update() calls, for sync_every
-        self._announced_parts = Announcements()  # per process: ib.shards() -> ib.filter()
+        # what loader workers use: the stages get this, not the InfoBatch
+        self.view = WorkerView(self.index, self.config, self.remainder, self.tag, self.control, self.plan, self.store)
         self.epoch = -1
         self._plan_epoch(0)
 
@@ -177,11 +179,11 @@ class InfoBatch:
     def shards(self) -> ShardSource:
         """Source stage: this epoch's shards in an order drawn from ``(seed, epoch)``; the kept
         samples split evenly over ranks and workers; shards with nothing kept are left out."""
-        return ShardSource(self)
+        return ShardSource(self.view)
 
     def filter(self) -> FilterStage:
         """Stage after ``tarfile_to_samples()``: drops pruned samples, tags kept ones with ``__ib__``."""
-        return FilterStage(self)
+        return FilterStage(self.view)
 
     def tarfile_to_samples(
         self,
@@ -200,7 +202,7 @@ class InfoBatch:
         ``max_inflight`` requests per worker and ``readahead_bytes`` of buffered data bound the
         read-ahead on object stores and HTTP.
         """
-        return ReaderStage(self, handler, ReadOptions(merge_gap, verify, max_inflight, readahead_bytes))
+        return ReaderStage(self.view, handler, ReadOptions(merge_gap, verify, max_inflight, readahead_bytes))
 
     def dataset(
         self,
@@ -220,7 +222,7 @@ class InfoBatch:
         from .dataset import ResumableDataset
 
         return ResumableDataset(
-            self, stages, shuffle, handler, ReadOptions(merge_gap, verify, max_inflight, readahead_bytes)
+            self.view, stages, shuffle, handler, ReadOptions(merge_gap, verify, max_inflight, readahead_bytes)
         )
 
     def node(
@@ -304,7 +306,7 @@ class InfoBatch:
         )
         self._stats[epoch] = stats
         self.control.publish(epoch, thresh, kept_per_shard, rank, world_size)
-        self._announced_parts.clear()
+        self.view.announced.clear()
         self.epoch = epoch
         log.info(
             "epoch %d: threshold %.4g, %d seen, %d well-learned, %d pruned, %d kept of %d, %d per rank",
@@ -320,33 +322,12 @@ class InfoBatch:
         return stats
 
     def decide_shard(self, shard: int, epoch: int, thresh: float) -> tuple[np.ndarray, np.ndarray]:
-        """Keep and boosted masks of one shard.
-
-        For the published epoch they come from the plan frozen by ``set_epoch`` (so a shard
-        opened twice gets the same samples); for any other ``(epoch, thresh)`` they are computed
-        from the store's slice, vectorised.
-        """
-        lo, hi = self.index.slots(shard)
-        control = self.control
-        published = control.threshold
-        if epoch == control.epoch and (thresh == published or (np.isnan(thresh) and np.isnan(published))):
-            return self.plan.read(lo, hi)
-        slots = np.arange(lo, hi)
-        ids = decision_ids(slots, self.index, self.config)
-        return policy.decide(np.asarray(self.store.scores[lo:hi]), slots, thresh, epoch, self.config, ids)
+        """Keep and boosted masks of one shard (see :meth:`WorkerView.decide_shard`)."""
+        return self.view.decide_shard(shard, epoch, thresh)
 
     def begin_pass(self) -> tuple[int, float]:
-        """Called by the filter when a pass starts in a worker: the epoch and threshold to use."""
-        control = self.control
-        epoch = control.epoch
-        worker = current_worker()
-        if control.begin_pass(worker) and worker == 0:
-            log.warning(
-                "a new pass over the loader started without ib.set_epoch(): it replays epoch %d's plan; "
-                "call ib.set_epoch(epoch) before each pass",
-                epoch,
-            )
-        return epoch, control.threshold
+        """The epoch and threshold a pass starting now uses (see :meth:`WorkerView.begin_pass`)."""
+        return self.view.begin_pass()
 
     @property
     def epoch_size(self) -> int:
@@ -593,7 +574,7 @@ class InfoBatch:
         self._updates = int(state["updates"])
         slots, losses = np.asarray(state["pending_slots"]), np.asarray(state["pending_losses"])
         self._pending = [distributed.pack_updates(slots, losses)] if len(slots) else []
-        self._announced_parts.clear()
+        self.view.announced.clear()
 
     def _check_resume(self, extras: list[dict[str, Any]]) -> None:
         """Refuse, on every rank alike (``extras``: every rank's saved settings and progress), a
@@ -646,5 +627,4 @@ class InfoBatch:
         state["_stats"] = {}
         state["_warned"] = set()
         state["_pending"] = []
-        state["_announced_parts"] = Announcements()
         return state

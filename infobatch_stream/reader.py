@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from webdataset.handlers import reraise_exception
@@ -47,9 +47,7 @@ from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT, ReadAhead
 from .stages import PART_KEY, SHARD_KEY, current_worker
 from .storage import ObjectInfo, RangeNotSupported, backend_for, is_local, local_path
 from .tarscan import BLOCK, _read_full, decompressed
-
-if TYPE_CHECKING:
-    from .infobatch import InfoBatch
+from .worker import WorkerView
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +213,7 @@ class _Layout:
 
     def __init__(
         self,
-        ib: InfoBatch,
+        view: WorkerView,
         shard: int,
         url: str,
         epoch: int,
@@ -223,8 +221,8 @@ class _Layout:
         boosted: np.ndarray,
         start: np.ndarray,
     ) -> None:
-        index = ib.index
-        self.url, self.epoch, self.tag = url, epoch, ib.tag
+        index = view.index
+        self.url, self.epoch, self.tag = url, epoch, view.tag
         self.lo, hi = index.slots(shard)
         member_first = np.asarray(index.array("member_first")[self.lo : hi + 1])
         m0, m1 = int(member_first[0]), int(member_first[-1])
@@ -296,8 +294,8 @@ def offsets_end(table: verify.KeptMembers, i: int) -> int:
 class _Job:
     """One shard request on its way: planned ranges, reads in flight, its I/O counts."""
 
-    def __init__(self, ib: InfoBatch, req: ShardRequest, epoch: int, thresh: float, options: ReadOptions) -> None:
-        self.ib, self.req, self.options = ib, req, options
+    def __init__(self, view: WorkerView, req: ShardRequest, epoch: int, thresh: float, options: ReadOptions) -> None:
+        self.view, self.req, self.options = view, req, options
         self.counter = _Counter()
         self.ranges: list[ReadRange] = []
         self.futures: deque[tuple[Future, int]] = deque()
@@ -318,10 +316,10 @@ class _Job:
             req.error = exn
 
     def _plan(self, epoch: int, thresh: float) -> None:
-        ib, req = self.ib, self.req
-        index = ib.index
+        view, req = self.view, self.req
+        index = view.index
         self.info = index.shards[req.shard]
-        keep, boosted = ib.decide_shard(req.shard, epoch, thresh)
+        keep, boosted = view.decide_shard(req.shard, epoch, thresh)
         kept = np.flatnonzero(keep)
         first, stop = req.part if req.part is not None else (0, len(kept))
         if stop <= first or (req.only is not None and len(req.only) == 0):
@@ -342,7 +340,7 @@ class _Job:
             gap = LOCAL_MERGE_GAP if local else REMOTE_MERGE_GAP
         cap = MAX_RANGE_BYTES if self.mode != "ranges" else self.options.remote_range_bytes()
         self.ranges = plan_ranges(start, end, kept, gap, cap)
-        self.layout = _Layout(ib, req.shard, url, epoch, kept, boosted, start)
+        self.layout = _Layout(view, req.shard, url, epoch, kept, boosted, start)
 
     # ---- submission (called by the scheduler) ---------------------------------------------------
     def next_size(self) -> int | None:
@@ -459,10 +457,10 @@ class _Job:
         try:
             self._close()
         finally:
-            control, worker = self.ib.control, current_worker()
+            control, worker = self.view.control, current_worker()
             if self.empty:
                 control.add_io(
-                    worker, generation, shards_skipped=1, bytes_skipped=self.ib.index.shards[self.req.shard].filesize
+                    worker, generation, shards_skipped=1, bytes_skipped=self.view.index.shards[self.req.shard].filesize
                 )
             elif self.opened:
                 control.add_io(
@@ -478,7 +476,7 @@ class _Job:
 
 
 def read_requests(
-    ib: InfoBatch,
+    view: WorkerView,
     requests: Iterable[ShardRequest],
     epoch: int,
     thresh: float,
@@ -518,7 +516,7 @@ def read_requests(
                 if req is None:
                     exhausted = True
                     return
-                job = _Job(ib, req, epoch, thresh, options)
+                job = _Job(view, req, epoch, thresh, options)
                 jobs.append(job)
                 if job.next_size() is not None:
                     submitting.append(job)
@@ -544,7 +542,7 @@ def read_requests(
                 job.cancel(ahead)
                 if not handle(handler, exn, job.req.url):
                     return
-                ib.control.add_io(current_worker(), generation, shards_failed=1)
+                view.control.add_io(current_worker(), generation, shards_failed=1)
             finally:
                 jobs.popleft()
                 job.finish(generation, ahead)
@@ -554,7 +552,7 @@ def read_requests(
 
 
 def read_shard(
-    ib: InfoBatch,
+    view: WorkerView,
     url: str,
     shard: int,
     epoch: int,
@@ -569,20 +567,22 @@ def read_shard(
     """The kept samples of one shard (see :class:`ShardRequest` for ``part`` and ``only``)."""
     options = ReadOptions(merge_gap=merge_gap, verify=verify)
     request = ShardRequest(url, shard, part, only)
-    yield from read_requests(ib, [request], epoch, thresh, options, generation=generation)
+    yield from read_requests(view, [request], epoch, thresh, options, generation=generation)
 
 
-def _requests_from(src: Iterable[dict[str, Any]], ib: InfoBatch, done: list[bool], mark: int) -> Iterator[ShardRequest]:
+def _requests_from(
+    src: Iterable[dict[str, Any]], view: WorkerView, done: list[bool], mark: int
+) -> Iterator[ShardRequest]:
     """Shard requests for the ``{"url": ...}`` items of a shard list (``ib.shards()`` or any);
     ``done[0]`` turns True when ``src`` is exhausted; ``mark``: see :meth:`Announcements.started_since`."""
-    announced = ib._announced_parts
+    announced = view.announced
     for item in src:
         url = str(item.get("url")) if isinstance(item, dict) else repr(item)
         try:
             if not isinstance(item, dict) or "url" not in item:
                 raise ValueError(f"ib.tarfile_to_samples() needs shard items like {{'url': ...}}, got {item!r}")
-            shard = item[SHARD_KEY] if SHARD_KEY in item else ib.index.shard_of_url(url)
-            if announced.started_since(mark) and announced.pop(ib.index.shard_of_url(url)) is None:
+            shard = item[SHARD_KEY] if SHARD_KEY in item else view.index.shard_of_url(url)
+            if announced.started_since(mark) and announced.pop(view.index.shard_of_url(url)) is None:
                 raise ShardAssignmentError(  # keyed as ib.shards() announced it
                     f"shard {url} reached ib.tarfile_to_samples() but ib.shards() did not hand it to this worker (or "
                     "not again): a stage between them added or repeated shards; remove it"
@@ -595,7 +595,7 @@ def _requests_from(src: Iterable[dict[str, Any]], ib: InfoBatch, done: list[bool
 
 def read_samples(
     src: Iterable[dict[str, Any]],
-    ib: InfoBatch,
+    view: WorkerView,
     *,
     handler: Callable[[Exception], bool] = reraise_exception,
     options: ReadOptions = ReadOptions(),
@@ -610,21 +610,21 @@ def read_samples(
             options.max_inflight,
             options.readahead_bytes,
         )
-    epoch, thresh = ib.begin_pass()
-    generation = ib.control.generation
-    done, mark = [False], ib._announced_parts.passes
+    epoch, thresh = view.begin_pass()
+    generation = view.control.generation
+    done, mark = [False], view.announced.passes
     yield from read_requests(
-        ib, _requests_from(src, ib, done, mark), epoch, thresh, options, handler=handler, generation=generation
+        view, _requests_from(src, view, done, mark), epoch, thresh, options, handler=handler, generation=generation
     )
     if done[0]:  # not when the handler stopped the stream: a splitter is told from a short read
-        ib._announced_parts.check_all_read("ib.tarfile_to_samples()", mark)
+        view.announced.check_all_read("ib.tarfile_to_samples()", mark)
 
 
 class ReaderStage:
     """``ib.tarfile_to_samples()``: a picklable pipeline stage wrapping :func:`read_samples`."""
 
-    def __init__(self, ib: InfoBatch, handler: Callable[[Exception], bool], options: ReadOptions) -> None:
-        self.ib, self.handler, self.options = ib, handler, options
+    def __init__(self, view: WorkerView, handler: Callable[[Exception], bool], options: ReadOptions) -> None:
+        self.view, self.handler, self.options = view, handler, options
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        return read_samples(src, self.ib, handler=self.handler, options=self.options)
+        return read_samples(src, self.view, handler=self.handler, options=self.options)

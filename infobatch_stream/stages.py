@@ -8,73 +8,21 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
+from .announce import Announcements  # noqa: F401 - where it lived before
 from .balance import Part, assign, within_part
 from .errors import ShardAssignmentError, StaleIndexError
 from .meta import META_KEY, make_meta
-
-if TYPE_CHECKING:
-    from .infobatch import InfoBatch
+from .worker import WorkerView, current_worker, loader_worker  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 PART_KEY = "__ib_part__"  # on the source's items: the kept range of the shard this worker reads
 SHARD_KEY = "__ib_shard__"  # and the shard's number in the index (a URL may be listed twice)
-
-
-class Announcements:
-    """What ``ib.shards()`` handed this worker, for ``ib.filter()`` in the same process.
-
-    Keyed by the shard the URL resolves to (so a URL rewritten on the way still matches), first
-    in first out (so a shard listed twice gets its parts in order)."""
-
-    def __init__(self) -> None:
-        self.active = False  # ib.shards() runs in this process's current pass
-        self.passes = 0  # passes of ib.shards() started in this process
-        self._parts: dict[int, deque[Part]] = {}
-
-    def start(self) -> None:
-        self.active = True
-        self.passes += 1
-        self._parts.clear()
-
-    def started_since(self, mark: int) -> bool:
-        """Whether ib.shards() started a pass after ``mark`` (``passes`` when the caller's pass
-        began) and it is still the one announced: otherwise what is queued belongs to a pass that
-        ended without reaching its end (an error), not to the caller's."""
-        return self.active and self.passes != mark
-
-    def clear(self) -> None:
-        self.active = False
-        self._parts.clear()
-
-    def push(self, key: int, part: Part) -> None:
-        self._parts.setdefault(key, deque()).append(part)
-
-    def pop(self, key: int) -> Part | None:
-        queued = self._parts.get(key)
-        return queued.popleft() if queued else None
-
-    def check_all_read(self, where: str, mark: int) -> None:
-        """At the end of a pass: every shard ``ib.shards()`` handed this worker must have arrived.
-        A stage that drops shards (``wds.split_by_worker``, ``wds.split_by_node``) loses their
-        samples silently, and unequal ranks hang DDP."""
-        if not self.started_since(mark):
-            return
-        missing = [part for queued in self._parts.values() for part in queued]
-        if missing:
-            raise ShardAssignmentError(
-                f"{len(missing)} of the shards ib.shards() handed this worker never reached {where} (e.g. shard "
-                f"{missing[0].shard}): a stage between them dropped them. ib.shards() already splits the epoch over "
-                "ranks and loader workers: remove wds.split_by_worker / wds.split_by_node (or any other splitter) "
-                "from the pipeline. (With ib.filter(), a shard that failed to open and was skipped by a handler= "
-                "also ends here: read with ib.tarfile_to_samples(handler=...), which counts skipped shards.)"
-            )
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
@@ -83,31 +31,25 @@ def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(num_shards)
 
 
-def loader_worker() -> tuple[int, int]:
-    """``(worker, num_workers)`` of the DataLoader worker running this code; ``(0, 1)`` outside one."""
-    info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-def epoch_parts(ib: InfoBatch) -> list[Part]:
+def epoch_parts(view: WorkerView) -> list[Part]:
     """This rank's and worker's share of the published epoch (see :mod:`infobatch_stream.balance`).
 
     The rank and world size come from the control block, written by the training process when
     it published the epoch: a spawned loader worker has no process group to ask."""
-    control = ib.control
-    order = shard_order(ib.index.num_shards, ib.config.seed, control.epoch)
+    control = view.control
+    order = shard_order(view.index.num_shards, view.config.seed, control.epoch)
     worker, num_workers = loader_worker()
     return assign(
-        order, np.asarray(control.kept_per_shard), control.rank, control.world_size, worker, num_workers, ib.remainder
+        order, np.asarray(control.kept_per_shard), control.rank, control.world_size, worker, num_workers, view.remainder
     )
 
 
-def account_empty(ib: InfoBatch, parts: list[Part]) -> None:
+def account_empty(view: WorkerView, parts: list[Part]) -> None:
     """Count this worker's shards with nothing kept as skipped (they are never opened)."""
     empty = [p.shard for p in parts if p.first == p.stop]
     if empty:
-        ib.control.add_io(
-            current_worker(), shards_skipped=len(empty), bytes_skipped=sum(ib.index.shards[s].filesize for s in empty)
+        view.control.add_io(
+            current_worker(), shards_skipped=len(empty), bytes_skipped=sum(view.index.shards[s].filesize for s in empty)
         )
 
 
@@ -119,16 +61,16 @@ class ShardSource(IterableDataset):
     nothing kept are left out, so they are never opened.
     """
 
-    def __init__(self, ib: InfoBatch) -> None:
-        self.ib = ib
+    def __init__(self, view: WorkerView) -> None:
+        self.view = view
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        ib = self.ib
-        parts = epoch_parts(ib)
-        announced = ib._announced_parts
+        view = self.view
+        parts = epoch_parts(view)
+        announced = view.announced
         announced.start()  # a new pass: forget parts of an abandoned one
-        account_empty(ib, parts)
-        index = ib.index
+        account_empty(view, parts)
+        index = view.index
         urls = index.urls
         finished, mine = False, announced.passes
         try:
@@ -179,12 +121,12 @@ class _ShardCursor:
         return self.next == len(self.keys) and len(self.keys) > 0 and key == self.keys[0]
 
 
-def filter_samples(src: Iterable[dict[str, Any]], ib: InfoBatch) -> Iterator[dict[str, Any]]:
+def filter_samples(src: Iterable[dict[str, Any]], view: WorkerView) -> Iterator[dict[str, Any]]:
     """Drop the epoch's pruned samples and tag kept ones with ``__ib__`` = (slot, epoch, boosted)."""
-    epoch, thresh = ib.begin_pass()
-    index = ib.index
-    tag = ib.tag
-    announced = ib._announced_parts
+    epoch, thresh = view.begin_pass()
+    index = view.index
+    tag = view.tag
+    announced = view.announced
     mark = announced.passes
     cursor: _ShardCursor | None = None
     for sample in src:
@@ -209,7 +151,7 @@ def filter_samples(src: Iterable[dict[str, Any]], ib: InfoBatch) -> Iterator[dic
             if part is not None:
                 shard = part.shard  # the entry ib.shards() meant, also when a URL is listed twice
             lo, _ = index.slots(shard)
-            keep, boosted = ib.decide_shard(shard, epoch, thresh)
+            keep, boosted = view.decide_shard(shard, epoch, thresh)
             if part is not None:  # ib.shards() may give this worker only part of the shard's kept samples
                 keep = within_part(keep, part)
             cursor = _ShardCursor(url, shard, lo, index.keys(shard), keep.tolist(), boosted.tolist())
@@ -239,13 +181,8 @@ def _warn_if_decoded(sample: dict[str, Any]) -> None:
 class FilterStage:
     """A pipeline stage (``stage(src) -> iterator``) for ``wds.DataPipeline`` and ``.compose``."""
 
-    def __init__(self, ib: InfoBatch) -> None:
-        self.ib = ib
+    def __init__(self, view: WorkerView) -> None:
+        self.view = view
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        return filter_samples(src, self.ib)
-
-
-def current_worker() -> int:
-    info = get_worker_info()
-    return 0 if info is None else info.id
+        return filter_samples(src, self.view)
