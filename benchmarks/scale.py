@@ -105,7 +105,7 @@ def _rank(rank: int, world_size: int, port: int, num_samples: int, per_shard: in
         exchange, plan, sent, pss = [], [], [], []
         for epoch in range(1, repeats + 1):
             slots = np.arange(rank, num_samples, world_size, dtype=np.int64)  # this rank's share of an epoch
-            ib._pending = [pack_updates(slots, rng.random(len(slots), dtype=np.float32))]
+            ib.scores.pending = [pack_updates(slots, rng.random(len(slots), dtype=np.float32))]
             sent.append(len(slots) * 12)
             del slots
             dist.barrier()
@@ -119,10 +119,10 @@ def _rank(rank: int, world_size: int, port: int, num_samples: int, per_shard: in
             plan.append(t2 - t1)
             _trim()
             pss.append(_pss_bytes())
-        shm = ib.store.nbytes + ib.plan.nbytes if ib._writer else 0
+        shm = ib.store.nbytes + ib.plan.nbytes if ib.scores.writer else 0
         result = {
             "rank": rank,
-            "writer": ib._writer,
+            "writer": ib.scores.writer,
             "create_s": create,
             "exchange_s": exchange,
             "plan_s": plan,

@@ -36,10 +36,8 @@ import webdataset as wds
 from torch import nn
 
 from infobatch_stream import META_KEY, InfoBatch, ProgressScheduler, build_index
-from infobatch_stream.balance import assign
 from infobatch_stream.demo import write_digits_shards
 from infobatch_stream.index import expand_urls
-from infobatch_stream.stages import shard_order
 
 log = logging.getLogger("examples")
 ARMS = ("infobatch", "full", "random")
@@ -162,7 +160,7 @@ def prepare(args: argparse.Namespace) -> tuple[str, list[str]]:
 
 
 def _png(x: np.ndarray) -> bytes:
-    from infobatch_stream.demo import _png as png
+    from infobatch_stream.demo import png_bytes as png
 
     side = math.isqrt(x.size)
     return png(np.round(x.reshape(side, side) * 255).astype(np.uint8))
@@ -208,12 +206,11 @@ class RandomSubset:
     def batches(self, ib: InfoBatch, epoch: int, batch_size: int, num_workers: int) -> int:
         """The epoch's step count: each worker batches what it keeps of its share (nothing is
         pruned by InfoBatch in this arm, so a share's kept ordinals are shard positions)."""
-        keep, index, control = self.mask(epoch), ib.index, ib.control
-        order = shard_order(index.num_shards, ib.config.seed, epoch)
+        keep, index = self.mask(epoch), ib.index
         sizes = np.array([s.nsamples for s in index.shards])
         steps = 0
         for worker in range(max(num_workers, 1)):
-            parts = assign(order, sizes, control.rank, control.world_size, worker, num_workers, ib.remainder)
+            parts = ib.worker_parts(epoch, worker, num_workers, kept_per_shard=sizes)
             kept = sum(
                 int(keep[index.slots(p.shard)[0] + p.first : index.slots(p.shard)[0] + p.stop].sum()) for p in parts
             )

@@ -37,7 +37,8 @@ class RunResult:
     seconds: float
 
 
-def _png(image: np.ndarray) -> bytes:
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 image as PNG bytes (what the demo's and the examples' shards hold)."""
     from PIL import Image
 
     buf = io.BytesIO()
@@ -66,7 +67,7 @@ def write_digits_shards(out: str, num_shards: int = 8, seed: int = 0) -> tuple[l
     pattern = os.path.join(out, "digits-%03d.tar")
     with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
         for i, (image, label) in enumerate(zip(x_train, y_train)):
-            sink.write({"__key__": f"digit{i:05d}", "png": _png(image), "cls": str(int(label)).encode()})
+            sink.write({"__key__": f"digit{i:05d}", "png": png_bytes(image), "cls": str(int(label)).encode()})
     urls = sorted(os.path.join(out, f) for f in os.listdir(out) if f.startswith("digits-") and f.endswith(".tar"))
     return urls, x_test.reshape(len(x_test), -1).astype(np.float32) / 255.0, y_test
 

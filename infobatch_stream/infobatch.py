@@ -1,4 +1,4 @@
-"""The user-facing object: owns the index, the shared store and the epoch plan.
+"""The user-facing object: a facade over the index, the shared store, the epoch plan and the run's settings.
 
 Three changed lines on top of a WebDataset loop::
 
@@ -7,17 +7,17 @@ Three changed lines on top of a WebDataset loop::
     ...
     ib.set_epoch(epoch)                       # before each pass over the loader
     loss = ib.update(meta, criterion(out, y))  # criterion with reduction="none"
+
+Each job lives in its own module: settings and their agreement across ranks
+(:mod:`.settings`), planning (:mod:`.planner`), what loader workers use (:mod:`.worker`),
+scores and their exchange (:mod:`.scoring`), per-epoch figures (:mod:`.stats`), resuming
+(:mod:`.resume`, :mod:`.checkpoint`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import warnings
 from collections.abc import Callable
-from dataclasses import asdict
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,63 +25,28 @@ import torch
 from webdataset.handlers import reraise_exception
 
 from . import distributed, policy
-from .balance import num_batches, samples_per_rank
+from .balance import Part, assign, num_batches
 from .checkpoint import check_state, load_state, save_state
 from .control import EpochControl, EpochPlan
-from .errors import CheckpointError, MetadataError, SettingsMismatchError
+from .errors import CheckpointError
 from .index import DatasetIndex
-from .meta import BOOSTED, EPOCH, SLOT, TAG, as_meta_array, index_tag
+from .meta import index_tag
 from .planner import plan_epoch
 from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT
 from .reader import ReaderStage, ReadOptions
-from .stages import FilterStage, ShardSource
-from .stats import EpochStats
+from .resume import MID_EPOCH_SETTINGS, check_resume, progress, saved_settings
+from .scoring import ScoreExchange, checked_batch
+from .settings import RunSettings, agree
+from .stages import FilterStage, ShardSource, shard_order
+from .stats import EpochBook, EpochStats, planned_stats
 from .store import ScoreStore
 from .worker import WorkerView
 
 if TYPE_CHECKING:
     from .dataset import ResumableDataset
 
+__all__ = ["MID_EPOCH_SETTINGS", "EpochStats", "InfoBatch"]
 log = logging.getLogger(__name__)
-
-MID_EPOCH_SETTINGS = ("seed", "remainder", "prune_ratio")
-"""Settings a state saved partway through an epoch must be resumed with: the seed draws the
-epoch's shard order (so which sample each saved reading position means) and the shuffle picks,
-``remainder`` cuts the epoch over the ranks, and ``prune_ratio`` weights the kept well-learned
-samples the saved plan kept with probability ``1 - r``. The others (``num_epochs``, ``delta``,
-``granularity``, ``ema_decay``) only shape the epochs planned later (or the scores recorded from
-now on): the restored epoch keeps its saved plan."""
-
-_AGREE_HINTS = {
-    "*": "every rank must create InfoBatch with the same settings",
-    "index": "every rank must load the same index (the same shards, indexed once)",
-    "epoch": "call ib.set_epoch(epoch) with the same epoch on every rank",
-    "call": "InfoBatch(), ib.set_epoch() and ib.load_state_dict() are collectives: call them on every rank, "
-    "in the same order",
-}
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that makes ``warnings.warn``, called by the caller of this function,
-    point at the first frame outside this package: the user's line, however deep the call."""
-    frame: FrameType | None = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _progress(state: dict[str, Any]) -> tuple[int, int] | None:
-    """``(trained, per_rank)`` when ``state`` was saved partway through its current epoch: the
-    rank had trained some of its share but not all. None at an epoch boundary (nothing trained
-    in it yet, or the whole share trained)."""
-    epoch = int(state["epoch"])
-    for d in state["stats"]:
-        if int(d["epoch"]) == epoch:
-            trained, per_rank = int(d.get("trained", 0)), int(d.get("per_rank") or d.get("kept", 0))
-            return (trained, per_rank) if 0 < trained < per_rank else None
-    return None
 
 
 class InfoBatch:
@@ -131,31 +96,20 @@ class InfoBatch:
         allow_pipes: bool = False,
         ema_decay: float = 0.0,
     ) -> None:
-        failure = None
+        failure, settings, loaded = None, None, None
         try:  # a rank that fails here tells the others, which would otherwise wait for it below
-            self.index = index if isinstance(index, DatasetIndex) else DatasetIndex.load(index, allow_pipes=allow_pipes)
-            if granularity == "sample":
-                granularity = 1
-            if isinstance(granularity, bool) or not isinstance(granularity, int):
-                raise ValueError(f"granularity must be 'sample' or a block size k >= 1, got {granularity!r}")
-            self.config = policy.PruneConfig(
-                num_epochs=num_epochs, prune_ratio=prune_ratio, delta=delta, seed=seed, block_size=granularity
+            loaded = index if isinstance(index, DatasetIndex) else DatasetIndex.load(index, allow_pipes=allow_pipes)
+            settings = RunSettings.checked(
+                num_epochs, prune_ratio, delta, seed, granularity, remainder, sync_every, share_store, ema_decay
             )
-            samples_per_rank(0, 1, remainder)  # validates it
-            if sync_every is not None and (isinstance(sync_every, bool) or int(sync_every) < 1):
-                raise ValueError(f"sync_every must be None or a number of update() calls >= 1, got {sync_every!r}")
-            if not 0.0 <= float(ema_decay) < 1.0:
-                raise ValueError(f"ema_decay must be in [0, 1) (0: the last loss is the score), got {ema_decay!r}")
         except Exception as e:  # noqa: BLE001 - raised below, on every rank
             failure = e
-        self.remainder = remainder
-        self.sync_every = None if sync_every is None or failure else int(sync_every)
-        self.ema_decay = 0.0 if failure else float(ema_decay)
-        self.share_store = bool(share_store)
-        # The first collective: every rank has the same index and settings, or every rank raises.
-        self._agree("InfoBatch()", failure=failure)
+        agree("InfoBatch()", settings, loaded, failure=failure)  # the first collective: all agree or all raise
+        assert settings is not None and loaded is not None  # agree() raised otherwise
+        self.index, self.settings = loaded, settings
+        self.config, self.remainder = settings.config, settings.remainder
         self.tag = index_tag(self.index.fingerprint)
-        n, num_shards = self.index.num_samples, self.index.num_shards
+        n = self.index.num_samples
 
         def create() -> list:
             return [ScoreStore.create(n).shared, EpochPlan.create(n).shared]
@@ -165,11 +119,9 @@ class InfoBatch:
         )
         self.store = ScoreStore(shared[0])
         self.plan = EpochPlan(shared[1], n)
-        self.control = EpochControl.create(num_shards)
-        self._stats: dict[int, EpochStats] = {}
-        self._warned: set[tuple[str, int]] = set()
-        self._pending: list[np.ndarray] = []  # this rank's (slot, loss) updates since the last exchange
-        self._updates = 0  # update() calls, for sync_every
+        self.control = EpochControl.create(self.index.num_shards)
+        self.scores = ScoreExchange(self.store, self._writer, settings.ema_decay, settings.sync_every)
+        self.book = EpochBook()
         # what loader workers use: the stages get this, not the InfoBatch
         self.view = WorkerView(self.index, self.config, self.remainder, self.tag, self.control, self.plan, self.store)
         self.epoch = -1
@@ -249,7 +201,7 @@ class InfoBatch:
         :class:`SettingsMismatchError` on every rank instead of hanging one).
         """
         epoch = int(epoch)
-        self._agree("ib.set_epoch()", epoch=epoch)  # before any other collective: a mismatch raises everywhere
+        agree("ib.set_epoch()", self.settings, self.index, epoch=epoch)  # before any other collective
         return self._plan_epoch(epoch)
 
     def _plan_epoch(self, epoch: int) -> EpochStats:
@@ -261,19 +213,19 @@ class InfoBatch:
                 "epochs' losses; create a new InfoBatch to start the run over"
             )
         if epoch >= self.config.num_epochs:
-            self._warn_once(
+            self.book.warn_once(
                 "past_end",
                 epoch,
                 f"set_epoch({epoch}) is past num_epochs={self.config.num_epochs}: it streams the full "
                 "data like the final epochs; pass the real number of epochs to InfoBatch",
             )
-        current = self._stats.get(epoch)
+        current = self.book.epochs.get(epoch)
         trained_here = epoch == self.epoch and current is not None and current.trained > 0
         if distributed.any_rank(trained_here):  # same branch on every rank: the rest is collective
             log.info("set_epoch(%d) again after training in it: keeping its frozen plan", epoch)
-            return self._stats[epoch]
+            return self.book.epochs[epoch]
         self._collect_io()
-        self.sync_scores()
+        self.scores.sync()
         summary = plan_epoch(
             self.store.scores,
             self.index,
@@ -283,43 +235,23 @@ class InfoBatch:
             plan_is_shared_by_all=self._shared_by_all,
             writer=self._writer,
         )
-        thresh, seen, learned, kept_per_shard = (
-            summary.threshold,
-            summary.seen,
-            summary.well_learned,
-            summary.kept_per_shard,
-        )
         rank, world_size = distributed.world()
-        total, kept = self.index.num_samples, int(kept_per_shard.sum())
-        per_rank = samples_per_rank(kept, world_size, self.remainder)
-        stats = EpochStats(
-            epoch=epoch,
-            threshold=None if np.isnan(thresh) else thresh,
-            total=total,
-            seen=seen,
-            well_learned=learned,
-            pruned=total - kept,
-            kept=kept,
-            per_rank=per_rank,
-            padded=max(per_rank * world_size - kept, 0),
-            dropped=max(kept - per_rank * world_size, 0),
-        )
-        self._stats[epoch] = stats
-        self.control.publish(epoch, thresh, kept_per_shard, rank, world_size)
+        stats = planned_stats(epoch, summary, self.index.num_samples, world_size, self.remainder)
+        self.book.epochs[epoch] = stats
+        self.control.publish(epoch, summary.threshold, summary.kept_per_shard, rank, world_size)
         self.view.announced.clear()
         self.epoch = epoch
-        log.info(
-            "epoch %d: threshold %.4g, %d seen, %d well-learned, %d pruned, %d kept of %d, %d per rank",
-            epoch,
-            thresh,
-            stats.seen,
-            learned,
-            stats.pruned,
-            kept,
-            total,
-            per_rank,
-        )
         return stats
+
+    def worker_parts(
+        self, epoch: int, worker: int = 0, num_workers: int = 0, kept_per_shard: np.ndarray | None = None
+    ) -> list[Part]:
+        """What loader worker ``worker`` (of ``num_workers``; 0: the main process) of this rank
+        reads in ``epoch``: ``Part(shard, first, stop)`` ranges of kept ordinals in the epoch's
+        shard order, given every shard's kept count (default: the published epoch's)."""
+        kept = np.asarray(self.control.kept_per_shard if kept_per_shard is None else kept_per_shard)
+        order = shard_order(self.index.num_shards, self.config.seed, epoch)
+        return assign(order, kept, self.control.rank, self.control.world_size, worker, num_workers, self.remainder)
 
     def decide_shard(self, shard: int, epoch: int, thresh: float) -> tuple[np.ndarray, np.ndarray]:
         """Keep and boosted masks of one shard (see :meth:`WorkerView.decide_shard`)."""
@@ -332,12 +264,12 @@ class InfoBatch:
     @property
     def epoch_size(self) -> int:
         """Samples the current epoch keeps over all shards."""
-        return self._stats[self.epoch].kept
+        return self.book.epochs[self.epoch].kept
 
     @property
     def samples_per_rank(self) -> int:
         """Samples this rank's loader yields in the current epoch (the same on every rank)."""
-        return self._stats[self.epoch].per_rank
+        return self.book.epochs[self.epoch].per_rank
 
     def num_batches(self, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> int:
         """Batches this rank's loader yields in the current epoch when each of its ``num_workers``
@@ -353,46 +285,12 @@ class InfoBatch:
         sample, is stored instead of the loss when given: e.g. a diffusion loss divided by the
         mean loss at its timestep, so that samples are ranked by difficulty, not by the draw.
         """
-        arr = as_meta_array(meta, self.index.num_samples)
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"update() needs the per-sample loss as a torch.Tensor, got {type(loss).__name__}")
-        if loss.ndim == 0:
-            raise ValueError(
-                "update() got a scalar loss: InfoBatch needs one loss per sample; build the criterion with "
-                "reduction='none' (e.g. nn.CrossEntropyLoss(reduction='none'))"
-            )
-        if loss.ndim != 1:
-            raise ValueError(
-                f"update() got a loss of shape {tuple(loss.shape)}: reduce it to one value per sample first, "
-                "e.g. loss.flatten(1).mean(1)"
-            )
-        if loss.shape[0] != arr.shape[0]:
-            raise ValueError(
-                f"update() got {loss.shape[0]} losses for a batch of {arr.shape[0]} samples; pass the loss "
-                "of exactly the batch whose '__ib__' field you pass"
-            )
-        slots, epochs, boosted = arr[:, SLOT], arr[:, EPOCH], arr[:, BOOSTED].astype(bool)
-        if len(slots) and (np.any(arr[:, TAG] != self.tag) or slots.min() < 0 or slots.max() >= self.index.num_samples):
-            raise MetadataError(
-                "update() got metadata from another index (its index tag or slots do not match this "
-                f"InfoBatch's {self.index.num_samples}-sample index {self.index.path or '<memory>'}): pass the "
-                "'__ib__' field of batches read through this InfoBatch's stages"
-            )
-        if score is not None and tuple(score.shape) != tuple(loss.shape):
-            raise ValueError(
-                f"update() got a score of shape {tuple(score.shape)} for a loss of shape "
-                f"{tuple(loss.shape)}: pass one score per sample"
-            )
-        values = (loss if score is None else score).detach().to(dtype=torch.float32, device="cpu").numpy()
+        slots, epochs, boosted, values = checked_batch(
+            meta, loss, score, self.index.num_samples, self.tag, self.index.path or "<memory>"
+        )
         finite = np.isfinite(values)
-        if distributed.world()[1] > 1:  # the store changes only when ranks exchange: all stay identical
-            self._pending.append(distributed.pack_updates(slots[finite], values[finite]))
-            self._updates += 1
-            if self.sync_every and self._updates % self.sync_every == 0:
-                self.sync_scores()
-        else:
-            self.store.record(slots[finite], values[finite], self.ema_decay)
-        self._count(epochs, finite)
+        self.scores.add(slots[finite], values[finite])
+        self.book.count(epochs, finite, self.epoch, self.control.repeats)
         weights = torch.from_numpy(policy.weights(boosted, self.config)).to(device=loss.device, dtype=loss.dtype)
         return (loss * weights).mean()
 
@@ -401,72 +299,17 @@ class InfoBatch:
         all ranks; ``set_epoch`` does). Every store applies them in the same order, so all end
         identical; when it returns, this node's store holds them all. Returns the number of
         updates exchanged; 0 without a process group."""
-        if distributed.world()[1] == 1:
-            self._pending.clear()
-            return 0
-        packed = np.concatenate(self._pending) if self._pending else np.zeros(0, dtype=distributed.UPDATE)
-        self._pending.clear()
-
-        def apply(slots: np.ndarray, values: np.ndarray) -> None:
-            if self._writer:
-                self.store.record(slots, values, self.ema_decay)
-
-        exchanged = distributed.exchange_updates(packed, apply)
-        distributed.barrier()  # a node's writer has applied everything before any local rank reads
-        return exchanged
-
-    def _count(self, epochs: np.ndarray, finite: np.ndarray) -> None:
-        for epoch in np.unique(epochs).tolist():
-            mask = epochs == epoch
-            stats = self._stats.get(epoch)
-            if stats is None or epoch != self.epoch:
-                self._warn_once(
-                    "stale",
-                    epoch,
-                    f"update() got samples of epoch {epoch} while epoch {self.epoch} is current: "
-                    "was set_epoch() called while an old loader iterator was still running?",
-                )
-            if stats is None:
-                continue
-            stats.trained += int(np.count_nonzero(mask))
-            bad = int(np.count_nonzero(mask & ~finite))
-            if bad:
-                stats.nonfinite += bad
-                self._warn_once(
-                    "nonfinite",
-                    epoch,
-                    f"epoch {epoch}: {bad} non-finite per-sample losses were not stored as scores; "
-                    "see ib.stats()['nonfinite'] for the running count",
-                )
-        if self.control.repeats and self.epoch in self._stats:
-            self._warn_once(
-                "repeat",
-                self.epoch,
-                f"epoch {self.epoch} is being read again without set_epoch(): the same samples are "
-                "kept as in its first pass; call ib.set_epoch(epoch) before each pass",
-            )
-
-    def _warn_once(self, kind: str, epoch: int, message: str) -> None:
-        if (kind, epoch) not in self._warned:
-            self._warned.add((kind, epoch))
-            log.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
+        return self.scores.sync()
 
     def stats(self) -> list[dict[str, Any]]:
         """Per-epoch figures: threshold, seen, well_learned, pruned, kept, trained, nonfinite,
         and the reader's I/O (bytes_read, bytes_skipped, requests, shards_read, shards_skipped,
         shards_failed)."""
         self._collect_io()
-        return [asdict(self._stats[e]) for e in sorted(self._stats)]
+        return self.book.as_dicts()
 
     def _collect_io(self) -> None:
-        """Copy the workers' I/O counters of the current epoch into its stats."""
-        stats = self._stats.get(self.epoch)
-        if stats is None:
-            return
-        for name, value in self.control.io_totals().items():
-            setattr(stats, name, value)
-        stats.repeated_passes = self.control.repeats
+        self.book.add_io(self.epoch, self.control.io_totals(), self.control.repeats)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -478,60 +321,22 @@ class InfoBatch:
         pending updates: save each rank's, or call ``sync_scores()`` on all ranks first.
         """
         self._collect_io()
-        pending = np.concatenate(self._pending) if self._pending else np.zeros(0, dtype=distributed.UPDATE)
+        pending = self.scores.pending_updates()
         return {
             "format": 1,
             "index_fingerprint": self.index.fingerprint,
             "num_samples": self.index.num_samples,
-            "config": self._settings(),
+            "config": self.settings.recorded(),
             "epoch": self.epoch,
             "threshold": self.control.threshold,
-            "stats": [asdict(self._stats[e]) for e in sorted(self._stats)],
-            "updates": self._updates,
+            "stats": self.book.as_dicts(),
+            "updates": self.scores.updates,
             "scores": torch.from_numpy(np.array(self.store.scores)),
             "plan": torch.from_numpy(np.array(self.plan.shared.array)),
             "kept_per_shard": torch.from_numpy(np.array(self.control.kept_per_shard)),
             "pending_slots": torch.from_numpy(np.ascontiguousarray(pending["slot"])),
             "pending_losses": torch.from_numpy(np.ascontiguousarray(pending["loss"])),
         }
-
-    def _settings(self) -> dict[str, Any]:
-        """The settings a state records (and a mid-epoch resume must keep some of)."""
-        c = self.config
-        return {
-            "num_epochs": int(c.num_epochs),
-            "prune_ratio": float(c.prune_ratio),
-            "delta": float(c.delta),
-            "seed": int(c.seed),
-            "granularity": int(c.block_size),
-            "remainder": self.remainder,
-            "ema_decay": self.ema_decay,
-        }
-
-    def _agree(
-        self,
-        call: str,
-        failure: BaseException | None = None,
-        peer_error: type[Exception] = RuntimeError,
-        extra: Any = None,
-        **values: Any,
-    ) -> list[Any]:
-        """Every rank has the same index, settings and ``values`` in this ``call``, or every rank
-        raises (one small gather; see :func:`distributed.agree`). Every rank's ``extra``, by rank."""
-        shown = {"call": call}
-        if failure is None:
-            values = {
-                "call": call,
-                **values,
-                **self._settings(),
-                "sync_every": self.sync_every,
-                "share_store": self.share_store,
-                "index": self.index.fingerprint,
-            }
-            shown["index"] = f"fingerprint {self.index.fingerprint[:12]} ({self.index.path or '<memory>'})"
-        else:
-            values = {"call": call}
-        return distributed.agree(values, _AGREE_HINTS, shown, failure, peer_error, extra)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`: the store, the epoch and its frozen plan (republished as
@@ -541,76 +346,37 @@ class InfoBatch:
         rest of that epoch (``seed``, ``remainder``, ``prune_ratio``, see
         :data:`MID_EPOCH_SETTINGS`): :class:`SettingsMismatchError` otherwise. Other changes,
         and any change at an epoch boundary, are kept from this InfoBatch with a warning."""
-        failure, saved, progress = None, None, None
+        failure, saved, partway = None, None, None
+        mine = self.settings.recorded()
         try:
             check_state(state, self.index)
-            config = {"ema_decay": 0.0, **state["config"]}  # states written before the option existed
-            saved = {"epoch": int(state["epoch"]), **{k: config.get(k) for k in self._settings()}}
-            progress = _progress(state)
+            saved, partway = saved_settings(state, mine), progress(state)
         except Exception as e:  # noqa: BLE001 - raised below, on every rank
             failure = e
-        extras = self._agree(
+        extras = agree(
             "ib.load_state_dict()",
+            self.settings,
+            self.index,
             failure=failure,
             peer_error=CheckpointError,
-            extra={"saved": saved, "progress": progress},
+            extra={"saved": saved, "progress": partway},
         )
-        self._check_resume(extras)
+        check_resume(extras, mine)
         if self._writer:
             self.store.scores[:] = np.asarray(state["scores"])
             self.plan.shared.array[:] = np.asarray(state["plan"])
         distributed.barrier()
         rank, world_size = distributed.world()
-        self._stats = {int(d["epoch"]): EpochStats(**d) for d in state["stats"]}
+        self.book.epochs = {int(d["epoch"]): EpochStats(**d) for d in state["stats"]}
         self.epoch = int(state["epoch"])
-        current = self._stats.get(self.epoch)
-        if current is not None:  # the split over ranks follows this job's world size
-            current.per_rank = samples_per_rank(current.kept, world_size, self.remainder)
-            current.padded = max(current.per_rank * world_size - current.kept, 0)
-            current.dropped = max(current.kept - current.per_rank * world_size, 0)
+        self.book.split(self.epoch, world_size, self.remainder)  # the split over ranks follows this job
         self.control.publish(
             self.epoch, float(state["threshold"]), np.asarray(state["kept_per_shard"]), rank, world_size
         )
-        self._updates = int(state["updates"])
-        slots, losses = np.asarray(state["pending_slots"]), np.asarray(state["pending_losses"])
-        self._pending = [distributed.pack_updates(slots, losses)] if len(slots) else []
+        self.scores.restore(
+            np.asarray(state["pending_slots"]), np.asarray(state["pending_losses"]), int(state["updates"])
+        )
         self.view.announced.clear()
-
-    def _check_resume(self, extras: list[dict[str, Any]]) -> None:
-        """Refuse, on every rank alike (``extras``: every rank's saved settings and progress), a
-        mid-epoch resume that would change the rest of the epoch; warn about other changes."""
-        saved_by_rank = [{f"saved {k}": v for k, v in x["saved"].items()} for x in extras]
-        differ = distributed.differences(saved_by_rank)
-        if differ:
-            raise SettingsMismatchError(
-                "; ".join(text for _, text in differ) + "; every rank must load a state "
-                "saved by this run at the same step (each rank's own, or rank 0's after "
-                "ib.sync_scores())"
-            )
-        saved, mine = extras[0]["saved"], self._settings()
-        epoch = saved.pop("epoch")
-        changed = {k: (saved[k], v) for k, v in mine.items() if saved[k] != v}
-        if not changed:
-            return
-        partway = [(r, x["progress"]) for r, x in enumerate(extras) if x["progress"] is not None]
-        refused = {k: ab for k, ab in changed.items() if k in MID_EPOCH_SETTINGS}
-        listing = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
-        if partway and refused:
-            r, (trained, per_rank) = partway[0]
-            who = "" if len(extras) == 1 else f"rank {r} "
-            keep = ", ".join(f"{k}={a!r}" for k, (a, _) in refused.items())
-            raise SettingsMismatchError(
-                f"this state was saved partway through epoch {epoch} ({who}had trained {trained} of its {per_rank} "
-                f"samples) with other settings than this InfoBatch's: "
-                + "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in refused.items())
-                + f". They decide which samples the rest of epoch {epoch} reads and how they are weighted: some "
-                f"would be trained twice and others never. Resume with the saved settings (InfoBatch(..., {keep})), "
-                "or resume from a state saved at an epoch boundary to change them"
-            )
-        when = f"the rest of epoch {epoch} keeps its saved plan" if partway else "the next epoch planned uses them"
-        message = f"restoring a state saved with other settings, keeping this InfoBatch's ({when}): {listing}"
-        log.warning(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
 
     def save(self, path: str) -> None:
         """Write :meth:`state_dict` to one file, atomically (temp file, fsync, rename): a crash or a
@@ -620,11 +386,3 @@ class InfoBatch:
     def load(self, path: str) -> None:
         """Restore what :meth:`save` wrote (a collective with several ranks)."""
         self.load_state_dict(load_state(path))
-
-    # ---- pickling for spawn workers --------------------------------------------------------------
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_stats"] = {}
-        state["_warned"] = set()
-        state["_pending"] = []
-        return state
