@@ -1,81 +1,43 @@
-"""Fixtures shared by the test modules: real servers on 127.0.0.1."""
+"""Fixtures shared by the test modules: shards and their index, and real servers on 127.0.0.1.
+
+Helpers that are plain functions (shard writers, loaders, the fixed loss) are in ``helpers``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from infobatch_stream import DatasetIndex
+from infobatch_stream.rangeserver import RangeServer
+from tests.helpers.data import make_index
+from tests.helpers.servers import S3Server
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+@pytest.fixture(scope="session")
+def shared_shards(tmp_path_factory) -> Callable[..., tuple[list[str], DatasetIndex]]:
+    """``shared_shards(num_shards, per_shard)``: ``make_index``'s shards and index, written once per
+    session for each size and shared by every test that asks for that size. Read-only: a test
+    that changes shards or the index writes its own with ``make_index``."""
+    made: dict[tuple[int, int], tuple[list[str], DatasetIndex]] = {}
+
+    def get(num_shards: int, per_shard: int) -> tuple[list[str], DatasetIndex]:
+        if (num_shards, per_shard) not in made:
+            folder = tmp_path_factory.mktemp(f"shards-{num_shards}x{per_shard}")
+            made[num_shards, per_shard] = make_index(str(folder), num_shards=num_shards, per_shard=per_shard)
+        return made[num_shards, per_shard]
+
+    return get
 
 
-class S3Server:
-    """``moto``'s S3 API server in a subprocess, and the environment a client needs to use it."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2).read()
-                break
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.2)
-        self.env = {
-            "AWS_ENDPOINT_URL": self.url,
-            "AWS_ACCESS_KEY_ID": "test-key",
-            "AWS_SECRET_ACCESS_KEY": "test-secret",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_REGION": "us-east-1",
-        }
-
-    def client(self):  # type: ignore[no-untyped-def]
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.url,
-            aws_access_key_id="test-key",
-            aws_secret_access_key="test-secret",
-            region_name="us-east-1",
-        )
-
-    def upload(self, bucket: str, files: list[str], prefix: str) -> list[str]:
-        client = self.client()
-        try:
-            client.create_bucket(Bucket=bucket)
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            pass
-        urls = []
-        for path in files:
-            key = f"{prefix}/{os.path.basename(path)}"
-            client.upload_file(path, bucket, key)
-            urls.append(f"s3://{bucket}/{key}")
-        return urls
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+@pytest.fixture
+def range_server() -> Iterator[Callable[..., str]]:
+    """``range_server(root, **behaviour)``: ``RangeServer(root, **behaviour)`` started in this
+    process; its base URL. Stopped when the test ends."""
+    with contextlib.ExitStack() as running:
+        yield lambda root, **behaviour: running.enter_context(RangeServer(os.fspath(root), **behaviour))
 
 
 @pytest.fixture(scope="session")

@@ -17,11 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
-from _data import make_index, train_epochs
-from torch.utils.data import DataLoader
 
-from infobatch_stream import META_KEY, InfoBatch
+from infobatch_stream import InfoBatch
 from infobatch_stream.checkpoint import (
     MAGIC,
     MAGIC_V1,
@@ -32,17 +29,19 @@ from infobatch_stream.checkpoint import (
     save_state,
 )
 from infobatch_stream.cli import main
+from tests.helpers.data import train_epochs
+from tests.helpers.loaders import meta_loader
 
 ARRAYS = ("scores", "plan", "kept_per_shard", "pending_slots", "pending_losses")
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, shared_shards):
     """A real run's checkpoint (3 epochs, 2 pruning), its bytes, and its state as numpy values."""
     folder = tmp_path_factory.mktemp("ckpt")
-    _, index = make_index(str(folder / "shards"), num_shards=4, per_shard=10)
+    _, index = shared_shards(4, 10)
     ib = InfoBatch(index, num_epochs=3, prune_ratio=0.5, delta=1.0)
-    train_epochs(ib, DataLoader(ib.dataset(wds.to_tuple(META_KEY)), batch_size=5), 3)
+    train_epochs(ib, meta_loader(ib, 5), 3)
     path = str(folder / "state.ibs")
     ib.save(path)
     reference = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in ib.state_dict().items()}

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import torch
 import webdataset as wds
-from _data import write_shards
 
 from infobatch_stream import META_KEY, DatasetIndex, InfoBatch
+from tests.helpers.data import write_shards
 
 
 def run_cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:

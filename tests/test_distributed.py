@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from collections import Counter
 from datetime import timedelta
@@ -20,12 +19,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import webdataset as wds
-from _data import make_index, slot_loss, write_sized_shards
 from torch.utils.data import DataLoader
 
 from infobatch_stream import META_KEY, CheckpointError, InfoBatch, SettingsMismatchError, build_index, planner
 from infobatch_stream.distributed import all_gather_updates
 from infobatch_stream.stages import shard_order
+from tests.helpers.data import make_index, slot_loss, write_sized_shards
+from tests.helpers.loaders import data_loader, read_stages
+from tests.helpers.servers import free_port
 
 EPOCHS = 3
 BATCH = 8
@@ -36,12 +37,6 @@ CONFIG = dict(num_epochs=EPOCHS, prune_ratio=0.5, delta=1.0, seed=7)
 
 
 # ---- running a group -------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_entry(rank: int, world_size: int, port: int, scenario: str, args: tuple, out: str) -> None:
@@ -65,7 +60,7 @@ def run_group(world_size: int, scenario: str, args: tuple, out: str) -> list[dic
     """Start ``world_size`` spawned ranks running ``scenario``; their results, by rank."""
     os.makedirs(out, exist_ok=True)
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_rank_entry, args=(r, world_size, port, scenario, args, out)) for r in range(world_size)
     ]
@@ -92,19 +87,12 @@ def run_group(world_size: int, scenario: str, args: tuple, out: str) -> list[dic
 
 
 def _pipeline(ib: InfoBatch, path: str, shuffle: int = 0) -> wds.DataPipeline:
-    reading = [ib.tarfile_to_samples()] if path == "reader" else [wds.tarfile_to_samples(), ib.filter()]
-    stages = [ib.shards(), *reading] + ([wds.shuffle(shuffle)] if shuffle else []) + [wds.to_tuple(META_KEY)]
-    return wds.DataPipeline(*stages)
+    shuffled = [wds.shuffle(shuffle)] if shuffle else []
+    return wds.DataPipeline(ib.shards(), *read_stages(ib, path), *shuffled, wds.to_tuple(META_KEY))
 
 
 def _loader(ib: InfoBatch, path: str, num_workers: int, shuffle: int = 0) -> DataLoader:
-    return DataLoader(
-        _pipeline(ib, path, shuffle),
-        batch_size=BATCH,
-        num_workers=num_workers,
-        multiprocessing_context="fork" if num_workers else None,
-        persistent_workers=num_workers > 0,
-    )
+    return data_loader(_pipeline(ib, path, shuffle), BATCH, num_workers, context="fork", persistent=True)
 
 
 def _train(ib: InfoBatch, loader: DataLoader, epochs: int = EPOCHS, step=None) -> dict:

@@ -49,26 +49,28 @@ def run_example(cmd: list[str]) -> dict:
     return json.loads(lines[0])
 
 
+def torchrun(*args: str) -> list[str]:
+    """The example under torchrun: two local ranks, ``--quick``, then ``args``."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(EXAMPLE),
+        "--quick",
+        *args,
+    ]
+
+
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("ddp_out"))
 
 
 def test_torchrun_two_ranks(out_dir):
-    summary = run_example(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(EXAMPLE),
-            "--quick",
-            "--out",
-            out_dir,
-        ]
-    )
+    summary = run_example(torchrun("--out", out_dir))
     assert summary["world_size"] == 2 and summary["epochs"] == 6
     steps = summary["steps_per_rank"]
     assert len(steps) == 2 and steps[0] == steps[1] > 0, f"unequal steps per rank: {steps}"
@@ -92,22 +94,7 @@ def test_torchrun_two_ranks_from_s3(s3_server, tmp_path):
     out = tmp_path / "s3run"
     out.mkdir()
     s3_server.upload("ddp-bucket", urls, "train")
-    summary = run_example(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(EXAMPLE),
-            "--quick",
-            "--shards",
-            "s3://ddp-bucket/train/*.tar",
-            "--out",
-            str(out),
-        ]
-    )
+    summary = run_example(torchrun("--shards", "s3://ddp-bucket/train/*.tar", "--out", str(out)))
     assert summary["world_size"] == 2
     steps = summary["steps_per_rank"]
     assert steps[0] == steps[1] > 0 and summary["saved"] > 0  # user shards: the example does not evaluate

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from _data import make_index, slot_loss, train_epochs
-from torch.utils.data import DataLoader
 
-from infobatch_stream import META_KEY, DatasetIndex, InfoBatch, build_index
+from infobatch_stream import DatasetIndex, InfoBatch, build_index
 from infobatch_stream.checkpoint import CheckpointError, load_state, save_state
 from infobatch_stream.reader import StaleIndexError
+from tests.helpers.data import make_index, slot_loss, train_epochs
+from tests.helpers.loaders import meta_loader
 
 
 @pytest.fixture
@@ -28,8 +28,7 @@ def dataset(tmp_path):
 
 
 def _trained(ib: InfoBatch, epochs: int = 2) -> InfoBatch:
-    loader = DataLoader(ib.dataset(wds.to_tuple(META_KEY)), batch_size=5)
-    train_epochs(ib, loader, epochs)
+    train_epochs(ib, meta_loader(ib, 5), epochs)
     return ib
 
 
@@ -145,19 +144,13 @@ def test_a_dead_loader_worker_is_an_error_and_the_next_epoch_works(dataset):
     _, index = dataset
     ib = InfoBatch(index, num_epochs=3, prune_ratio=0.5, delta=1.0)
     ib.set_epoch(0)
-    dying = DataLoader(
-        ib.dataset(wds.map(_die_in_worker), wds.to_tuple(META_KEY)),
-        batch_size=5,
-        num_workers=2,
-        multiprocessing_context="fork",
-        timeout=60,
-    )
+    dying = meta_loader(ib, 5, wds.map(_die_in_worker), num_workers=2, context="fork", timeout=60)
     with pytest.raises(RuntimeError, match="DataLoader worker.*(killed|exited)"):
         for (meta,) in dying:
             ib.update(meta, slot_loss(meta))
     before = np.array(ib.store.scores)
     assert not np.isinf(before).any()  # only whole batches were recorded
-    loader = DataLoader(ib.dataset(wds.to_tuple(META_KEY)), batch_size=5, num_workers=2, multiprocessing_context="fork")
+    loader = meta_loader(ib, 5, num_workers=2, context="fork")
     ib.set_epoch(1)
     trained = [s for (meta,) in loader for s in (ib.update(meta, slot_loss(meta)), meta[:, 0].tolist())[1]]
     assert len(trained) == ib.stats()[1]["kept"]

@@ -1,7 +1,7 @@
 """Random tar layouts through the two layers above the header scanner: the index builder and the
 skip-aware reader (``ib.tarfile_to_samples()``).
 
-Layouts come from ``test_tarscan.layouts()`` (directories, GNU long names, PAX paths, odd
+Layouts come from ``helpers.tars.layouts()`` (directories, GNU long names, PAX paths, odd
 suffixes, sizes around the 512-byte block), written as real ``.tar`` or ``.tar.gz`` files. The
 reference is WebDataset reading the same file. Whatever is done to a shard (cut at any byte, grown,
 header bytes overwritten), the answer must be the right samples or a clear error naming the
@@ -24,12 +24,12 @@ import torch
 import webdataset as wds
 from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
-from shards import sample_fields, wds_samples
-from test_tarscan import build_layout, fails_instead_of_hanging, layouts, members_of, wds_samples_of_bytes
 
 from infobatch_stream import META_KEY, DatasetIndex, InfoBatch, build_index
 from infobatch_stream.reader import StaleIndexError
 from infobatch_stream.tarscan import BLOCK, TarFormatError
+from tests.helpers.guards import fails_instead_of_hanging
+from tests.helpers.tars import build_layout, layouts, members_of, sample_fields, wds_samples, wds_samples_of_bytes
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DUPLICATE = "duplicate"  # WebDataset refuses a sample that repeats a suffix

@@ -12,16 +12,6 @@ import tarfile
 
 import numpy as np
 import pytest
-from shards import (
-    HAVE_GNU_TAR,
-    gnu_tar,
-    make_tree,
-    payload,
-    sample_fields,
-    wds_samples,
-    write_tar,
-    write_wds_shards,
-)
 
 from infobatch_stream.index import (
     _ARRAYS,
@@ -34,6 +24,16 @@ from infobatch_stream.index import (
     normalize_url,
 )
 from infobatch_stream.tarscan import ShardSamples, TarFormatError
+from tests.helpers.tars import (
+    HAVE_GNU_TAR,
+    gnu_tar,
+    make_tree,
+    payload,
+    sample_fields,
+    wds_samples,
+    write_tar,
+    write_wds_shards,
+)
 
 # ---- a small, varied dataset -----------------------------------------------------------------------
 

@@ -3,18 +3,30 @@ reader with every ``verify`` setting, give only correct samples or a clear error
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import shutil
 import tarfile
 
 import numpy as np
 import pytest
 import webdataset as wds
-from shards import HAVE_GNU_TAR, gnu_tar, make_tree, payload, write_tar
 
-from infobatch_stream import InfoBatch, InfoBatchError, StaleIndexError, build_index
+from infobatch_stream import (
+    IndexMismatchError,
+    InfoBatch,
+    InfoBatchError,
+    ShardAssignmentError,
+    StaleIndexError,
+    TarFormatError,
+    build_index,
+)
+from infobatch_stream.index import DatasetIndex
 from infobatch_stream.meta import META_KEY, SLOT
-from infobatch_stream.rangeserver import RangeServer
+from tests.helpers.data import make_index, write_shards
+from tests.helpers.loaders import data_loader, read_stages
+from tests.helpers.tars import HAVE_GNU_TAR, gnu_tar, make_tree, payload, write_tar
 
 MTIME = 1_700_000_000
 PER_SHARD = 12
@@ -148,14 +160,14 @@ def test_local_and_pipe_rewrites_give_correct_samples_or_an_error(shards, writer
 
 
 @pytest.mark.parametrize("rewrite", ["reordered", "renamed", "shrunk"])
-def test_http_rewrites_give_correct_samples_or_an_error(shards, rewrite):
+def test_http_rewrites_give_correct_samples_or_an_error(shards, range_server, rewrite):
     paths, entries = shards("pax")
-    with RangeServer(os.path.dirname(paths[0])) as base:
-        urls = [f"{base}/{os.path.basename(p)}" for p in paths]
-        index = build_index(urls)
-        entries_now = _rewrite(paths[0], rewrite, "pax", entries)
-        outcomes = _exercise(urls, index, _truth(entries_now), urls[0])
-        assert outcomes["error"] >= 6, outcomes
+    base = range_server(os.path.dirname(paths[0]))
+    urls = [f"{base}/{os.path.basename(p)}" for p in paths]
+    index = build_index(urls)
+    entries_now = _rewrite(paths[0], rewrite, "pax", entries)
+    outcomes = _exercise(urls, index, _truth(entries_now), urls[0])
+    assert outcomes["error"] >= 6, outcomes
 
 
 @pytest.mark.parametrize("rewrite", ["reordered", "renamed"])
@@ -199,15 +211,6 @@ def test_upper_case_suffixes_and_long_names_pass_the_exact_check(tmp_path):
 
 
 # ---- the index: damaged arrays, a rebuild under a running job, bad entries ---------------------
-
-import json  # noqa: E402
-import pickle  # noqa: E402
-
-from _data import make_index, write_shards  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from infobatch_stream import IndexMismatchError, ShardAssignmentError, TarFormatError  # noqa: E402
-from infobatch_stream.index import DatasetIndex  # noqa: E402
 
 
 def _damage(path: str, array: str, change) -> None:  # type: ignore[no-untyped-def]
@@ -300,12 +303,7 @@ def test_an_index_rebuilt_at_its_path_during_a_run_is_refused_by_workers(tmp_pat
     build_index(urls[:1], path)
     with pytest.raises(IndexMismatchError, match="changed after the training process loaded it"):
         pickle.loads(pickle.dumps(ib)).index.keys(0)
-    loader = DataLoader(
-        wds.DataPipeline(ib.shards(), ib.tarfile_to_samples()),
-        batch_size=None,
-        num_workers=1,
-        multiprocessing_context="spawn",
-    )
+    loader = data_loader(wds.DataPipeline(ib.shards(), ib.tarfile_to_samples()), None, 1, context="spawn")
     with pytest.raises(Exception, match="changed after the training process loaded it"):
         list(loader)
 
@@ -363,19 +361,12 @@ def test_every_spelling_gopen_would_run_is_refused(tmp_path, url):
 def test_a_splitter_after_ib_shards_is_an_error(tmp_path, path):
     urls, index = make_index(str(tmp_path), num_shards=4, per_shard=10)
     ib = InfoBatch(index, num_epochs=2)
-    reading = [ib.tarfile_to_samples()] if path == "reader" else [wds.tarfile_to_samples(), ib.filter()]
-    loader = DataLoader(
-        wds.DataPipeline(ib.shards(), wds.split_by_worker, *reading),
-        batch_size=None,
-        num_workers=2,
-        multiprocessing_context="fork",
-    )
+    reading = read_stages(ib, path)
+    loader = data_loader(wds.DataPipeline(ib.shards(), wds.split_by_worker, *reading), None, 2, context="fork")
     with pytest.raises(ShardAssignmentError, match="split_by_worker"):
         list(loader)
     # without the splitter: every sample once
-    loader = DataLoader(
-        wds.DataPipeline(ib.shards(), *reading), batch_size=None, num_workers=2, multiprocessing_context="fork"
-    )
+    loader = data_loader(wds.DataPipeline(ib.shards(), *reading), None, 2, context="fork")
     assert len(list(loader)) == 40
 
 

@@ -31,9 +31,9 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from _data import write_sized_shards
 
 from infobatch_stream import META_KEY, InfoBatch, build_index
+from tests.helpers.data import write_sized_shards
 
 SHARD_SIZES = [600, 350, 500, 450, 700, 400, 550, 450]  # 4,000 samples, uneven shards
 NUM_SAMPLES = sum(SHARD_SIZES)

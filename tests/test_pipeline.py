@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from _data import make_index, slot_loss, train_epochs, write_sized_shards
 from torch.utils.data import DataLoader
 
 from infobatch_stream import (
@@ -24,15 +23,15 @@ from infobatch_stream import (
 )
 from infobatch_stream.meta import as_meta_array
 from infobatch_stream.stages import shard_order
+from tests.helpers.data import make_index, slot_loss, train_epochs, write_sized_shards
+from tests.helpers.loaders import data_loader, read_stages
 
 EPOCHS = 4
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shards")
-    urls, index = make_index(str(folder), num_shards=8, per_shard=40)
-    return urls, index
+def dataset(shared_shards):
+    return shared_shards(8, 40)
 
 
 def batched_pipeline(ib: InfoBatch) -> wds.DataPipeline:
@@ -45,13 +44,7 @@ def train_slots(
     ib: InfoBatch, num_workers: int, epochs: int = EPOCHS, persistent: bool = False, context: str | None = None
 ) -> list[list[int]]:
     """Run ``epochs`` passes with the fixed per-slot loss; return the slots trained in each."""
-    loader = DataLoader(
-        batched_pipeline(ib),
-        batch_size=None,
-        num_workers=num_workers,
-        persistent_workers=persistent and num_workers > 0,
-        multiprocessing_context=context if num_workers > 0 else None,
-    )
+    loader = data_loader(batched_pipeline(ib), None, num_workers, context=context, persistent=persistent)
     return train_epochs(ib, loader, epochs)
 
 
@@ -362,12 +355,8 @@ def test_a_shard_listed_twice_is_read_once_per_entry(tmp_path, path, num_workers
     urls = write_sized_shards(str(tmp_path), [20, 30])
     index = build_index([urls[0], urls[1], urls[0]], str(tmp_path / "index.json"))
     ib = InfoBatch(index, num_epochs=4, prune_ratio=0.5, delta=1.0, seed=1)
-    reading = [ib.tarfile_to_samples()] if path == "reader" else [wds.tarfile_to_samples(), ib.filter()]
-    loader = DataLoader(
-        wds.DataPipeline(ib.shards(), *reading, wds.to_tuple(META_KEY)),
-        batch_size=4,
-        num_workers=num_workers,
-        multiprocessing_context="fork" if num_workers else None,
+    loader = data_loader(
+        wds.DataPipeline(ib.shards(), *read_stages(ib, path), wds.to_tuple(META_KEY)), 4, num_workers, context="fork"
     )
     for epoch, slots in enumerate(train_epochs(ib, loader, 3)):
         planned = np.flatnonzero(ib.plan.read(0, 70)[0]) if epoch == 2 else None

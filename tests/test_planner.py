@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _data import make_index
 
 from infobatch_stream import InfoBatch, planner
 from infobatch_stream.control import EpochPlan
+from tests.helpers.data import make_index
 
 
 @pytest.mark.parametrize("block", [8, 24, 64, 1 << 20])

@@ -6,13 +6,9 @@ InfoBatch with the same configuration and the same score history."""
 from __future__ import annotations
 
 import gzip
-import http.client
-import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +16,15 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from _data import make_index, slot_loss, train_epochs
-from shards import HAVE_GNU_TAR, gnu_tar, make_tree, write_wds_shards
-from torch.utils.data import DataLoader
 
 from infobatch_stream import META_KEY, DatasetIndex, InfoBatch, build_index, policy
 from infobatch_stream import reader as reader_mod
+from infobatch_stream.bench import RangeServerProcess
 from infobatch_stream.reader import HTTP_MERGE_GAP, LOCAL_MERGE_GAP, StaleIndexError, plan_ranges
 from infobatch_stream.storage import StorageError
+from tests.helpers.data import make_index, slot_loss, train_epochs
+from tests.helpers.loaders import data_loader
+from tests.helpers.tars import HAVE_GNU_TAR, gnu_tar, make_tree, write_wds_shards
 
 EPOCHS = 4
 CONFIG = dict(num_epochs=EPOCHS, prune_ratio=0.5, delta=0.75, seed=7)  # epochs 1, 2 prune; 3 is full
@@ -39,7 +36,7 @@ def _bytes(rng: np.random.Generator, n: int) -> bytes:
     return rng.bytes(n) if n else b""
 
 
-def wds_samples(n: int) -> list[dict]:
+def varied_samples(n: int) -> list[dict]:
     """Varied samples: empty members, multiples of 512, several suffixes, an upper-case suffix,
     a two-dot suffix and a few ~200 KB members."""
     rng = np.random.default_rng(1)
@@ -121,7 +118,7 @@ def corpus(tmp_path_factory) -> Corpus:
     root = str(tmp_path_factory.mktemp("reader"))
     plain_dir = os.path.join(root, "plain")
     os.makedirs(plain_dir)
-    paths = write_wds_shards(plain_dir, wds_samples(66), maxcount=22, name="wds")
+    paths = write_wds_shards(plain_dir, varied_samples(66), maxcount=22, name="wds")
     if HAVE_GNU_TAR:
         tree = os.path.join(root, "tree")
         members = gnu_tree(tree)
@@ -144,55 +141,16 @@ def local_index(corpus) -> tuple[list[str], DatasetIndex]:
     return urls, build_index(urls)
 
 
-# ---- the HTTP server -------------------------------------------------------------------------------
-
-
-class Server:
-    """``python -m infobatch_stream.rangeserver ROOT --port 0`` as a subprocess."""
-
-    def __init__(self, root: str, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "infobatch_stream.rangeserver", root, "--port", "0", *extra],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        line = self.proc.stdout.readline()  # type: ignore[union-attr]
-        match = re.search(r"(http://127\.0\.0\.1:\d+)\s*$", line)
-        if not match:
-            self.stop()
-            raise RuntimeError(f"rangeserver did not print its URL: {line!r}")
-        self.url = match.group(1)
-        self.netloc = self.url[len("http://") :]
-
-    def _get(self, path: str) -> dict:
-        conn = http.client.HTTPConnection(self.netloc, timeout=10)
-        try:
-            conn.request("GET", path)
-            return json.loads(conn.getresponse().read())
-        finally:
-            conn.close()
-
-    def reset(self) -> None:
-        self._get("/__reset__")
-
-    def stats(self) -> dict:
-        return self._get("/__stats__")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        if self.proc.stdout:
-            self.proc.stdout.close()
+# ---- the HTTP server: ``python -m infobatch_stream.rangeserver ROOT`` in a subprocess ----------------
 
 
 @pytest.fixture(scope="module")
 def server(corpus):
-    srv = Server(corpus.root)
+    srv = RangeServerProcess(corpus.root)
     try:
         yield srv
     finally:
-        srv.stop()
+        srv.close()
 
 
 @pytest.fixture(autouse=True)
@@ -281,7 +239,7 @@ def check_identity(
     *,
     merge_gap: int | None = None,
     config: dict | None = None,
-    server: Server | None = None,
+    server: RangeServerProcess | None = None,
     epochs: int = EPOCHS,
     **reader_kw: Any,
 ) -> list[EpochRun]:
@@ -423,7 +381,7 @@ def test_identity_http(http_index, server, merge_gap):
 
 def test_identity_http_without_range_support(corpus):
     """A server that ignores Range (200 with the whole body): same samples, one GET per shard."""
-    srv = Server(corpus.root, "--no-ranges")
+    srv = RangeServerProcess(corpus.root, "--no-ranges")
     try:
         urls = [f"{srv.url}/{rel}" for rel in corpus.plain]
         index = build_index(urls)
@@ -435,7 +393,7 @@ def test_identity_http_without_range_support(corpus):
             # the server had already sent (into socket buffers) the whole body
             assert run.stats["bytes_read"] <= run.served["bytes"] == run.plan.opened_filesize
     finally:
-        srv.stop()
+        srv.close()
 
 
 def test_identity_http_through_redirects(corpus, server):
@@ -674,13 +632,7 @@ def test_stale_over_http(corpus, server):
 def _train_with_loader(index: DatasetIndex, num_workers: int, epochs: int = 3) -> tuple[list[list[int]], list[dict]]:
     ib = InfoBatch(index, num_epochs=epochs, prune_ratio=0.5, delta=1.0, seed=11)
     pipeline = wds.DataPipeline(ib.shards(), ib.tarfile_to_samples(), wds.to_tuple("__key__", META_KEY), wds.batched(8))
-    loader = DataLoader(
-        pipeline,
-        batch_size=None,
-        num_workers=num_workers,
-        multiprocessing_context="fork" if num_workers else None,
-        persistent_workers=num_workers > 0,
-    )
+    loader = data_loader(pipeline, None, num_workers, context="fork", persistent=True)
     slots = train_epochs(ib, loader, epochs)
     stats = ib.stats()
     assert [len(s) for s in slots] == [s["kept"] for s in stats]  # each epoch yields its planned size

@@ -13,25 +13,24 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
-from _data import make_index, train_epochs
-from torch.utils.data import DataLoader
 
-from infobatch_stream import META_KEY, InfoBatch, report
+from infobatch_stream import InfoBatch, report
 from infobatch_stream.cli import build_parser, main
 from infobatch_stream.planner import BLOCK
 from infobatch_stream.policy import seen_sum_count
+from tests.helpers.data import train_epochs
+from tests.helpers.loaders import meta_loader
 
 EPOCHS = 4
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, shared_shards):
     """One real run (4 epochs, 2 of them pruning) saved every way the report reads."""
     folder = tmp_path_factory.mktemp("report")
-    _, index = make_index(str(folder / "shards"), num_shards=4, per_shard=10)
+    _, index = shared_shards(4, 10)
     ib = InfoBatch(index, num_epochs=EPOCHS, delta=0.75)
-    train_epochs(ib, DataLoader(ib.dataset(wds.to_tuple(META_KEY)), batch_size=5), EPOCHS)
+    train_epochs(ib, meta_loader(ib, 5), EPOCHS)
     paths = {
         kind: str(folder / name)
         for kind, name in (

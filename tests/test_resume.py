@@ -7,32 +7,32 @@ import subprocess
 import sys
 import warnings
 
-import _resume_child as child
 import numpy as np
 import pytest
-import webdataset as wds
-from _data import make_index, slot_loss
 
-from infobatch_stream import META_KEY, InfoBatch, SettingsMismatchError
-from infobatch_stream import infobatch as infobatch_module
+from infobatch_stream import InfoBatch, SettingsMismatchError
+from infobatch_stream import resume as resume_module
 from infobatch_stream.infobatch import MID_EPOCH_SETTINGS
+from tests.helpers import resume_child as child
+from tests.helpers.data import make_index, slot_loss
+from tests.helpers.loaders import meta_loader
 
-CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_resume_child.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the child runs as tests.helpers.resume_child
 EVERY = 5
 KILLS = 2
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory):
+def index_path(tmp_path_factory) -> str:
     _, index = make_index(str(tmp_path_factory.mktemp("resume")), num_shards=5, per_shard=17)
     return index.path
 
 
 @pytest.mark.parametrize("kind", ["sdl0", "sdl2", "nodes", "nodes-threads"])
-def test_sigkill_and_resume_is_exact(index, tmp_path, kind):
+def test_sigkill_and_resume_is_exact(index_path, tmp_path, kind):
     reference_dir = tmp_path / "reference"
     reference_dir.mkdir()
-    reference_scores = child.train(index, str(reference_dir), kind, EVERY)  # uninterrupted, in this process
+    reference_scores = child.train(index_path, str(reference_dir), kind, EVERY)  # uninterrupted, in this process
     reference = np.fromfile(reference_dir / "slots.bin", dtype=np.int64)
     steps = -(-len(reference) // child.BATCH)
     rng = np.random.default_rng(sum(kind.encode()))  # stable across runs
@@ -41,10 +41,10 @@ def test_sigkill_and_resume_is_exact(index, tmp_path, kind):
     last, kills = 0, 0
     while True:  # kill at a random step past the last checkpoint, until a run finishes
         die_at = int(rng.integers(last + 1, last + 2 * EVERY)) if kills < KILLS else None
-        cmd = [sys.executable, CHILD, index, str(work), kind, "--every", str(EVERY)]
+        cmd = [sys.executable, "-m", child.__name__, index_path, str(work), kind, "--every", str(EVERY)]
         if die_at is not None:
             cmd += ["--die-at", str(die_at)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
         if die_at is not None and die_at <= steps:
             assert done.returncode == -9, done.stderr[-3000:]
             kills += 1
@@ -66,7 +66,7 @@ SETTINGS = dict(num_epochs=3, prune_ratio=0.5, delta=1.0, seed=5)
 def _loader(ib):
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    return StatefulDataLoader(ib.dataset(wds.to_tuple(META_KEY), shuffle=7), batch_size=4)
+    return meta_loader(ib, 4, shuffle=7, loader_class=StatefulDataLoader)
 
 
 def _run(ib, batches, steps: int | None = None) -> list[int]:
@@ -81,9 +81,9 @@ def _run(ib, batches, steps: int | None = None) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def saved(index):
+def saved(index_path):
     """States of one run: at the start of epoch 1, partway through it, and after all of it."""
-    ib = InfoBatch(index, **SETTINGS)
+    ib = InfoBatch(index_path, **SETTINGS)
     loader = _loader(ib)
     _run(ib, loader)
     ib.set_epoch(1)
@@ -101,8 +101,8 @@ def saved(index):
     "change",
     [{"seed": 6}, {"remainder": "drop"}, {"prune_ratio": 0.6}, {"seed": 6, "prune_ratio": 0.6, "num_epochs": 4}],
 )
-def test_mid_epoch_resume_with_other_settings_is_refused(index, saved, change):
-    ib = InfoBatch(index, **{**SETTINGS, **change})
+def test_mid_epoch_resume_with_other_settings_is_refused(index_path, saved, change):
+    ib = InfoBatch(index_path, **{**SETTINGS, **change})
     refused = {k: v for k, v in change.items() if k in MID_EPOCH_SETTINGS}
     with pytest.raises(SettingsMismatchError) as caught:
         ib.load_state_dict(saved["partway"]["ib"])
@@ -115,11 +115,11 @@ def test_mid_epoch_resume_with_other_settings_is_refused(index, saved, change):
     assert ib.epoch == 0 and np.isnan(ib.store.scores).all(), "a refused state must not be half restored"
 
 
-def test_mid_epoch_resume_with_the_saved_settings_or_a_later_epoch_count_is_exact(index, saved):
+def test_mid_epoch_resume_with_the_saved_settings_or_a_later_epoch_count_is_exact(index_path, saved):
     """Changing num_epochs partway is allowed (with a warning): the epoch keeps its saved plan
     and the rest of it reads exactly what the uninterrupted run read."""
     for extra, warns in (({}, False), ({"num_epochs": 5}, True)):
-        ib = InfoBatch(index, **{**SETTINGS, **extra})
+        ib = InfoBatch(index_path, **{**SETTINGS, **extra})
         loader = _loader(ib)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
@@ -133,11 +133,11 @@ def test_mid_epoch_resume_with_the_saved_settings_or_a_later_epoch_count_is_exac
         assert saved["epoch1"][:12] + _run(ib, loader) == saved["epoch1"]
 
 
-def test_the_refused_settings_would_train_samples_twice(index, saved, monkeypatch):
+def test_the_refused_settings_would_train_samples_twice(index_path, saved, monkeypatch):
     """Why a new seed is refused partway: let it through, and the rest of the epoch reads
     positions of another shard order, so some samples come twice and others never."""
-    monkeypatch.setattr(infobatch_module, "MID_EPOCH_SETTINGS", ())
-    ib = InfoBatch(index, **{**SETTINGS, "seed": 6})
+    monkeypatch.setattr(resume_module, "MID_EPOCH_SETTINGS", ())
+    ib = InfoBatch(index_path, **{**SETTINGS, "seed": 6})
     loader = _loader(ib)
     with pytest.warns(RuntimeWarning, match="other settings"):
         ib.load_state_dict(saved["partway"]["ib"])
@@ -149,9 +149,9 @@ def test_the_refused_settings_would_train_samples_twice(index, saved, monkeypatc
 
 
 @pytest.mark.parametrize("when", ["boundary", "finished"])
-def test_other_settings_at_an_epoch_boundary_are_taken_with_a_warning(index, saved, when):
+def test_other_settings_at_an_epoch_boundary_are_taken_with_a_warning(index_path, saved, when):
     """Nothing of the saved epoch trained yet, or all of this rank's share: a new seed is safe."""
-    ib = InfoBatch(index, **{**SETTINGS, "seed": 6, "num_epochs": 4})
+    ib = InfoBatch(index_path, **{**SETTINGS, "seed": 6, "num_epochs": 4})
     with pytest.warns(
         RuntimeWarning,
         match=r"keeping this InfoBatch's \(the next epoch planned uses them\): "

@@ -7,32 +7,34 @@ import math
 
 import pytest
 import torch
-import webdataset as wds
-from _data import make_index, slot_loss
-from torch.utils.data import DataLoader
 
-from infobatch_stream import META_KEY, InfoBatch, ProgressScheduler
+from infobatch_stream import InfoBatch, ProgressScheduler
 from infobatch_stream.schedule import progress
+from tests.helpers.data import slot_loss
+from tests.helpers.loaders import meta_loader
 
 EPOCHS, BATCH, WORKERS, VIRTUAL = 5, 8, 2, 1000
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory):
-    return make_index(str(tmp_path_factory.mktemp("shards")), num_shards=6, per_shard=30)[1]
+def index(shared_shards):
+    return shared_shards(6, 30)[1]
 
 
 def _optimizer() -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
 
 
-def _run(ib: InfoBatch, make_scheduler) -> tuple[list[float], list[int], ProgressScheduler]:
-    """Train with the fixed per-slot loss; the LR after every step and the steps per epoch."""
+def _run(
+    ib: InfoBatch, make_scheduler, epochs: int = EPOCHS, described_workers: int = WORKERS
+) -> tuple[list[float], list[int], ProgressScheduler]:
+    """Train with the fixed per-slot loss on WORKERS loader workers, the ProgressScheduler told
+    of ``described_workers``; the LR after every step and the steps per epoch."""
     opt = _optimizer()
-    sched = ProgressScheduler(ib, make_scheduler(opt), BATCH, WORKERS)
-    loader = DataLoader(ib.dataset(wds.to_tuple(META_KEY)), batch_size=BATCH, num_workers=WORKERS)
+    sched = ProgressScheduler(ib, make_scheduler(opt), BATCH, described_workers)
+    loader = meta_loader(ib, BATCH, num_workers=WORKERS)
     lrs, steps = [], []
-    for epoch in range(EPOCHS):
+    for epoch in range(epochs):
         ib.set_epoch(epoch)
         steps.append(0)
         for (meta,) in loader:
@@ -91,14 +93,7 @@ def test_state_dict_round_trip(index):
 def test_a_wrong_step_count_is_logged(index, caplog):
     """A loader with workers described as one without: the epoch's length differs, say so."""
     ib = InfoBatch(index, num_epochs=EPOCHS, prune_ratio=0.7, delta=0.8, seed=1)
-    opt = _optimizer()
-    sched = ProgressScheduler(ib, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=VIRTUAL), BATCH)
-    loader = DataLoader(ib.dataset(wds.to_tuple(META_KEY)), batch_size=BATCH, num_workers=WORKERS)
+    cosine = lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=VIRTUAL)
     with caplog.at_level(logging.WARNING, logger="infobatch_stream"):
-        for epoch in range(2):
-            ib.set_epoch(epoch)
-            for (meta,) in loader:
-                ib.update(meta, slot_loss(meta))
-                opt.step()
-                sched.step()
+        _run(ib, cosine, epochs=2, described_workers=0)
     assert "steps where" in caplog.text and "num_workers" in caplog.text

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from _data import write_shards
-from _guards import deadline
-from torch.utils.data import DataLoader
 
-from infobatch_stream import InfoBatch, build_index
+from infobatch_stream import DatasetIndex, InfoBatch, build_index
 from infobatch_stream.rangeserver import RangeServer
 from infobatch_stream.readahead import ReadAhead
 from infobatch_stream.reader import StaleIndexError
 from infobatch_stream.storage import StorageError, backend_for, identity
+from tests.helpers.data import write_shards
+from tests.helpers.guards import deadline
+from tests.helpers.loaders import data_loader
 
 # ---- helpers -----------------------------------------------------------------------------------
 
@@ -31,6 +31,13 @@ def prune(ib: InfoBatch, epoch: int = 1) -> None:
     rng = np.random.default_rng(3)
     ib.store.scores[:] = np.where(rng.random(len(ib.store)) < 0.5, 0.0, 1.0).astype(np.float32)
     ib.set_epoch(epoch)
+
+
+def pruned_ib(index: DatasetIndex) -> InfoBatch:
+    """The InfoBatch most tests here read with (r = 0.8), about 40% pruned at epoch 1."""
+    ib = InfoBatch(index, num_epochs=10, prune_ratio=0.8, delta=1.0, seed=0)
+    prune(ib)
+    return ib
 
 
 def kept_bytes(ib: InfoBatch) -> int:
@@ -117,15 +124,14 @@ def test_s3_with_dataloader_workers_and_dataset(s3_server, s3_shards):
     """ib.shards() + ib.tarfile_to_samples() and ib.dataset(), forked workers, over S3: every kept
     slot once (through obstore, or fsspec where this process used obstore before forking)."""
     index = build_index(s3_shards)
-    ib = InfoBatch(index, num_epochs=10, prune_ratio=0.8, delta=1.0, seed=0)
-    prune(ib)
+    ib = pruned_ib(index)
     want = sorted(ib.slots_of_epoch().tolist()) if hasattr(ib, "slots_of_epoch") else None
     pipeline = wds.DataPipeline(ib.shards(), ib.tarfile_to_samples(), wds.to_tuple("cls", "__ib__"))
     dataset = ib.dataset(wds.to_tuple("cls", "__ib__"), shuffle=16)
     results = []
     with deadline(240):
         for source in (pipeline, dataset):
-            loader = DataLoader(source, batch_size=8, num_workers=2, multiprocessing_context="fork")
+            loader = data_loader(source, 8, 2, context="fork")
             slots = [int(s) for _, meta in loader for s in torch.as_tensor(meta)[:, 0]]
             results.append(sorted(slots))
     assert results[0] == results[1]
@@ -138,13 +144,12 @@ def test_fork_after_the_parent_used_obstore_does_not_hang(s3_server, s3_shards):
     """The parent reads S3 itself, then forks DataLoader workers: obstore's runtime cannot cross
     fork(), so the workers read through fsspec (s3fs) and give the same samples."""
     index = build_index(s3_shards)
-    ib = InfoBatch(index, num_epochs=10, prune_ratio=0.8, delta=1.0, seed=0)
-    prune(ib)
+    ib = pruned_ib(index)
     with deadline(240):
         first = sorted(int(s["__ib__"][0]) for s in read(ib, s3_shards))  # obstore starts in this process
         ib.set_epoch(1)
         pipeline = wds.DataPipeline(ib.shards(), ib.tarfile_to_samples(), wds.to_tuple("__ib__"))
-        loader = DataLoader(pipeline, batch_size=None, num_workers=2, multiprocessing_context="fork")
+        loader = data_loader(pipeline, None, 2, context="fork")
         second = sorted(int(torch.as_tensor(m)[0]) for (m,) in loader)
     assert first == second
 
@@ -184,8 +189,7 @@ def slow_server(local_shards) -> Iterator[RangeServer]:
 def test_latency_server_four_workers_identity_and_bytes(slow_server, local_shards):
     urls = [f"{slow_server.url}/{os.path.basename(u)}" for u in local_shards]
     index = build_index(urls)
-    ib = InfoBatch(index, num_epochs=10, prune_ratio=0.8, delta=1.0, seed=0)
-    prune(ib)
+    ib = pruned_ib(index)
     ref = reference(local_shards, urls, ib)
     slow_server.counters.reset()
     with deadline(240):
@@ -195,7 +199,7 @@ def test_latency_server_four_workers_identity_and_bytes(slow_server, local_shard
         assert served["bytes"] <= 1.05 * kept_bytes(ib) + 512 * served["requests"]
         ib.set_epoch(1)
         pipeline = wds.DataPipeline(ib.shards(), ib.tarfile_to_samples(), wds.to_tuple("__ib__"))
-        loader = DataLoader(pipeline, batch_size=None, num_workers=4, multiprocessing_context="spawn")
+        loader = data_loader(pipeline, None, 4, context="spawn")
         slots = sorted(int(torch.as_tensor(m)[0]) for (m,) in loader)
     assert slots == sorted(int(torch.as_tensor(r[2])[0]) for r in ref)
 
@@ -216,37 +220,35 @@ def test_many_connections_at_once_are_accepted(slow_server, local_shards):
     assert len(out) == 32 and len(set(out)) == 1
 
 
-def test_a_server_with_an_endless_body_keeps_memory_bounded(local_shards):
+def test_a_server_with_an_endless_body_keeps_memory_bounded(local_shards, range_server):
     """It ignores Range and sends a body with no length that never ends: a clear error naming
     the shard, after holding no more than a chunk of it (not the endless body)."""
     import resource
 
-    with RangeServer(os.path.dirname(local_shards[0]), endless=True) as base:
-        urls = [f"{base}/{os.path.basename(u)}" for u in local_shards[:2]]
-        index = build_index(local_shards[:2])
-        index.shards[:] = [s.__class__(u, *list(s.__dict__.values())[1:]) for u, s in zip(urls, index.shards)]
-        index._url_lookup = None
-        ib = InfoBatch(index, num_epochs=10, prune_ratio=0.8, delta=1.0, seed=0)
-        prune(ib)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        with deadline(60), pytest.raises(StorageError, match=urls[0].replace(".", r"\.")):
-            read(ib, urls, verify="size")
-        grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-        assert grown_kib < 64 << 10
+    base = range_server(os.path.dirname(local_shards[0]), endless=True)
+    urls = [f"{base}/{os.path.basename(u)}" for u in local_shards[:2]]
+    index = build_index(local_shards[:2])
+    index.shards[:] = [s.__class__(u, *list(s.__dict__.values())[1:]) for u, s in zip(urls, index.shards)]
+    index._url_lookup = None
+    ib = pruned_ib(index)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with deadline(60), pytest.raises(StorageError, match=urls[0].replace(".", r"\.")):
+        read(ib, urls, verify="size")
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 64 << 10
 
 
-def test_expired_signed_redirects_are_resolved_again(local_shards):
+def test_expired_signed_redirects_are_resolved_again(local_shards, range_server):
     """A hub redirects to a signed URL that expires: later reads still work."""
     import time
 
-    with RangeServer(os.path.dirname(local_shards[0]), signed_ttl=0.3) as base:
-        urls = [f"{base}/__signed__/{os.path.basename(u)}" for u in local_shards[:2]]
-        index = build_index(urls)
-        ib = InfoBatch(index, num_epochs=10, prune_ratio=0.8, delta=1.0, seed=0)
-        prune(ib)
-        first = view(read(ib, urls))
-        time.sleep(0.5)
-        assert view(read(ib, urls)) == first == reference(local_shards[:2], urls, ib)
+    base = range_server(os.path.dirname(local_shards[0]), signed_ttl=0.3)
+    urls = [f"{base}/__signed__/{os.path.basename(u)}" for u in local_shards[:2]]
+    index = build_index(urls)
+    ib = pruned_ib(index)
+    first = view(read(ib, urls))
+    time.sleep(0.5)
+    assert view(read(ib, urls)) == first == reference(local_shards[:2], urls, ib)
 
 
 def test_presigned_urls_match_the_index_without_their_signature(local_shards):
@@ -267,8 +269,7 @@ def test_a_server_that_comes_back_after_closing_connections(local_shards):
     with first_server as base:
         urls = [f"{base}/{os.path.basename(u)}" for u in local_shards[:2]]
         index = build_index(urls)
-        ib = InfoBatch(index, num_epochs=10, prune_ratio=0.8, delta=1.0, seed=0)
-        prune(ib)
+        ib = pruned_ib(index)
         first = view(read(ib, urls))
     with RangeServer(root, port):
         with deadline(60):
@@ -304,29 +305,27 @@ def test_fsspec_protocol_equals_webdataset(local_shards):
         urls.append(url)
     index = build_index(urls)
     assert index.fingerprint == build_index(local_shards[:3]).fingerprint
-    ib = InfoBatch(index, num_epochs=10, prune_ratio=0.8, delta=1.0, seed=0)
-    prune(ib)
+    ib = pruned_ib(index)
     assert view(read(ib, urls, merge_gap=0)) == reference(local_shards[:3], urls, ib)
 
 
-def test_a_failed_remote_shard_under_a_handler_does_not_end_the_epoch(tmp_path):
+def test_a_failed_remote_shard_under_a_handler_does_not_end_the_epoch(tmp_path, range_server):
     """A shard that disappears after indexing, with several ranges in flight and a small budget:
     the handler skips it, every other shard is read, and it is counted as failed, not read."""
     folder = tmp_path / "gone"
     paths = write_shards(str(folder), num_shards=6, per_shard=30)
-    with RangeServer(str(folder)) as base:
-        urls = [f"{base}/{os.path.basename(p)}" for p in paths]
-        index = build_index(urls)
-        ib = InfoBatch(index, num_epochs=10, prune_ratio=0.8, delta=1.0, seed=0)
-        prune(ib)
-        expected = {s["__key__"] for s in read(ib, urls, merge_gap=0) if not s["__url__"].endswith("part-001.tar")}
-        os.remove(paths[1])
-        ib.set_epoch(1)  # a fresh pass of the same epoch: the same plan
-        with deadline(60):
-            got = read(ib, urls, merge_gap=0, handler=lambda exn: True, max_inflight=2, readahead_bytes=4096)
-        assert {s["__key__"] for s in got} == {k for k in expected} and len(got) == len(expected)
-        io = ib.stats()[-1]
-        assert io["shards_failed"] == 1 and io["shards_read"] == 5
+    base = range_server(folder)
+    urls = [f"{base}/{os.path.basename(p)}" for p in paths]
+    index = build_index(urls)
+    ib = pruned_ib(index)
+    expected = {s["__key__"] for s in read(ib, urls, merge_gap=0) if not s["__url__"].endswith("part-001.tar")}
+    os.remove(paths[1])
+    ib.set_epoch(1)  # a fresh pass of the same epoch: the same plan
+    with deadline(60):
+        got = read(ib, urls, merge_gap=0, handler=lambda exn: True, max_inflight=2, readahead_bytes=4096)
+    assert {s["__key__"] for s in got} == {k for k in expected} and len(got) == len(expected)
+    io = ib.stats()[-1]
+    assert io["shards_failed"] == 1 and io["shards_read"] == 5
 
 
 def test_urls_that_are_not_patterns_are_left_alone(tmp_path, s3_server, local_shards):

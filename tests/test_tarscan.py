@@ -14,22 +14,8 @@ import subprocess
 import tarfile
 
 import pytest
-from _guards import deadline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from shards import (
-    HAVE_GNU_TAR,
-    gnu_tar,
-    make_tree,
-    payload,
-    sample_fields,
-    tar_members,
-    wds_samples,
-    write_tar,
-    write_tar_bytes,
-    write_wds_shards,
-)
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from infobatch_stream.tarscan import (
     BLOCK,
@@ -41,6 +27,23 @@ from infobatch_stream.tarscan import (
     iter_members,
     key_and_suffix,
     scan_shard,
+)
+from tests.helpers.guards import fails_instead_of_hanging
+from tests.helpers.tars import (
+    HAVE_GNU_TAR,
+    build_layout,
+    gnu_tar,
+    layouts,
+    make_tree,
+    members_of,
+    payload,
+    sample_fields,
+    tar_members,
+    wds_samples,
+    wds_samples_of_bytes,
+    write_tar,
+    write_tar_bytes,
+    write_wds_shards,
 )
 
 needs_gnu_tar = pytest.mark.skipif(not HAVE_GNU_TAR, reason="GNU tar is not installed")
@@ -65,17 +68,8 @@ class NonSeekable:
         return False
 
 
-def members_of(raw: bytes, name: str = "mem.tar") -> list[TarMember]:
-    return list(iter_members(io.BytesIO(raw), name, filesize=len(raw)))
-
-
 def scan_bytes(raw: bytes, name: str = "mem.tar") -> ShardSamples:
     return scan_shard(io.BytesIO(raw), name, filesize=len(raw))
-
-
-def wds_samples_of_bytes(raw: bytes) -> list[dict]:
-    """``tarfile_to_samples`` minus the URL opener: WebDataset's grouping of an in-memory tar."""
-    return list(group_by_keys(tar_file_expander([{"url": "mem.tar", "stream": io.BytesIO(raw)}])))
 
 
 def sample_members(s: ShardSamples, i: int, first: int) -> range:
@@ -595,11 +589,6 @@ def test_bad_numeric_field_names_the_header():
         scan_shard(io.BytesIO(bytes(raw)), "bad.tar", filesize=len(raw))
 
 
-def fails_instead_of_hanging(seconds: int = 5):  # type: ignore[no-untyped-def]
-    """Corrupt input must end in an error; turn an endless loop into a test failure."""
-    return deadline(seconds, "endless loop on corrupt input")
-
-
 def pax_shard(record: bytes) -> bytes:
     """A PAX extended header holding ``record``, then a member 'a.jpg' and the end of the archive."""
     ext = tarfile.TarInfo("././@PaxHeader")
@@ -849,35 +838,6 @@ def test_lzma_alone_magic_is_compression(tmp_path):
 
 
 # ---- random layouts (hypothesis) ---------------------------------------------------------------
-
-COMPONENTS = ["d", "sub", "x.y", "L" * 101, "m" * 60]
-STEMS = ["a", "b", "A", "k" * 120, "__m__", "s.t"]
-SUFFIXES = ["jpg", "JPG", "cls", "tar.gz", "", "Json"]
-
-
-@st.composite
-def layouts(draw):
-    n = draw(st.integers(0, 10))
-    entries = []
-    for _ in range(n):
-        dirs = draw(st.lists(st.sampled_from(COMPONENTS), max_size=2))
-        if draw(st.integers(0, 9)) == 0:
-            entries.append(("/".join(dirs + ["dd"]), None))
-            continue
-        stem = draw(st.sampled_from(STEMS))
-        suffix = draw(st.sampled_from(SUFFIXES))
-        name = "/".join(dirs + [stem + ("." + suffix if suffix else "")])
-        size = draw(st.one_of(st.integers(0, 2000), st.sampled_from([0, 511, 512, 513, 1024])))
-        entries.append((name, payload(size, len(entries))))
-    fmt = draw(st.sampled_from([tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT]))
-    return entries, fmt
-
-
-def build_layout(entries, fmt) -> bytes:
-    try:
-        return write_tar_bytes(entries, fmt)
-    except ValueError:  # a name too long for ustar
-        return write_tar_bytes(entries, tarfile.PAX_FORMAT)
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -5,19 +5,26 @@ In-process (the examples are importable), on the bundled digits written once per
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import math
 import os
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import common  # noqa: E402
+
+@pytest.fixture(scope="module", autouse=True)
+def examples_importable() -> Iterator[None]:
+    """The examples and the study script import their neighbours (``from common import ...``) as
+    scripts do: while this module runs, their folders lead ``sys.path`` (benchmarks/, examples/)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(ROOT / "examples"))
+        patch.syspath_prepend(str(ROOT / "benchmarks"))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +33,9 @@ def data(tmp_path_factory) -> str:
 
 
 def run(name: str, *argv: str) -> dict:
-    module = __import__(name)
+    import common
+
+    module = importlib.import_module(name)
     return common.train(module.EXAMPLE, common.parse(module.EXAMPLE, module.__doc__, list(argv)))
 
 
@@ -78,6 +87,7 @@ def test_study_writes_table_json_and_plots(data, tmp_path):
 
 def test_bad_arguments_are_refused_up_front(data, tmp_path):
     import classify
+    import common
 
     summary = str(tmp_path / "short.json")
     with open(summary, "w") as f:

@@ -22,3 +22,8 @@ def deadline(seconds: int, what: str = "no answer") -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def fails_instead_of_hanging(seconds: int = 5):  # type: ignore[no-untyped-def]
+    """Corrupt input must end in an error; turn an endless loop into a test failure."""
+    return deadline(seconds, "endless loop on corrupt input")

@@ -1,4 +1,5 @@
-"""A training process for the SIGKILL-and-resume test (run as a script, or called in-process).
+"""A training process for the SIGKILL-and-resume test (run as ``python -m
+tests.helpers.resume_child`` from the repository root, or called in-process).
 
 It trains with the fixed per-slot loss, appends every trained slot to ``slots.bin``, checkpoints
 (InfoBatch state, loader state, counters) every ``--every`` steps with one atomic ``torch.save``,
@@ -11,32 +12,26 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 
 import numpy as np
 import torch
-import webdataset as wds
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _data import slot_loss  # noqa: E402
-
-from infobatch_stream import META_KEY, InfoBatch  # noqa: E402
+from infobatch_stream import META_KEY, InfoBatch
+from tests.helpers.data import slot_loss
+from tests.helpers.loaders import meta_loader
 
 EPOCHS = 3
 BATCH = 4
 SHUFFLE = 7
 
 
-def make_loader(ib: InfoBatch, kind: str):
+def loader_of_kind(ib: InfoBatch, kind: str):
+    """``sdlN``: a StatefulDataLoader with N forked workers; ``nodes``/``nodes-threads``: a torchdata.nodes graph."""
     if kind.startswith("sdl"):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
-        workers = int(kind[3:])
-        return StatefulDataLoader(
-            ib.dataset(wds.to_tuple(META_KEY), shuffle=SHUFFLE),
-            batch_size=BATCH,
-            num_workers=workers,
-            multiprocessing_context="fork" if workers else None,
+        return meta_loader(
+            ib, BATCH, shuffle=SHUFFLE, num_workers=int(kind[3:]), context="fork", loader_class=StatefulDataLoader
         )
     from torchdata.nodes import Batcher, Loader, Mapper, ParallelMapper
 
@@ -66,7 +61,7 @@ def _save(path: str, state: dict) -> None:
 def train(index: str, work: str, kind: str, every: int, die_at: int | None = None) -> np.ndarray:
     """Train to the end (resuming from ``work`` if a checkpoint is there); the final store."""
     ib = InfoBatch(index, num_epochs=EPOCHS, prune_ratio=0.5, delta=1.0, seed=5)
-    loader = make_loader(ib, kind)
+    loader = loader_of_kind(ib, kind)
     ckpt, log_path = os.path.join(work, "ckpt.pt"), os.path.join(work, "slots.bin")
     epoch, step, logged = 0, 0, 0
     if os.path.exists(ckpt):
