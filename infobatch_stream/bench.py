@@ -188,6 +188,7 @@ def run_bench(
 BLOCK = 8  # the block size of the granularity row
 
 
+# Long on purpose: the alternating measurement loop is kept in one piece so its order is visible.
 def _bench_source(
     profile: str,
     source: str,

@@ -64,6 +64,7 @@ def _report(args: argparse.Namespace) -> int:
     return main_report(args.file, plot=args.plot, json_path=args.json)
 
 
+# Long on purpose: a declarative table of the commands and their flags.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infobatch-stream",

@@ -369,6 +369,7 @@ class DatasetIndex:
         self.path = path
 
     @classmethod
+    # Long on purpose: one checked sequence over a file nobody vouched for; each step names what it refuses.
     def load(cls, path: str, *, allow_pipes: bool = False) -> DatasetIndex:
         """Open a saved index; the per-sample arrays are memory-mapped, not read (never unpickled).
 

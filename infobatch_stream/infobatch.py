@@ -27,11 +27,11 @@ from webdataset.handlers import reraise_exception
 from . import distributed, policy
 from .balance import Part, assign, num_batches
 from .checkpoint import check_state, load_state, save_state
-from .control import EpochControl, EpochPlan
+from .control import EpochControl
 from .errors import CheckpointError
 from .index import DatasetIndex
 from .meta import index_tag
-from .planner import plan_epoch
+from .planner import EpochPlan, plan_epoch
 from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT
 from .reader import ReaderStage, ReadOptions
 from .resume import MID_EPOCH_SETTINGS, check_resume, progress, saved_settings

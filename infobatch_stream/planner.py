@@ -17,8 +17,8 @@ import numpy as np
 
 from . import distributed, policy
 from .balance import split_sizes
-from .control import EpochPlan
 from .index import DatasetIndex
+from .shm import SharedArray
 
 BLOCK = policy.PLAN_BLOCK  # slots per planning block: a multiple of 8, so blocks start on plan bytes
 
@@ -111,3 +111,64 @@ def _gather_plan_bits(
             plan.write_packed(*ranges[rank], offset, chunk)
 
     distributed.all_gather_bytes(plan.packed(*mine) if mine[1] > mine[0] else np.zeros(0, np.uint8), apply)
+
+
+class EpochPlan:
+    """The published epoch's keep and boosted decisions, two bits per slot in shared memory.
+
+    Frozen by ``set_epoch``: a shard opened twice in an epoch (a repeated pass, a shard listed
+    twice) gets the same samples however the scores moved since, and a restored checkpoint can
+    republish it as it was. 0.25 bytes per sample next to the store's 4. Layout: the keep bits of
+    all slots, then the boosted bits.
+    """
+
+    def __init__(self, shared: SharedArray, num_slots: int) -> None:
+        self._shared = shared
+        self.num_slots = num_slots
+        self._nbytes = (num_slots + 7) // 8
+
+    @classmethod
+    def create(cls, num_slots: int) -> EpochPlan:
+        return cls(SharedArray.create(2 * ((num_slots + 7) // 8), np.uint8, tag="plan"), num_slots)
+
+    @property
+    def shared(self) -> SharedArray:
+        return self._shared
+
+    def write(self, lo: int, keep: np.ndarray, boosted: np.ndarray) -> None:
+        """Store decisions for slots ``[lo, lo + len(keep))``; ``lo`` must be a multiple of 8."""
+        assert lo % 8 == 0, "plan chunks start on a byte boundary"
+        a = self._shared.array
+        b0 = lo // 8
+        packed_keep, packed_boost = np.packbits(keep), np.packbits(boosted)
+        a[b0 : b0 + len(packed_keep)] = packed_keep
+        a[self._nbytes + b0 : self._nbytes + b0 + len(packed_boost)] = packed_boost
+
+    def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        a = self._shared.array
+        b0, b1, skip = lo // 8, (hi + 7) // 8, lo % 8
+        keep = np.unpackbits(a[b0:b1])[skip : skip + hi - lo].astype(bool)
+        boosted = np.unpackbits(a[self._nbytes + b0 : self._nbytes + b1])[skip : skip + hi - lo].astype(bool)
+        return keep, boosted
+
+    def packed(self, lo: int, hi: int) -> np.ndarray:
+        """The bytes of slots ``[lo, hi)`` (``lo`` a multiple of 8): keep bytes, then boosted bytes."""
+        a = self._shared.array
+        b0, b1 = lo // 8, (hi + 7) // 8
+        return np.concatenate([a[b0:b1], a[self._nbytes + b0 : self._nbytes + b1]])
+
+    def write_packed(self, lo: int, hi: int, offset: int, chunk: np.ndarray) -> None:
+        """Write bytes ``[offset, offset + len(chunk))`` of what :meth:`packed` gave for ``[lo, hi)``."""
+        a = self._shared.array
+        b0, width = lo // 8, (hi + 7) // 8 - lo // 8
+        end = offset + len(chunk)
+        if offset < width:  # keep bytes
+            k = min(end, width)
+            a[b0 + offset : b0 + k] = chunk[: k - offset]
+        if end > width:  # boosted bytes
+            start = max(offset, width)
+            a[self._nbytes + b0 + start - width : self._nbytes + b0 + end - width] = chunk[start - offset :]
+
+    @property
+    def nbytes(self) -> int:
+        return self._shared.nbytes

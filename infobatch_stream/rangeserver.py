@@ -76,6 +76,7 @@ def _signature(path: str, expires: str) -> str:
     return hashlib.sha256(f"{path}:{expires}".encode()).hexdigest()[:16]
 
 
+# Long on purpose: a handler class factory; its methods are short and belong together.
 def make_handler(root: str, counters: _Counters, behaviour: Behaviour | None = None) -> type[BaseHTTPRequestHandler]:
     root = os.path.realpath(root)
     how = behaviour or Behaviour()

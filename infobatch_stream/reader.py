@@ -475,6 +475,7 @@ class _Job:
                 control.add_io(worker, generation, bytes_read=self.counter.bytes_read, requests=self.counter.requests)
 
 
+# Long on purpose: one scheduler loop (plan, submit, consume, hand errors to the handler) reads best whole.
 def read_requests(
     view: WorkerView,
     requests: Iterable[ShardRequest],

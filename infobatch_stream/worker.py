@@ -21,9 +21,9 @@ from torch.utils.data import get_worker_info
 
 from . import policy
 from .announce import Announcements
-from .control import EpochControl, EpochPlan
+from .control import EpochControl
 from .index import DatasetIndex
-from .planner import decision_ids
+from .planner import EpochPlan, decision_ids
 from .store import ScoreStore
 
 log = logging.getLogger(__name__)

@@ -327,7 +327,7 @@ def test_a_shard_read_twice_in_an_epoch_gives_the_same_samples(dataset):
 
 
 def test_plan_bits_roundtrip_at_unaligned_shard_bounds():
-    from infobatch_stream.control import EpochPlan
+    from infobatch_stream.planner import EpochPlan
 
     rng = np.random.default_rng(0)
     plan = EpochPlan.create(101)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from infobatch_stream import InfoBatch, planner
-from infobatch_stream.control import EpochPlan
+from infobatch_stream.planner import EpochPlan
 from tests.helpers.data import make_index
 
 
