@@ -39,7 +39,7 @@ def check_layout(arrays: dict[str, np.ndarray], num_samples: int, where: str) ->
     """Shapes and dtypes of the per-sample arrays against the shard list's sample count."""
     for name, kind in DTYPES.items():
         arr = arrays[name]
-        if arr.ndim != 1 or arr.dtype.kind + str(arr.dtype.itemsize) != kind[0] + kind[1:]:
+        if arr.ndim != 1 or arr.dtype.kind + str(arr.dtype.itemsize) != kind:  # any byte order
             raise IndexMismatchError(
                 f"index {where}: array {name!r} is {arr.dtype} of shape {arr.shape}, expected "
                 f"1-D {np.dtype(kind)}; the index is damaged: {_REBUILD}"

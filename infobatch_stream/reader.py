@@ -46,7 +46,7 @@ from .meta import META_KEY, make_meta
 from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT, ReadAhead
 from .stages import PART_KEY, SHARD_KEY, current_worker
 from .storage import ObjectInfo, RangeNotSupported, backend_for, is_local, local_path
-from .tarscan import BLOCK, _read_full, decompressed
+from .tarscan import _read_full, decompressed
 from .worker import WorkerView
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ class _Layout:
         bad = np.flatnonzero(~table.fast_ok(buf, r.start, rows)) + rows.start
         for i in bad.tolist():
             j, pos = int(table.members[i]), int(table.owners[i])
-            entry = buf[int(table.entry[i]) - r.start : offsets_end(table, i) - r.start]
+            entry = buf[int(table.entry[i]) - r.start : self.offsets[j] - r.start]  # its headers, up to its body
             if not verify.exact_ok(entry, self.keys[pos], self.suffix_of[j], self.sizes[j], self.url):
                 self._stale(pos, j, "the tar header there names another member or size")
 
@@ -284,11 +284,6 @@ class _Layout:
             f"{self.offsets[j]}) is not where the index puts it: {why}; the shard changed since it was indexed: "
             "re-run `infobatch-stream index`"
         )
-
-
-def offsets_end(table: verify.KeptMembers, i: int) -> int:
-    """Where member row ``i``'s body starts: the end of its headers."""
-    return int(table.header[i]) + BLOCK
 
 
 class _Job:

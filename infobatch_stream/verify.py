@@ -6,13 +6,14 @@ If the shard changed since it was indexed (rewritten at the same size in another
 bytes. Each member's own 512-byte header sits right in front of its body, inside the range that
 was read anyway, so checking it costs no I/O: the header's checksum, its name against the
 sample's key and the member's suffix, its size against the member table, and that it is a
-regular file. For a member behind long-name or PAX headers (``wds.ShardWriter`` writes one in
-front of every member) the first of those must be one (its type and magic).
+regular file. Headers in front of a member (``wds.ShardWriter`` writes a PAX header before every
+one) pass only if they are one PAX header of time records (:func:`_plain_pax`).
 
 The check is vectorised over a shard's kept members (:class:`KeptMembers`, built once per shard)
-and then over each read buffer (:meth:`KeptMembers.check`): headers written the usual way (name
-in the name field, octal size and checksum in their fixed widths) pass by numpy comparisons
-alone, about 0.1 us per member. Anything else (long names, PAX sizes, base-256 numbers, signed
+and then over each read buffer (:meth:`KeptMembers.fast_ok`): headers written the usual way
+(name in the name field, octal size and checksum in their fixed widths) pass by numpy
+comparisons alone, about 0.7 us per member (``benchmarks/verify_cost.py``). Anything else
+(long names, PAX paths or sizes, base-256 numbers, signed
 checksums of old writers, other spacing, upper-case suffixes) is parsed exactly as indexing
 parses it (:func:`exact_ok`), and only a member that fails that too is refused.
 """
