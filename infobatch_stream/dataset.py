@@ -39,7 +39,7 @@ class _Stop(Exception):
 
 
 @dataclass
-class Cursor:
+class SharePosition:
     """Where a worker is in its share of an epoch (what ``state_dict`` reports)."""
 
     epoch: int
@@ -106,7 +106,7 @@ class ResumableDataset(IterableDataset):
             raise ValueError(f"shuffle must be a buffer size >= 0, got {shuffle}")
         self.view, self.stages, self.shuffle = view, stages, shuffle
         self.handler, self.options = handler, options
-        self._cursor: Cursor | None = None
+        self._cursor: SharePosition | None = None
         self._resume: dict[str, Any] | None = None
 
     # ---- state ----------------------------------------------------------------------------------
@@ -124,12 +124,12 @@ class ResumableDataset(IterableDataset):
             items = stage(items)
         return iter(items)
 
-    def _start(self) -> tuple[Cursor, list[Part], float]:
+    def _start(self) -> tuple[SharePosition, list[Part], float]:
         view = self.view
         epoch, thresh = view.begin_pass()
         control = view.control
         worker, num_workers = loader_worker()
-        cursor = Cursor(epoch, control.generation, control.rank, control.world_size, worker, num_workers)
+        cursor = SharePosition(epoch, control.generation, control.rank, control.world_size, worker, num_workers)
         resume, self._resume = self._resume, None
         if resume and resume.get("epoch") == epoch:
             where = {k: resume.get(k) for k in ("rank", "world_size", "worker", "num_workers")}

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from webdataset.handlers import reraise_exception
 
-from . import distributed, policy
-from .balance import Part, assign, num_batches
+from . import balance, distributed, policy
+from .balance import Part, assign
 from .checkpoint import check_state, load_state, save_state
 from .control import EpochControl
 from .errors import CheckpointError
@@ -274,7 +274,7 @@ class InfoBatch:
     def num_batches(self, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> int:
         """Batches this rank's loader yields in the current epoch when each of its ``num_workers``
         workers batches its own samples (``DataLoader(batch_size=...)`` or ``wds.batched``)."""
-        return num_batches(self.samples_per_rank, batch_size, num_workers, drop_last)
+        return balance.num_batches(self.samples_per_rank, batch_size, num_workers, drop_last)
 
     # ---- training side -------------------------------------------------------------------------
     def update(self, meta: Any, loss: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:

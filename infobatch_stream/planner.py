@@ -38,12 +38,12 @@ def block_slice(num_blocks: int, rank: int, world_size: int) -> tuple[int, int]:
     return b0, b0 + int(sizes[rank])
 
 
-def decision_ids(slots: np.ndarray, index: DatasetIndex, config: policy.PruneConfig) -> np.ndarray:
+def coin_ids(slots: np.ndarray, index: DatasetIndex, config: policy.PruneConfig) -> np.ndarray:
     """What each slot's drop coin is hashed on: the slot, or its block of ``config.block_size``."""
     if config.block_size == 1:
         return slots
     first = index.shard_first[index.shard_of_slot(slots)]
-    return policy.decision_ids(slots, first, config.block_size)
+    return policy.block_ids(slots, first, config.block_size)
 
 
 def _add_kept_per_shard(totals: np.ndarray, shard_first: np.ndarray, lo: int, keep: np.ndarray) -> None:
@@ -86,7 +86,7 @@ def plan_epoch(
         chunk = np.asarray(scores[lo:hi])
         slots = np.arange(lo, hi)
         learned = policy.well_learned(chunk, thresh)
-        keep, boosted = policy.decide(chunk, slots, thresh, epoch, config, decision_ids(slots, index, config), learned)
+        keep, boosted = policy.decide(chunk, slots, thresh, epoch, config, coin_ids(slots, index, config), learned)
         plan.write(lo, keep, boosted)
         _add_kept_per_shard(totals, index.shard_first, lo, keep)
         totals[-1] += int(np.count_nonzero(learned))

@@ -71,7 +71,7 @@ def threshold(scores: np.ndarray) -> float:
     return total / n if n else float("nan")
 
 
-def decision_ids(slots: np.ndarray, first_slot: np.ndarray | int, block_size: int) -> np.ndarray:
+def block_ids(slots: np.ndarray, first_slot: np.ndarray | int, block_size: int) -> np.ndarray:
     """What the drop coin is hashed on: the slot, or the block of ``block_size`` consecutive
     samples of its shard (``first_slot``: the shard's first slot). Ids stay unique over the
     dataset because a shard's block ids lie inside its own slot range."""
@@ -116,25 +116,25 @@ def decide(
     thresh: float,
     epoch: int,
     config: PruneConfig,
-    decision_ids: np.ndarray | None = None,
+    coin_ids: np.ndarray | None = None,
     learned: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Keep mask and boosted mask (kept and well-learned: weight ``1/(1-r)``) for some slots.
 
-    ``decision_ids`` (default: the slots) are what the drop coin is hashed on; samples sharing an
+    ``coin_ids`` (default: the slots) are what the drop coin is hashed on; samples sharing an
     id are dropped together, which keeps every sample's marginal drop probability at ``r``.
     ``learned`` may pass ``well_learned(scores, thresh)`` when the caller already has it.
     """
     slots = np.asarray(slots)
     scores = np.asarray(scores)
-    if len(scores) != len(slots) or (decision_ids is not None and len(decision_ids) != len(slots)):
+    if len(scores) != len(slots) or (coin_ids is not None and len(coin_ids) != len(slots)):
         raise ValueError(f"decide(): {len(scores)} scores for {len(slots)} slots; pass one score and one id per slot")
     if not config.prunes(epoch) or config.ratio == 0.0:
         n = len(slots)
         return np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
     if learned is None:
         learned = well_learned(scores, thresh)
-    ids = slots if decision_ids is None else np.asarray(decision_ids)
+    ids = slots if coin_ids is None else np.asarray(coin_ids)
     candidates = np.flatnonzero(learned)  # only well-learned samples need a coin
     dropped = np.zeros(len(slots), dtype=bool)
     dropped[candidates] = uniform(config.seed, epoch, ids[candidates]) < config.ratio

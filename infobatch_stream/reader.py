@@ -99,8 +99,8 @@ class ShardRequest:
 class ReadRange:
     start: int  # byte offset of the first kept sample
     end: int  # end of the last kept sample
-    first: int  # index into the kept positions
-    stop: int
+    kept_lo: int  # the range holds the layout's kept positions [kept_lo, kept_hi)
+    kept_hi: int
 
 
 def plan_ranges(
@@ -250,7 +250,7 @@ class _Layout:
     def samples(self, buf: bytes, r: ReadRange) -> Iterator[dict[str, Any]]:
         self.check(buf, r)
         offsets, sizes, suffix_of, member_first = self.offsets, self.sizes, self.suffix_of, self.member_first
-        for pos in self.kept[r.first : r.stop]:
+        for pos in self.kept[r.kept_lo : r.kept_hi]:
             sample: dict[str, Any] = {"__key__": self.keys[pos], "__url__": self.url}
             for j in range(member_first[pos], member_first[pos + 1]):
                 a = offsets[j] - r.start
@@ -262,7 +262,7 @@ class _Layout:
         """Refuse the buffer unless every kept member's header in it names that member's key and
         suffix and has its size: a shard changed under the index yields an error, never wrong bytes."""
         table = self.members
-        rows = table.rows(r.first, r.stop)
+        rows = table.rows(r.kept_lo, r.kept_hi)
         if rows.stop == rows.start:
             return
         if len(buf) != r.end - r.start or not table.in_bounds(rows, r.start, len(buf)):

@@ -86,7 +86,7 @@ class ShardSource(IterableDataset):
                 announced.clear()
 
 
-class _ShardCursor:
+class _ShardSlots:
     """Maps the samples of one shard, arriving in tar order, to positions in the index."""
 
     def __init__(
@@ -128,7 +128,7 @@ def filter_samples(src: Iterable[dict[str, Any]], view: WorkerView) -> Iterator[
     tag = view.tag
     announced = view.announced
     mark = announced.passes
-    cursor: _ShardCursor | None = None
+    cursor: _ShardSlots | None = None
     for sample in src:
         if not isinstance(sample, dict) or "__url__" not in sample or "__key__" not in sample:
             fields = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
@@ -154,7 +154,7 @@ def filter_samples(src: Iterable[dict[str, Any]], view: WorkerView) -> Iterator[
             keep, boosted = view.decide_shard(shard, epoch, thresh)
             if part is not None:  # ib.shards() may give this worker only part of the shard's kept samples
                 keep = within_part(keep, part)
-            cursor = _ShardCursor(url, shard, lo, index.keys(shard), keep.tolist(), boosted.tolist())
+            cursor = _ShardSlots(url, shard, lo, index.keys(shard), keep.tolist(), boosted.tolist())
         pos = cursor.position(key)
         if cursor.keep[pos]:
             sample[META_KEY] = make_meta(cursor.first_slot + pos, epoch, cursor.boosted[pos], tag)

@@ -236,7 +236,7 @@ def _refuse_sparse(name: str, dicts: list[dict[str, str]], where: str) -> None:
         )
 
 
-class _Cursor:
+class _TarStream:
     """A position in a tar stream: whole blocks read, bodies skipped by seeking where the stream
     can (``filesize`` then catches a truncated body at once) or by reading and discarding."""
 
@@ -341,9 +341,9 @@ def _header_size(block: bytes, where: str) -> int:
     return size
 
 
-def _end_of_stream(block: bytes, cursor: _Cursor, pending: _Pending) -> bool:
+def _end_of_stream(block: bytes, stream: _TarStream, pending: _Pending) -> bool:
     """Whether ``block`` ends the archive (EOF, or the zero block); raises where that is wrong."""
-    shard, pos = cursor.shard, cursor.pos
+    shard, pos = stream.shard, stream.pos
     if pending.chain_start is not None and block.count(0) == len(block):
         raise TarFormatError(
             f"{shard}: truncated tar, the extended header at byte {pending.chain_start} is not followed by a member "
@@ -368,15 +368,15 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
     (bodies are read and discarded). ``filesize``, when known, catches truncated bodies at once.
     Extended headers are collected in a :class:`_Pending` and applied to the member they precede.
     """
-    cursor, pending = _Cursor(fileobj, shard, filesize), _Pending()
+    stream, pending = _TarStream(fileobj, shard, filesize), _Pending()
     while True:
-        block = cursor.block()
-        if _end_of_stream(block, cursor, pending):
+        block = stream.block()
+        if _end_of_stream(block, stream, pending):
             return
-        offset = cursor.pos
+        offset = stream.pos
         where = f"{shard}: header at byte {offset}"
         size = _header_size(block, where)
-        cursor.pos += BLOCK
+        stream.pos += BLOCK
         typ = block[156:157]
         if typ in _EXTENDED:
             what = f"GNU long name of {size} bytes" if typ in (b"L", b"K") else f"PAX header of {size} bytes"
@@ -384,12 +384,12 @@ def iter_members(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) 
                 raise TarFormatError(
                     f"{where}: {what} is absurd (over {MAX_EXTENDED >> 20} MiB); the shard is corrupt: rewrite it"
                 )
-            pending.add(typ, cursor.exact(_padded(size), what), size, offset, where)
+            pending.add(typ, stream.exact(_padded(size), what), size, offset, where)
             continue
-        member = pending.member(block, size, offset, cursor.pos, where)
+        member = pending.member(block, size, offset, stream.pos, where)
         yield member
         if member.type not in _SKIP_DATA_TYPES:
-            cursor.skip(_padded(member.size), f"body of {member.name!r} ({member.size} bytes)")
+            stream.skip(_padded(member.size), f"body of {member.name!r} ({member.size} bytes)")
 
 
 def key_and_suffix(name: str) -> tuple[str | None, str | None]:

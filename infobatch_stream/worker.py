@@ -23,7 +23,7 @@ from . import policy
 from .announce import Announcements
 from .control import EpochControl
 from .index import DatasetIndex
-from .planner import EpochPlan, decision_ids
+from .planner import EpochPlan, coin_ids
 from .store import ScoreStore
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class WorkerView:
         if epoch == control.epoch and (thresh == published or (np.isnan(thresh) and np.isnan(published))):
             return self.plan.read(lo, hi)
         slots = np.arange(lo, hi)
-        ids = decision_ids(slots, self.index, self.config)
+        ids = coin_ids(slots, self.index, self.config)
         return policy.decide(np.asarray(self.store.scores[lo:hi]), slots, thresh, epoch, self.config, ids)
 
     def __getstate__(self) -> dict[str, Any]:

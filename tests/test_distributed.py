@@ -7,8 +7,11 @@ after TIMEOUT seconds instead of blocking the run.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
 import os
+import signal
 import time
 from collections import Counter
 from datetime import timedelta
@@ -40,6 +43,10 @@ CONFIG = dict(num_epochs=EPOCHS, prune_ratio=0.5, delta=1.0, seed=7)
 
 
 def _rank_entry(rank: int, world_size: int, port: int, scenario: str, args: tuple, out: str) -> None:
+    # On SIGUSR1 the rank (and its forked DataLoader workers, which inherit the handler) appends
+    # every thread's stack to this file: run_group asks for them before killing a hung group.
+    stacks = open(os.path.join(out, f"rank{rank}.stacks"), "a")  # kept open for the process's life
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -70,17 +77,44 @@ def run_group(world_size: int, scenario: str, args: tuple, out: str) -> list[dic
     for p in procs:
         p.join(max(deadline - time.monotonic(), 0))
     hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still running after {TIMEOUT} s: a collective hung"
+    if hung:
+        files = [os.path.join(out, f"rank{r}.stacks") for r in hung]
+        stacks = _dump_and_kill([p for p in procs if p.is_alive()], files)
+        raise AssertionError(f"ranks {hung} still running after {TIMEOUT} s (a collective hung); stacks:\n{stacks}")
     assert [p.exitcode for p in procs] == [0] * world_size, "a rank failed (its traceback is above)"
     results = []
     for r in range(world_size):
         with open(os.path.join(out, f"rank{r}.json")) as f:
             results.append(json.load(f))
     return results
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _dump_and_kill(procs: list, stack_files: list[str]) -> str:
+    """Ask hung ranks and their workers for their stacks, kill them all, return what they wrote."""
+    pids = [p.pid for p in procs]
+    pids += [c for pid in pids for c in _children(pid)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    time.sleep(2)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for p in procs:
+        p.join()
+    text = []
+    for path in stack_files:
+        with open(path) as f:
+            text.append(f"--- {os.path.basename(path)}\n{f.read()}")
+    return "\n".join(text)
 
 
 # ---- what a rank does ------------------------------------------------------------------------------

@@ -450,10 +450,10 @@ class TestDeterminism:
         slots = np.arange(base, base + n)
         ids = slots // 3 if grouped else None
         c = always_prunes(pr, seed=seed, num_epochs=2000)
-        keep, boosted = decide(scores, slots, t, epoch, c, decision_ids=ids)
+        keep, boosted = decide(scores, slots, t, epoch, c, coin_ids=ids)
         bounds = [0] + sorted(min(x, n) for x in cuts) + [n]
         parts = [
-            decide(scores[lo:hi], slots[lo:hi], t, epoch, c, decision_ids=None if ids is None else ids[lo:hi])
+            decide(scores[lo:hi], slots[lo:hi], t, epoch, c, coin_ids=None if ids is None else ids[lo:hi])
             for lo, hi in zip(bounds[:-1], bounds[1:])
         ]
         np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), keep)
@@ -562,7 +562,7 @@ class TestDeterminism:
 
 
 # --------------------------------------------------------------------------------------------
-# decision_ids: grouped drops
+# coin_ids: grouped drops
 # --------------------------------------------------------------------------------------------
 
 
@@ -573,7 +573,7 @@ class TestDecisionIds:
         slots = np.arange(77, 77 + n)
         c = always_prunes(0.5, seed=4)
         a = decide(scores, slots, 0.5, 2, c)
-        b = decide(scores, slots, 0.5, 2, c, decision_ids=slots)
+        b = decide(scores, slots, 0.5, 2, c, coin_ids=slots)
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_array_equal(a[1], b[1])
 
@@ -581,8 +581,8 @@ class TestDecisionIds:
         n = 5000
         c = always_prunes(0.5, seed=4)
         ids = np.random.default_rng(1).integers(0, 10**9, n)
-        k1, _ = decide(np.zeros(n), np.arange(n), 1.0, 0, c, decision_ids=ids)
-        k2, _ = decide(np.zeros(n), np.arange(10**6, 10**6 + n), 1.0, 0, c, decision_ids=ids)
+        k1, _ = decide(np.zeros(n), np.arange(n), 1.0, 0, c, coin_ids=ids)
+        k2, _ = decide(np.zeros(n), np.arange(10**6, 10**6 + n), 1.0, 0, c, coin_ids=ids)
         np.testing.assert_array_equal(k1, k2)
         np.testing.assert_array_equal(k1, uniform(4, 0, ids) >= 0.5)
 
@@ -594,7 +594,7 @@ class TestDecisionIds:
         slots = np.arange(n)
         ids = slots // group
         c = always_prunes(r, seed=21)
-        keep, boosted = decide(np.zeros(n, dtype=np.float32), slots, 1.0, 6, c, decision_ids=ids)
+        keep, boosted = decide(np.zeros(n, dtype=np.float32), slots, 1.0, 6, c, coin_ids=ids)
         per_group = keep.reshape(n_groups, group)
         assert (per_group == per_group[:, :1]).all()  # all together, or not at all
         # Marginal drop probability per sample is still r; groups are the independent units.
@@ -609,7 +609,7 @@ class TestDecisionIds:
         scores = np.array([0.0, 5.0, np.nan, 0.0] * 5000, dtype=np.float32)
         n = len(scores)
         ids = np.arange(n) // 4
-        keep, boosted = decide(scores, np.arange(n), 1.0, 1, always_prunes(0.5, seed=2), decision_ids=ids)
+        keep, boosted = decide(scores, np.arange(n), 1.0, 1, always_prunes(0.5, seed=2), coin_ids=ids)
         k = keep.reshape(-1, 4)
         assert k[:, 1].all() and k[:, 2].all()
         np.testing.assert_array_equal(k[:, 0], k[:, 3])

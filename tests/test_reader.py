@@ -333,11 +333,11 @@ def test_identity_with_split_ranges(local_index, monkeypatch):
         start, end = index.byte_ranges(shard)
         kept = np.arange(len(start))
         ranges = plan_ranges(start, end, kept, 1 << 40, 4096)
-        assert [r.first for r in ranges[1:]] == [r.stop for r in ranges[:-1]]
-        assert sum(r.stop - r.first for r in ranges) == len(kept)
+        assert [r.kept_lo for r in ranges[1:]] == [r.kept_hi for r in ranges[:-1]]
+        assert sum(r.kept_hi - r.kept_lo for r in ranges) == len(kept)
         for r in ranges:
-            assert r.end - r.start <= 4096 or r.stop - r.first == 1
-            assert (r.start, r.end) == (start[r.first], end[r.stop - 1])
+            assert r.end - r.start <= 4096 or r.kept_hi - r.kept_lo == 1
+            assert (r.start, r.end) == (start[r.kept_lo], end[r.kept_hi - 1])
 
 
 def test_gnu_and_wds_shards_are_in_the_corpus(local_index):
@@ -671,7 +671,7 @@ def test_block_drops_keep_the_marginal_rate(ratio):
     k, n = 8, 100_000
     rng = np.random.default_rng(4)
     slots, shard_first = _block_setup(n, rng)
-    ids = policy.decision_ids(slots, shard_first, k)
+    ids = policy.block_ids(slots, shard_first, k)
     assert (ids[slots == shard_first] == slots[slots == shard_first]).all()  # blocks restart per shard
     assert (np.diff(ids) >= 0).all() and (ids >= shard_first).all() and (ids <= slots).all()
     assert np.array_equal(ids, shard_first + (slots - shard_first) // k)
@@ -699,7 +699,7 @@ def test_block_drops_are_unbiased_per_sample():
     k, n, epochs, ratio = 8, 2048, 400, 0.5
     rng = np.random.default_rng(6)
     slots, shard_first = _block_setup(n, rng)
-    ids = policy.decision_ids(slots, shard_first, k)
+    ids = policy.block_ids(slots, shard_first, k)
     scores = np.where(rng.random(n) < 0.1, 5.0, rng.random(n)).astype(np.float32)
     thresh = policy.threshold(scores)
     learned = policy.well_learned(scores, thresh)
@@ -730,7 +730,7 @@ def test_block_plan_matches_the_reader_and_cuts_ranges(tmp_path, local_index):
         keep, _ = ib.decide_shard(shard, 1, ib.control.threshold)
         lo, hi = index.slots(shard)
         slots = np.arange(lo, hi)
-        ids = policy.decision_ids(slots, lo, 8)
+        ids = policy.block_ids(slots, lo, 8)
         expected, _ = policy.decide(np.asarray(ib.store.scores[lo:hi]), slots, ib.control.threshold, 1, ib.config, ids)
         assert (keep == expected).all() and ib.control.kept_per_shard[shard] == keep.sum()
 
