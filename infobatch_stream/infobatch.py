@@ -24,18 +24,19 @@ import numpy as np
 import torch
 from webdataset.handlers import reraise_exception
 
-from . import balance, distributed, policy
+from . import balance, distributed
 from .balance import Part, assign
 from .checkpoint import check_state, load_state, save_state
 from .control import EpochControl
 from .errors import CheckpointError
+from .inbox import Inbox
 from .index import DatasetIndex
 from .meta import index_tag
 from .planner import EpochPlan, plan_epoch
 from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT
 from .reader import ReaderStage, ReadOptions
 from .resume import MID_EPOCH_SETTINGS, check_resume, progress, saved_settings
-from .scoring import ScoreExchange, checked_batch
+from .scoring import ScoreExchange
 from .settings import RunSettings, agree
 from .stages import FilterStage, ShardSource, shard_order
 from .stats import EpochBook, EpochStats, planned_stats
@@ -122,6 +123,7 @@ class InfoBatch:
         self.control = EpochControl.create(self.index.num_shards)
         self.scores = ScoreExchange(self.store, self._writer, settings.ema_decay, settings.sync_every)
         self.book = EpochBook()
+        self.inbox = Inbox(self._record, n, self.tag, self.index.path or "<memory>", self.config)
         # what loader workers use: the stages get this, not the InfoBatch
         self.view = WorkerView(self.index, self.config, self.remainder, self.tag, self.control, self.plan, self.store)
         self.epoch = -1
@@ -202,6 +204,7 @@ class InfoBatch:
         """
         epoch = int(epoch)
         agree("ib.set_epoch()", self.settings, self.index, epoch=epoch)  # before any other collective
+        self.inbox.land()
         return self._plan_epoch(epoch)
 
     def _plan_epoch(self, epoch: int) -> EpochStats:
@@ -284,27 +287,33 @@ class InfoBatch:
         (``reduction="none"``). The caller's tensor is not modified. ``score``, one value per
         sample, is stored instead of the loss when given: e.g. a diffusion loss divided by the
         mean loss at its timestep, so that samples are ranked by difficulty, not by the draw.
+
+        On a GPU it never waits for the device: the scores reach the store one call later (or at
+        ``set_epoch``, ``sync_scores``, ``stats``, ``state_dict``), see :mod:`.inbox`.
         """
-        slots, epochs, boosted, values = checked_batch(
-            meta, loss, score, self.index.num_samples, self.tag, self.index.path or "<memory>"
-        )
+        weights = self.inbox.put(meta, loss, score)
+        self.scores.sync_if_due()
+        return (loss * weights).mean()
+
+    def _record(self, slots: np.ndarray, epochs: np.ndarray, values: np.ndarray) -> None:
+        """A batch's scores, on the host: into the store (or the exchange), and into the counts."""
         finite = np.isfinite(values)
         self.scores.add(slots[finite], values[finite])
         self.book.count(epochs, finite, self.epoch, self.control.repeats)
-        weights = torch.from_numpy(policy.weights(boosted, self.config)).to(device=loss.device, dtype=loss.dtype)
-        return (loss * weights).mean()
 
     def sync_scores(self) -> int:
         """Exchange this rank's recorded updates with every other rank (a collective: call it on
         all ranks; ``set_epoch`` does). Every store applies them in the same order, so all end
         identical; when it returns, this node's store holds them all. Returns the number of
         updates exchanged; 0 without a process group."""
+        self.inbox.land()
         return self.scores.sync()
 
     def stats(self) -> list[dict[str, Any]]:
         """Per-epoch figures: threshold, seen, well_learned, pruned, kept, trained, nonfinite,
         and the reader's I/O (bytes_read, bytes_skipped, requests, shards_read, shards_skipped,
         shards_failed)."""
+        self.inbox.land()
         self._collect_io()
         return self.book.as_dicts()
 
@@ -320,6 +329,7 @@ class InfoBatch:
         weights_only=True)`` reads it back. With several ranks the states differ only in the
         pending updates: save each rank's, or call ``sync_scores()`` on all ranks first.
         """
+        self.inbox.land()
         self._collect_io()
         pending = self.scores.pending_updates()
         return {
@@ -347,6 +357,7 @@ class InfoBatch:
         :data:`MID_EPOCH_SETTINGS`): :class:`SettingsMismatchError` otherwise. Other changes,
         and any change at an epoch boundary, are kept from this InfoBatch with a warning."""
         failure, saved, partway = None, None, None
+        self.inbox.land()  # a batch of the run being replaced must not land on the loaded state
         mine = self.settings.recorded()
         try:
             check_state(state, self.index)

@@ -57,7 +57,7 @@ def exact_limit(dtype: Any) -> int | None:
     return None
 
 
-def _check_dtype(dtype: Any, num_samples: int | None) -> None:
+def check_dtype(dtype: Any, num_samples: int | None) -> None:
     limit = exact_limit(dtype)
     largest = max((1 << TAG_BITS) - 1, (num_samples or 0) - 1)  # the tag, or the last slot
     if limit is not None and limit >= largest:
@@ -81,11 +81,20 @@ def _check_dtype(dtype: Any, num_samples: int | None) -> None:
 
 def _to_numpy(item: Any, num_samples: int | None) -> np.ndarray:
     if hasattr(item, "detach") and hasattr(item, "dtype"):  # a torch tensor: bfloat16 has no numpy form
-        _check_dtype(item.dtype, num_samples)
+        check_dtype(item.dtype, num_samples)
         return item.detach().cpu().numpy()
     arr = np.asarray(item)
-    _check_dtype(arr.dtype, num_samples)
+    check_dtype(arr.dtype, num_samples)
     return arr
+
+
+def check_shape(shape: tuple[int, ...]) -> None:
+    """A batch's metadata is ``(batch, 4)``; anything else is another field passed by mistake."""
+    if len(shape) != 2 or shape[1] != WIDTH:
+        raise MetadataError(
+            f"update() metadata has shape {tuple(shape)}, expected (batch, {WIDTH}) from the {META_KEY!r} field; "
+            "pass that field unchanged (did you pass labels or keys instead?)"
+        )
 
 
 def as_meta_array(meta: Any, num_samples: int | None = None) -> np.ndarray:
@@ -107,11 +116,7 @@ def as_meta_array(meta: Any, num_samples: int | None = None) -> np.ndarray:
         arr = _to_numpy(meta, num_samples)
     if arr.ndim == 1 and arr.shape[0] == WIDTH:
         arr = arr[None, :]
-    if arr.ndim != 2 or arr.shape[1] != WIDTH:
-        raise MetadataError(
-            f"update() metadata has shape {arr.shape}, expected (batch, {WIDTH}) from the {META_KEY!r} field; "
-            "pass that field unchanged (did you pass labels or keys instead?)"
-        )
+    check_shape(arr.shape)
     if arr.dtype.kind == "f" and not np.all(arr == np.round(arr)):
         raise MetadataError(
             f"update() metadata of dtype {arr.dtype} holds values that are not whole numbers (slots, epochs, "

@@ -1,4 +1,4 @@
-"""The training side of the scores: checking what ``update()`` is given, and recording it.
+"""The training side of the scores: recording them, and exchanging them between ranks.
 
 With one process the losses go into the store at once. With a process group the store changes
 only when the ranks exchange their updates (at ``set_epoch``, every ``sync_every`` updates, or on
@@ -10,51 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from . import distributed
-from .errors import MetadataError
-from .meta import BOOSTED, EPOCH, SLOT, TAG, as_meta_array
 from .store import ScoreStore
-
-
-def checked_batch(
-    meta: Any, loss: torch.Tensor, score: torch.Tensor | None, num_samples: int, tag: int, where: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(slots, epochs, boosted, values)`` of one ``update()`` call, or a clear error saying what
-    the caller passed wrong (``where``: the index, for the message)."""
-    arr = as_meta_array(meta, num_samples)
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"update() needs the per-sample loss as a torch.Tensor, got {type(loss).__name__}")
-    if loss.ndim == 0:
-        raise ValueError(
-            "update() got a scalar loss: InfoBatch needs one loss per sample; build the criterion with "
-            "reduction='none' (e.g. nn.CrossEntropyLoss(reduction='none'))"
-        )
-    if loss.ndim != 1:
-        raise ValueError(
-            f"update() got a loss of shape {tuple(loss.shape)}: reduce it to one value per sample first, "
-            "e.g. loss.flatten(1).mean(1)"
-        )
-    if loss.shape[0] != arr.shape[0]:
-        raise ValueError(
-            f"update() got {loss.shape[0]} losses for a batch of {arr.shape[0]} samples; pass the loss "
-            "of exactly the batch whose '__ib__' field you pass"
-        )
-    slots, epochs, boosted = arr[:, SLOT], arr[:, EPOCH], arr[:, BOOSTED].astype(bool)
-    if len(slots) and (np.any(arr[:, TAG] != tag) or slots.min() < 0 or slots.max() >= num_samples):
-        raise MetadataError(
-            "update() got metadata from another index (its index tag or slots do not match this "
-            f"InfoBatch's {num_samples}-sample index {where}): pass the "
-            "'__ib__' field of batches read through this InfoBatch's stages"
-        )
-    if score is not None and tuple(score.shape) != tuple(loss.shape):
-        raise ValueError(
-            f"update() got a score of shape {tuple(score.shape)} for a loss of shape "
-            f"{tuple(loss.shape)}: pass one score per sample"
-        )
-    values = (loss if score is None else score).detach().to(dtype=torch.float32, device="cpu").numpy()
-    return slots, epochs, boosted, values
 
 
 class ScoreExchange:
@@ -64,6 +22,7 @@ class ScoreExchange:
         self.store, self.writer, self.ema_decay, self.sync_every = store, writer, ema_decay, sync_every
         self.pending: list[np.ndarray] = []  # this rank's (slot, loss) updates since the last exchange
         self.updates = 0  # update() calls, for sync_every
+        self.due = False  # sync_every updates recorded: exchange at the next update() (on every rank)
 
     def add(self, slots: np.ndarray, values: np.ndarray) -> None:
         """Record one batch's finite values (into the store now, or for the next exchange)."""
@@ -71,9 +30,16 @@ class ScoreExchange:
             self.pending.append(distributed.pack_updates(slots, values))
             self.updates += 1
             if self.sync_every and self.updates % self.sync_every == 0:
-                self.sync()
+                self.due = True
         else:
             self.store.record(slots, values, self.ema_decay)
+
+    def sync_if_due(self) -> None:
+        """Exchange when ``sync_every`` updates are recorded. Only ``update()`` calls it: every rank
+        makes the same calls, whereas a batch may land in a flush that only one rank makes
+        (``state_dict`` on rank 0), where a collective would hang."""
+        if self.due:
+            self.sync()
 
     def pending_updates(self) -> np.ndarray:
         return np.concatenate(self.pending) if self.pending else np.zeros(0, dtype=distributed.UPDATE)
@@ -82,9 +48,11 @@ class ScoreExchange:
         """Exchange the pending updates with every rank (a collective); see ``ib.sync_scores``."""
         if distributed.world()[1] == 1:
             self.pending.clear()
+            self.due = False
             return 0
         packed = self.pending_updates()
         self.pending.clear()
+        self.due = False
 
         def apply(slots: np.ndarray, values: np.ndarray) -> None:
             if self.writer:

@@ -24,7 +24,15 @@ import torch.multiprocessing as mp
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from infobatch_stream import META_KEY, CheckpointError, InfoBatch, SettingsMismatchError, build_index, planner
+from infobatch_stream import (
+    META_KEY,
+    CheckpointError,
+    InfoBatch,
+    SettingsMismatchError,
+    build_index,
+    inbox,
+    planner,
+)
 from infobatch_stream.distributed import all_gather_updates
 from infobatch_stream.stages import shard_order
 from tests.helpers.data import make_index, slot_loss, write_sized_shards
@@ -192,6 +200,27 @@ def _ddp_skewed(index_path: str) -> dict:
     return result
 
 
+def _deferred(index_path: str) -> dict:
+    """update()'s deferred path (what a GPU takes; here forced on the CPU) with sync_every=3, and
+    rank 0 alone taking a state_dict now and then: a batch landing there must not start an
+    exchange that rank 1 never joins."""
+    inbox.DEFERRED_DEVICES = {"cpu", "cuda"}
+    ib = InfoBatch(index_path, **CONFIG, sync_every=3)
+    calls = 0
+
+    def step(meta, loss):
+        nonlocal calls
+        ib.update(meta, loss)
+        calls += 1
+        if dist.get_rank() == 0 and calls % 4 == 0:
+            ib.state_dict()
+
+    try:
+        return _train(ib, _loader(ib, "reader", 0), step=step)
+    finally:
+        inbox.DEFERRED_DEVICES = {"cuda"}
+
+
 def _two_rank_scenarios(index_path: str, skewed_path: str) -> dict:
     rank = dist.get_rank()
     # the chunked variable-size gather: rank r sends r * 3 + 1 updates, rounds of 2 per rank
@@ -201,6 +230,7 @@ def _two_rank_scenarios(index_path: str, skewed_path: str) -> dict:
     result = {"gathered_slots": slots.tolist(), "gathered_values": values.tolist()}
     result["matrix"] = _matrix(index_path, [(0, "reader"), (2, "filter")], share_store=True, sync_every=3)
     result["ddp"] = _ddp_skewed(skewed_path)
+    result["deferred"] = _deferred(index_path)
     ib = InfoBatch(skewed_path, **CONFIG, remainder="drop")
     result["drop"] = _train(ib, _loader(ib, "reader", 2), epochs=1)
     # rank 1 loads another dataset's index: every rank must refuse, none may hang
@@ -359,6 +389,16 @@ def test_sync_every_exchanges_during_the_epoch(data):
         # with sync_every=3 the store holds scores before set_epoch exchanges; without it, not
         assert got["seen_before_exchange"][1] > 0
     assert data[4][0]["matrix"]["0-filter"]["seen_before_exchange"][1] == 0
+
+
+def test_deferred_updates_exchange_in_step_across_ranks(data):
+    """The deferred path with sync_every and one-sided state_dict() calls: no hang (the group
+    finished), the same slots as the eager run, and every rank ends with the single-process store."""
+    eager = [r["matrix"]["0-reader"] for r in data[2]]
+    for got, ref in zip([r["deferred"] for r in data[2]], eager):
+        assert got["slots"] == ref["slots"]
+        assert got["seen_before_exchange"][1] > 0
+        np.testing.assert_array_equal(np.asarray(got["scores"]), np.asarray(data["reference"]["scores"]))
 
 
 def test_ddp_over_skewed_shards_takes_equal_steps(data):
