@@ -16,4 +16,5 @@ class DemoConfig:
     workers: int = 2
     shards: int = 8
     seed: int = 0
+    repeats: int = 2  # each run this many times, interleaved full/InfoBatch/InfoBatch/full/...
     progress: bool = True

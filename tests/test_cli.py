@@ -58,6 +58,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert len(rows) == 2
     full, pruned = (int(r.split("|")[3].strip().replace(",", "")) for r in rows)
     assert full == 4 * 1347 and 1347 * 2 < pruned < full  # epoch 0 is full, later epochs prune
+    assert "median of 2" in done.stdout and "measured with Python" in done.stdout and "torch " in done.stdout
+    assert "repeats differ" not in done.stderr  # the same counts on every repeat: they are exact
 
 
 def test_library_touches_no_global_rng(tmp_path):
