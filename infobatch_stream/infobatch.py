@@ -24,24 +24,18 @@ import numpy as np
 import torch
 from webdataset.handlers import reraise_exception
 
-from . import balance, distributed
+from . import balance
 from .balance import Part, assign
-from .checkpoint import check_state, load_state, save_state
-from .control import EpochControl
-from .errors import CheckpointError
-from .inbox import Inbox
+from .checkpoint import load_state, save_state
+from .errors import MetadataError
 from .index import DatasetIndex
-from .meta import index_tag
-from .planner import EpochPlan, plan_epoch
 from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT
 from .reader import ReaderStage, ReadOptions
-from .resume import MID_EPOCH_SETTINGS, check_resume, progress, saved_settings
-from .scoring import ScoreExchange
+from .resume import MID_EPOCH_SETTINGS, restore, state_of
+from .run import Run, start_epoch
 from .settings import RunSettings, agree
 from .stages import FilterStage, ShardSource, shard_order
-from .stats import EpochBook, EpochStats, planned_stats
-from .store import ScoreStore
-from .worker import WorkerView
+from .stats import EpochStats
 
 if TYPE_CHECKING:
     from .dataset import ResumableDataset
@@ -107,27 +101,21 @@ class InfoBatch:
             failure = e
         agree("InfoBatch()", settings, loaded, failure=failure)  # the first collective: all agree or all raise
         assert settings is not None and loaded is not None  # agree() raised otherwise
-        self.index, self.settings = loaded, settings
-        self.config, self.remainder = settings.config, settings.remainder
-        self.tag = index_tag(self.index.fingerprint)
-        n = self.index.num_samples
+        self.run = run = Run.create(loaded, settings)
+        # the parts, by name (the same objects the run's jobs use)
+        self.index, self.settings, self.config, self.remainder = loaded, settings, settings.config, settings.remainder
+        self.tag, self.store, self.plan, self.control = run.tag, run.store, run.plan, run.control
+        self.scores, self.book, self.view, self.inbox = run.scores, run.book, run.view, run.inbox
+        start_epoch(run, 0)
 
-        def create() -> list:
-            return [ScoreStore.create(n).shared, EpochPlan.create(n).shared]
+    @property
+    def epoch(self) -> int:
+        """The current epoch (the last ``set_epoch``'s)."""
+        return self.run.epoch
 
-        shared, self._writer, self._shared_by_all = (
-            distributed.share_per_node(create) if share_store else (create(), True, distributed.world()[1] == 1)
-        )
-        self.store = ScoreStore(shared[0])
-        self.plan = EpochPlan(shared[1], n)
-        self.control = EpochControl.create(self.index.num_shards)
-        self.scores = ScoreExchange(self.store, self._writer, settings.ema_decay, settings.sync_every)
-        self.book = EpochBook()
-        self.inbox = Inbox(self._record, n, self.tag, self.index.path or "<memory>", self.config)
-        # what loader workers use: the stages get this, not the InfoBatch
-        self.view = WorkerView(self.index, self.config, self.remainder, self.tag, self.control, self.plan, self.store)
-        self.epoch = -1
-        self._plan_epoch(0)
+    @property
+    def _writer(self) -> bool:
+        return self.run.writer
 
     # ---- pipeline stages -----------------------------------------------------------------------
     def shards(self) -> ShardSource:
@@ -202,49 +190,13 @@ class InfoBatch:
         it on every rank with the same epoch (compared first, so a mismatch raises
         :class:`SettingsMismatchError` on every rank instead of hanging one).
         """
-        epoch = int(epoch)
-        agree("ib.set_epoch()", self.settings, self.index, epoch=epoch)  # before any other collective
-        self.inbox.land()
-        return self._plan_epoch(epoch)
-
-    def _plan_epoch(self, epoch: int) -> EpochStats:
-        if epoch < 0:
-            raise ValueError(f"set_epoch({epoch}): epochs start at 0")
-        if epoch < self.epoch:
-            raise ValueError(
-                f"set_epoch({epoch}) goes backwards from epoch {self.epoch}: the scores already hold later "
-                "epochs' losses; create a new InfoBatch to start the run over"
-            )
-        if epoch >= self.config.num_epochs:
-            self.book.warn_once(
-                "past_end",
-                epoch,
-                f"set_epoch({epoch}) is past num_epochs={self.config.num_epochs}: it streams the full "
-                "data like the final epochs; pass the real number of epochs to InfoBatch",
-            )
-        current = self.book.epochs.get(epoch)
-        trained_here = epoch == self.epoch and current is not None and current.trained > 0
-        if distributed.any_rank(trained_here):  # same branch on every rank: the rest is collective
-            log.info("set_epoch(%d) again after training in it: keeping its frozen plan", epoch)
-            return self.book.epochs[epoch]
-        self._collect_io()
-        self.scores.sync()
-        summary = plan_epoch(
-            self.store.scores,
-            self.index,
-            self.config,
-            epoch,
-            self.plan,
-            plan_is_shared_by_all=self._shared_by_all,
-            writer=self._writer,
-        )
-        rank, world_size = distributed.world()
-        stats = planned_stats(epoch, summary, self.index.num_samples, world_size, self.remainder)
-        self.book.epochs[epoch] = stats
-        self.control.publish(epoch, summary.threshold, summary.kept_per_shard, rank, world_size)
-        self.view.announced.clear()
-        self.epoch = epoch
-        return stats
+        epoch, failure = int(epoch), None
+        try:
+            self.inbox.land()  # the last batch's scores count for the threshold
+        except MetadataError as e:  # that batch was bad: every rank raises, none waits for this one
+            failure = e
+        agree("ib.set_epoch()", self.settings, self.index, epoch=epoch, failure=failure)  # before any other collective
+        return start_epoch(self.run, epoch)
 
     def worker_parts(
         self, epoch: int, worker: int = 0, num_workers: int = 0, kept_per_shard: np.ndarray | None = None
@@ -295,12 +247,6 @@ class InfoBatch:
         self.scores.sync_if_due()
         return (loss * weights).mean()
 
-    def _record(self, slots: np.ndarray, epochs: np.ndarray, values: np.ndarray) -> None:
-        """A batch's scores, on the host: into the store (or the exchange), and into the counts."""
-        finite = np.isfinite(values)
-        self.scores.add(slots[finite], values[finite])
-        self.book.count(epochs, finite, self.epoch, self.control.repeats)
-
     def sync_scores(self) -> int:
         """Exchange this rank's recorded updates with every other rank (a collective: call it on
         all ranks; ``set_epoch`` does). Every store applies them in the same order, so all end
@@ -314,11 +260,8 @@ class InfoBatch:
         and the reader's I/O (bytes_read, bytes_skipped, requests, shards_read, shards_skipped,
         shards_failed)."""
         self.inbox.land()
-        self._collect_io()
+        self.run.collect_io()
         return self.book.as_dicts()
-
-    def _collect_io(self) -> None:
-        self.book.add_io(self.epoch, self.control.io_totals(), self.control.repeats)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -329,24 +272,7 @@ class InfoBatch:
         weights_only=True)`` reads it back. With several ranks the states differ only in the
         pending updates: save each rank's, or call ``sync_scores()`` on all ranks first.
         """
-        self.inbox.land()
-        self._collect_io()
-        pending = self.scores.pending_updates()
-        return {
-            "format": 1,
-            "index_fingerprint": self.index.fingerprint,
-            "num_samples": self.index.num_samples,
-            "config": self.settings.recorded(),
-            "epoch": self.epoch,
-            "threshold": self.control.threshold,
-            "stats": self.book.as_dicts(),
-            "updates": self.scores.updates,
-            "scores": torch.from_numpy(np.array(self.store.scores)),
-            "plan": torch.from_numpy(np.array(self.plan.shared.array)),
-            "kept_per_shard": torch.from_numpy(np.array(self.control.kept_per_shard)),
-            "pending_slots": torch.from_numpy(np.ascontiguousarray(pending["slot"])),
-            "pending_losses": torch.from_numpy(np.ascontiguousarray(pending["loss"])),
-        }
+        return state_of(self.run)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`: the store, the epoch and its frozen plan (republished as
@@ -356,38 +282,7 @@ class InfoBatch:
         rest of that epoch (``seed``, ``remainder``, ``prune_ratio``, see
         :data:`MID_EPOCH_SETTINGS`): :class:`SettingsMismatchError` otherwise. Other changes,
         and any change at an epoch boundary, are kept from this InfoBatch with a warning."""
-        failure, saved, partway = None, None, None
-        self.inbox.land()  # a batch of the run being replaced must not land on the loaded state
-        mine = self.settings.recorded()
-        try:
-            check_state(state, self.index)
-            saved, partway = saved_settings(state, mine), progress(state)
-        except Exception as e:  # noqa: BLE001 - raised below, on every rank
-            failure = e
-        extras = agree(
-            "ib.load_state_dict()",
-            self.settings,
-            self.index,
-            failure=failure,
-            peer_error=CheckpointError,
-            extra={"saved": saved, "progress": partway},
-        )
-        check_resume(extras, mine)
-        if self._writer:
-            self.store.scores[:] = np.asarray(state["scores"])
-            self.plan.shared.array[:] = np.asarray(state["plan"])
-        distributed.barrier()
-        rank, world_size = distributed.world()
-        self.book.epochs = {int(d["epoch"]): EpochStats(**d) for d in state["stats"]}
-        self.epoch = int(state["epoch"])
-        self.book.split(self.epoch, world_size, self.remainder)  # the split over ranks follows this job
-        self.control.publish(
-            self.epoch, float(state["threshold"]), np.asarray(state["kept_per_shard"]), rank, world_size
-        )
-        self.scores.restore(
-            np.asarray(state["pending_slots"]), np.asarray(state["pending_losses"]), int(state["updates"])
-        )
-        self.view.announced.clear()
+        restore(self.run, state)
 
     def save(self, path: str) -> None:
         """Write :meth:`state_dict` to one file, atomically (temp file, fsync, rename): a crash or a

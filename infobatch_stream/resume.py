@@ -1,4 +1,4 @@
-"""Resuming a run from a state: which setting changes a resume may carry, decided on every rank alike.
+"""Checkpoints of a run: the state it saves, and resuming from one, decided on every rank alike.
 
 A state saved partway through an epoch holds that epoch's frozen plan and this rank's position in
 it. The settings that decide the rest of that epoch must be the saved ones, or some samples would
@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
 
 from . import distributed
-from .errors import SettingsMismatchError
-from .stats import user_stacklevel
+from .checkpoint import check_state
+from .errors import CheckpointError, SettingsMismatchError
+from .settings import agree
+from .stats import EpochStats, user_stacklevel
+
+if TYPE_CHECKING:
+    from .run import Run
 
 log = logging.getLogger("infobatch_stream.infobatch")
 
@@ -80,3 +88,58 @@ def check_resume(extras: list[dict[str, Any]], mine: dict[str, Any]) -> None:
     message = f"restoring a state saved with other settings, keeping this InfoBatch's ({when}): {listing}"
     log.warning(message)
     warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
+
+
+def state_of(run: Run) -> dict[str, Any]:
+    """``ib.state_dict()``: plain values and tensors (``torch.load(weights_only=True)`` reads it)."""
+    run.inbox.land()
+    run.collect_io()
+    pending = run.scores.pending_updates()
+    return {
+        "format": 1,
+        "index_fingerprint": run.index.fingerprint,
+        "num_samples": run.index.num_samples,
+        "config": run.settings.recorded(),
+        "epoch": run.epoch,
+        "threshold": run.control.threshold,
+        "stats": run.book.as_dicts(),
+        "updates": run.scores.updates,
+        "scores": torch.from_numpy(np.array(run.store.scores)),
+        "plan": torch.from_numpy(np.array(run.plan.shared.array)),
+        "kept_per_shard": torch.from_numpy(np.array(run.control.kept_per_shard)),
+        "pending_slots": torch.from_numpy(np.ascontiguousarray(pending["slot"])),
+        "pending_losses": torch.from_numpy(np.ascontiguousarray(pending["loss"])),
+    }
+
+
+def restore(run: Run, state: dict[str, Any]) -> None:
+    """``ib.load_state_dict()``: check the state and the settings on every rank alike, then put
+    back the store, the epoch and its frozen plan (republished as saved, not recomputed)."""
+    failure, saved, partway = None, None, None
+    mine = run.settings.recorded()
+    try:
+        run.inbox.land()  # a batch of the run being replaced must not land on the loaded state
+        check_state(state, run.index)
+        saved, partway = saved_settings(state, mine), progress(state)
+    except Exception as e:  # noqa: BLE001 - raised below, on every rank
+        failure = e
+    extras = agree(
+        "ib.load_state_dict()",
+        run.settings,
+        run.index,
+        failure=failure,
+        peer_error=CheckpointError,
+        extra={"saved": saved, "progress": partway},
+    )
+    check_resume(extras, mine)
+    if run.writer:
+        run.store.scores[:] = np.asarray(state["scores"])
+        run.plan.shared.array[:] = np.asarray(state["plan"])
+    distributed.barrier()
+    rank, world_size = distributed.world()
+    run.book.epochs = {int(d["epoch"]): EpochStats(**d) for d in state["stats"]}
+    run.epoch = int(state["epoch"])
+    run.book.split(run.epoch, world_size, run.settings.remainder)  # the split over ranks follows this job
+    run.control.publish(run.epoch, float(state["threshold"]), np.asarray(state["kept_per_shard"]), rank, world_size)
+    run.scores.restore(np.asarray(state["pending_slots"]), np.asarray(state["pending_losses"]), int(state["updates"]))
+    run.view.announced.clear()
