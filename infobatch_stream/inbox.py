@@ -8,7 +8,9 @@ scores stay on the loss's device and are copied into pinned host memory with
 ``update()`` comes (it has landed by then in all but pathological cases, and waiting on the event
 waits for that copy, not for the step queued after it), or at the latest when ``set_epoch``,
 ``sync_scores``, ``stats``, ``state_dict`` or ``save`` flush the inbox. The store lags by at
-most one step and nothing is lost. The weights go to the device the same way (pinned,
+most one step and nothing is lost. The host then runs at most one step ahead of the device (it
+waits, if at all, for the previous step's forward pass, while that step's backward and this
+step's forward are still queued): the queue never drains. The weights go to the device the same way (pinned,
 non-blocking); metadata already on the device stays there for the weights and is checked when
 its copy lands, so a bad batch is reported one call late, naming that call.
 """
@@ -87,15 +89,17 @@ class _InFlight:
 
     call: int  # which update() call, for messages
     values: torch.Tensor  # float32 on the host (pinned when the source is on a GPU)
-    meta: tuple[np.ndarray, np.ndarray] | None  # (slots, epochs) checked on the host already
+    meta: tuple[np.ndarray, np.ndarray] | None  # (slots, epochs) checked on the host already (copies)
     device_meta: torch.Tensor | None  # else the metadata's host copy, checked when it lands
     event: Any  # torch.cuda.Event recorded after the copies; None when they were synchronous
+    sources: tuple[torch.Tensor, ...]  # the device tensors copied: alive until the copies are done
 
 
 def _device_meta(meta: Any, device: torch.device) -> torch.Tensor | None:
-    """The metadata as one tensor when it is already on ``device`` (a GPU), else None."""
+    """The metadata as one tensor when it is already on ``device`` (a GPU), else None (also for
+    a ragged list: the host path then refuses it as the eager one does)."""
     if isinstance(meta, (list, tuple)) and meta and all(isinstance(m, torch.Tensor) for m in meta):
-        if all(m.device == device for m in meta):
+        if all(m.device == device and m.shape == meta[0].shape for m in meta):
             return torch.stack(list(meta))
         return None
     if isinstance(meta, torch.Tensor) and meta.device == device:
@@ -129,12 +133,20 @@ class Inbox:
         except MetadataError as e:
             late = e
         self.calls += 1
-        if not isinstance(loss, torch.Tensor) or loss.device.type not in DEFERRED_DEVICES:
-            slots, epochs, boosted, values = checked_batch(meta, loss, score, self.num_samples, self.tag, self.where)
-            self.record(slots, epochs, values)
-            weights = torch.from_numpy(policy.weights(boosted, self.config)).to(device=loss.device, dtype=loss.dtype)
-        else:
-            weights = self._put_deferred(meta, loss, score)
+        try:
+            if not isinstance(loss, torch.Tensor) or loss.device.type not in DEFERRED_DEVICES:
+                slots, epochs, boosted, values = checked_batch(
+                    meta, loss, score, self.num_samples, self.tag, self.where
+                )
+                self.record(slots, epochs, values)
+                weights = torch.from_numpy(policy.weights(boosted, self.config))
+                weights = weights.to(device=loss.device, dtype=loss.dtype)
+            else:
+                weights = self._put_deferred(meta, loss, score)
+        except Exception:
+            if late is not None:
+                raise late  # noqa: B904 - this call's own error is chained as the context
+            raise
         if late is not None:
             raise late
         return weights
@@ -149,8 +161,11 @@ class Inbox:
             check_shape(tuple(on_device.shape))
             check_loss(loss, score, on_device.shape[0])
             boosted = on_device[:, BOOSTED] != 0
-            weights = torch.where(boosted, self.config.boost, 1.0).to(loss.dtype)
-            checked, meta_copy = None, _host_copy(on_device.detach(), pinned)
+            # 0-dim CPU tensors act as scalars on the device (no copy); float64 as the eager weights
+            boost, one = torch.tensor(self.config.boost, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+            weights = torch.where(boosted, boost, one).to(loss.dtype)
+            on_device = on_device.detach()
+            checked, meta_copy = None, _host_copy(on_device, pinned)
         else:
             arr = as_meta_array(meta, self.num_samples)
             check_loss(loss, score, arr.shape[0])
@@ -159,13 +174,16 @@ class Inbox:
             if pinned:
                 host_weights = host_weights.pin_memory()
             weights = host_weights.to(loss.device, non_blocking=pinned)
-            checked, meta_copy = (slots, epochs), None
-        values = _host_copy((loss if score is None else score).detach().to(torch.float32), pinned)
+            # copies: the caller may refill its metadata buffer before this batch lands
+            checked, meta_copy = (slots.copy(), epochs.copy()), None
+        source = (loss if score is None else score.to(loss.device, non_blocking=True)).detach().to(torch.float32)
+        values = _host_copy(source, pinned)
         event = None
         if pinned:
             event = torch.cuda.Event()
-            event.record()
-        self.in_flight = _InFlight(self.calls, values, checked, meta_copy, event)
+            event.record(torch.cuda.current_stream(loss.device))  # the stream the copies were queued on
+        kept = (source,) if on_device is None else (source, on_device)
+        self.in_flight = _InFlight(self.calls, values, checked, meta_copy, event, kept)
         return weights
 
     def land(self) -> None:

@@ -134,6 +134,62 @@ def test_metadata_from_the_device_is_checked_when_it_lands(dataset, deferred):
     assert ib.store.scores[1] == 1.0 and np.isnan(ib.store.scores[2]) and ib.store.scores[3] == 1.0
 
 
+def test_a_reused_metadata_buffer_does_not_move_scores(dataset, deferred):
+    """A loader that refills one metadata buffer in place: the batch in flight keeps its slots."""
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=EPOCHS, prune_ratio=0.5, delta=1.0, seed=3)
+    buffer = np.array([[0, 0, 0, ib.tag], [1, 0, 0, ib.tag]])
+    ib.update(buffer, torch.tensor([1.0, 2.0]))
+    buffer[:, 0] = [7, 8]
+    ib.update(buffer, torch.tensor([3.0, 4.0]))
+    ib.sync_scores()
+    seen = {int(i): float(ib.store.scores[i]) for i in np.flatnonzero(~np.isnan(ib.store.scores))}
+    assert seen == {0: 1.0, 1: 2.0, 7: 3.0, 8: 4.0}
+
+
+def test_a_late_error_is_not_lost_to_a_wrong_call(dataset, deferred):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=EPOCHS)
+    ib.update(torch.tensor([[2, 0, 0, ib.tag + 1]]), torch.ones(1))  # bad, seen when it lands
+    with pytest.raises(MetadataError, match="call 1") as raised:
+        ib.update(torch.tensor([[3, 0, 0, ib.tag]]), torch.ones(2))  # wrong too: 2 losses for 1 sample
+    assert "2 losses for a batch of 1" in str(raised.value.__context__)
+
+
+def test_a_late_error_at_set_epoch_is_raised_there(dataset, deferred):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=EPOCHS)
+    ib.update(torch.tensor([[2, 0, 0, ib.tag + 1]]), torch.ones(1))
+    with pytest.raises(MetadataError, match="call 1"):
+        ib.set_epoch(1)
+    ib.set_epoch(1)  # the bad batch is gone; the run goes on
+    assert np.isnan(ib.store.scores).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_weights_from_device_metadata_equal_the_eager_ones(dataset, dtype, monkeypatch):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=EPOCHS, prune_ratio=0.3)
+    meta = torch.tensor([[i, 0, i % 2, ib.tag] for i in range(6)])
+    loss = torch.linspace(0.1, 0.9, 6, dtype=dtype)
+    eager = ib.update(meta, loss)
+    monkeypatch.setattr(inbox, "DEFERRED_DEVICES", {"cpu", "cuda"})
+    deferred = ib.update(meta, loss)
+    assert deferred.dtype == eager.dtype and torch.equal(deferred, eager)
+
+
+def test_ragged_metadata_fails_as_on_the_eager_path(dataset, monkeypatch):
+    _, index = dataset
+    ib = InfoBatch(index, num_epochs=EPOCHS)
+    ragged = [torch.tensor([1, 0, 0, ib.tag]), torch.tensor([1, 0, 0])]
+    with pytest.raises(Exception) as eager:
+        ib.update(ragged, torch.ones(2))
+    monkeypatch.setattr(inbox, "DEFERRED_DEVICES", {"cpu", "cuda"})
+    with pytest.raises(Exception) as deferred:
+        ib.update(ragged, torch.ones(2))
+    assert type(deferred.value) is type(eager.value)
+
+
 def test_what_needs_no_values_is_refused_at_once(dataset, deferred):
     _, index = dataset
     ib = InfoBatch(index, num_epochs=EPOCHS)
