@@ -22,6 +22,7 @@ import numpy as np
 
 from . import indexcheck
 from .errors import IndexMismatchError, TarFormatError
+from .rows import ShardRows, cut_rows
 from .storage import backend_for, expand_listing, identity, runs_command, uses_obstore
 from .storage import is_local as _is_local
 from .storage import local_path as _strip_file_scheme
@@ -144,6 +145,7 @@ class DatasetIndex:
         self._real_lookup: dict[str, int] | None = None
         self._base_lookup: dict[str, int] = {}
         self._keys_cache: tuple[int, list[str]] | None = None
+        self._rows_cache: tuple[int, ShardRows] | None = None
         self._checked: set[int] = set()  # shards whose rows this process has checked
         self._changed: str | None = None  # why the arrays reopened by a worker are not these
         self._files: dict[str, os.stat_result] = {}  # the mapped array files as they were when opened
@@ -183,24 +185,31 @@ class DatasetIndex:
     def check_shard(self, shard: int) -> None:
         """Refuse a shard whose rows are damaged or changed (once per shard and process): see
         :mod:`infobatch_stream.indexcheck`. Every reader of a shard's rows goes through here."""
-        if shard in self._checked:
-            return
+        self.rows(shard)
+
+    def rows(self, shard: int) -> ShardRows:
+        """One shard's rows (see :mod:`infobatch_stream.rows`), checked the first time a process
+        asks for them; the last shard asked is kept."""
+        if self._rows_cache is not None and self._rows_cache[0] == shard:
+            return self._rows_cache[1]
         if self._changed:
             raise IndexMismatchError(self._changed)
         self._check_files()
         lo, hi = self.slots(shard)
         info = self.shards[shard]
         where = f"{self.path or '<memory>'} (shard {info.url})"
-        indexcheck.check_shard(
-            self._arrays, lo, hi, info.filesize, info.compression is not None, len(self.suffixes), where
-        )
-        if info.crc is not None and indexcheck.shard_crc(self._arrays, lo, hi) != info.crc:
-            raise IndexMismatchError(
-                f"index {where}: the shard's rows do not match their checksum: the arrays were damaged, or the "
-                "index was rebuilt at this path after this run loaded it (restart the run), or "
-                "rebuild it with `infobatch-stream index`"
-            )
-        self._checked.add(shard)
+        rows = cut_rows(self._arrays, lo, hi, where)
+        if shard not in self._checked:
+            indexcheck.check_shard(rows, lo, hi, info.filesize, info.compression is not None, len(self.suffixes), where)
+            if info.crc is not None and indexcheck.shard_crc(rows) != info.crc:
+                raise IndexMismatchError(
+                    f"index {where}: the shard's rows do not match their checksum: the arrays were damaged, or "
+                    "the index was rebuilt at this path after this run loaded it (restart the run), or "
+                    "rebuild it with `infobatch-stream index`"
+                )
+            self._checked.add(shard)
+        self._rows_cache = (shard, rows)
+        return rows
 
     def _check_files(self) -> None:
         """The mapped array files must be the ones opened: one rewritten in place (``cp``,
@@ -221,20 +230,14 @@ class DatasetIndex:
         """The sample keys of one shard, in tar order (cached for the last shard asked)."""
         if self._keys_cache is not None and self._keys_cache[0] == shard:
             return self._keys_cache[1]
-        self.check_shard(shard)
-        lo, hi = self.slots(shard)
-        offsets = np.asarray(self._arrays["key_offsets"][lo : hi + 1])
-        blob = self._arrays["keys"][offsets[0] : offsets[-1]].tobytes()
-        rel = (offsets - offsets[0]).tolist()
-        keys = [blob[a:b].decode("utf-8", "surrogateescape") for a, b in zip(rel[:-1], rel[1:])]
+        keys = self.rows(shard).keys()
         self._keys_cache = (shard, keys)
         return keys
 
     def byte_ranges(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """Start and end offsets of each sample of a shard (headers and padding included)."""
-        self.check_shard(shard)
-        lo, hi = self.slots(shard)
-        return np.asarray(self._arrays["start"][lo:hi]), np.asarray(self._arrays["end"][lo:hi])
+        rows = self.rows(shard)
+        return rows.start, rows.end
 
     # ---- URL matching ------------------------------------------------------------------------
     def shard_of_url(self, url: str) -> int:
@@ -454,6 +457,7 @@ class DatasetIndex:
         state["_url_lookup"] = None
         state["_real_lookup"] = None
         state["_keys_cache"] = None
+        state["_rows_cache"] = None
         if self.path is not None:
             state["_arrays"] = None
         return state
@@ -591,7 +595,10 @@ def from_scans(
     }
     index = DatasetIndex(shards, arrays, list(suffixes))
     first = index.shard_first.tolist()
-    index.shards = [replace(s, crc=indexcheck.shard_crc(arrays, first[i], first[i + 1])) for i, s in enumerate(shards)]
+    index.shards = [
+        replace(s, crc=indexcheck.shard_crc(cut_rows(arrays, first[i], first[i + 1], "<new index>")))
+        for i, s in enumerate(shards)
+    ]
     return index
 
 

@@ -20,6 +20,7 @@ import zlib
 import numpy as np
 
 from .errors import IndexMismatchError
+from .rows import ShardRows
 
 BLOCK = 512
 DTYPES = {
@@ -71,18 +72,13 @@ def check_layout(arrays: dict[str, np.ndarray], num_samples: int, where: str) ->
 
 
 def check_shard(
-    arrays: dict[str, np.ndarray], lo: int, hi: int, filesize: int, compressed: bool, num_suffixes: int, where: str
+    rows: ShardRows, lo: int, hi: int, filesize: int, compressed: bool, num_suffixes: int, where: str
 ) -> None:
-    """The rows of one shard (slots ``[lo, hi)``) describe members that fit in the file, in order."""
-    mf = np.asarray(arrays["member_first"][lo : hi + 1])
-    start, end = np.asarray(arrays["start"][lo:hi]), np.asarray(arrays["end"][lo:hi])
-    ko = np.asarray(arrays["key_offsets"][lo : hi + 1])
+    """The rows of one shard (slots ``[lo, hi)``, cut by :func:`rows.cut_rows`, which checked the
+    member and key tables' bounds) describe members that fit in the file, in order."""
+    mf, start, end = rows.member_first, rows.start, rows.end
     problem = None
-    if np.any(np.diff(mf) < 1) or mf[0] < 0 or mf[-1] > len(arrays["data_offset"]):
-        problem = "its member table is not ascending (a sample without members)"
-    elif np.any(np.diff(ko) < 1) or ko[0] < 0 or ko[-1] > len(arrays["keys"]):
-        problem = "its key offsets are not ascending (an empty key)"
-    elif hi > lo and (start[0] < 0 or np.any(end - start < BLOCK)):
+    if hi > lo and (start[0] < 0 or np.any(end - start < BLOCK)):
         problem = "a sample is shorter than its header"
     elif np.any(start[1:] < end[:-1]):
         problem = "its samples overlap or are out of order"
@@ -91,10 +87,7 @@ def check_shard(
     elif hi > lo and not compressed and filesize and int(end[-1]) > filesize:
         problem = f"its last sample ends at byte {int(end[-1])}, past the shard's {filesize} bytes"
     if problem is None and hi > lo:
-        m0, m1 = int(mf[0]), int(mf[-1])
-        offset = np.asarray(arrays["data_offset"][m0:m1])
-        size = np.asarray(arrays["size"][m0:m1])
-        suffix = np.asarray(arrays["suffix_id"][m0:m1])
+        offset, size, suffix = rows.data_offset, rows.size, rows.suffix_id
         owner = np.repeat(np.arange(hi - lo), np.diff(mf))
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         if np.any(size < 0) or np.any(offset % BLOCK):
@@ -103,7 +96,7 @@ def check_shard(
             problem = "a member lies outside its sample's bytes"
         elif np.any(offset[1:] < offset[:-1] + padded[:-1]):
             problem = "its members overlap or are out of order"
-        elif np.any((offset + padded)[mf[1:] - m0 - 1] != end):
+        elif np.any((offset + padded)[mf[1:] - 1] != end):
             problem = "a sample does not end where its last member does"
         elif np.any((suffix < 0) | (suffix >= num_suffixes)):
             problem = "a member has an unknown suffix id"
@@ -111,23 +104,19 @@ def check_shard(
         raise IndexMismatchError(f"index {where}: shard {lo}..{hi} is damaged ({problem}); {_REBUILD}")
 
 
-def shard_crc(arrays: dict[str, np.ndarray], lo: int, hi: int) -> int:
-    """CRC32 of every row describing slots ``[lo, hi)`` (member numbers taken relative to the
-    shard, so the value does not depend on the shards before it)."""
-    mf = np.asarray(arrays["member_first"][lo : hi + 1], dtype=np.int64)
-    m0, m1 = (int(mf[0]), int(mf[-1])) if len(mf) else (0, 0)
-    ko = np.asarray(arrays["key_offsets"][lo : hi + 1], dtype=np.int64)
-    k0, k1 = (int(ko[0]), int(ko[-1])) if len(ko) else (0, 0)
+def shard_crc(rows: ShardRows) -> int:
+    """CRC32 of every row of one shard (member and key numbers relative to the shard, so the
+    value does not depend on the shards before it)."""
     crc = 0
     for part in (
-        arrays["start"][lo:hi],
-        arrays["end"][lo:hi],
-        mf - m0,
-        arrays["data_offset"][m0:m1],
-        arrays["size"][m0:m1],
-        arrays["suffix_id"][m0:m1],
-        ko - k0,
-        arrays["keys"][k0:k1],
+        rows.start,
+        rows.end,
+        rows.member_first,
+        rows.data_offset,
+        rows.size,
+        rows.suffix_id,
+        rows.key_offsets,
+        rows.key_blob,
     ):
         crc = zlib.crc32(np.ascontiguousarray(part).view(np.uint8).data, crc)
     return crc

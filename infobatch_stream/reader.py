@@ -223,27 +223,22 @@ class _Layout:
     ) -> None:
         index = view.index
         self.url, self.epoch, self.tag = url, epoch, view.tag
-        self.lo, hi = index.slots(shard)
-        member_first = np.asarray(index.array("member_first")[self.lo : hi + 1])
-        m0, m1 = int(member_first[0]), int(member_first[-1])
-        offsets = np.asarray(index.array("data_offset")[m0:m1])
-        sizes = np.asarray(index.array("size")[m0:m1])
-        suffix_ids = np.asarray(index.array("suffix_id")[m0:m1])
-        self.offsets, self.sizes = offsets.tolist(), sizes.tolist()
-        self.suffix_of = [index.suffixes[i] for i in suffix_ids.tolist()]
-        self.member_first = (member_first - m0).tolist()
+        self.lo = index.slots(shard)[0]
+        rows = index.rows(shard)
+        self.offsets, self.sizes = rows.data_offset.tolist(), rows.size.tolist()
+        self.suffix_of = [index.suffixes[i] for i in rows.suffix_id.tolist()]
+        self.member_first = rows.member_first.tolist()
         self.keys = index.keys(shard)
         self.kept, self.boosted = kept.tolist(), boosted.tolist()
-        key_offsets = np.asarray(index.array("key_offsets")[self.lo : hi + 1])
         self.members = verify.KeptMembers(
             kept=kept,
-            member_first=member_first - m0,
-            offsets=offsets,
-            sizes=sizes,
+            member_first=rows.member_first,
+            offsets=rows.data_offset,
+            sizes=rows.size,
             starts=start,
-            key_blob=np.asarray(index.array("keys")[key_offsets[0] : key_offsets[-1]]),
-            key_offsets=key_offsets - key_offsets[0],
-            suffix_ids=suffix_ids,
+            key_blob=rows.key_blob,
+            key_offsets=rows.key_offsets,
+            suffix_ids=rows.suffix_id,
             suffixes=index.suffixes,
         )
 
