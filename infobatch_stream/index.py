@@ -9,6 +9,7 @@ A sample's **slot** is ``shard_first[shard] + position in shard``; the score sto
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import indexcheck
+from . import compact, indexcheck
 from .errors import IndexMismatchError, TarFormatError
 from .rows import ShardRows, cut_rows
 from .storage import backend_for, expand_listing, identity, runs_command, uses_obstore
@@ -31,8 +32,9 @@ from .tarscan import ShardSamples, decompressed, scan_shard
 log = logging.getLogger(__name__)
 
 INDEX_KIND = "wids-shard-index-v1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # compact arrays (compact.py); format 1 (int64 arrays) still loads
 _ARRAYS = ("start", "end", "member_first", "data_offset", "size", "suffix_id", "key_offsets", "keys")
+ARRAYS_OF_FORMAT = {1: _ARRAYS, 2: compact.ARRAYS}
 
 
 def normalize_url(url: str) -> str:
@@ -149,10 +151,12 @@ class DatasetIndex:
         self._checked: set[int] = set()  # shards whose rows this process has checked
         self._changed: str | None = None  # why the arrays reopened by a worker are not these
         self._files: dict[str, os.stat_result] = {}  # the mapped array files as they were when opened
+        # (an index made in memory without the per-sample arrays, e.g. for planning benchmarks, can plan
+        # but not read)
         if self._arrays is not None and set(indexcheck.DTYPES) <= set(self._arrays):
-            # (an index made in memory without the per-sample arrays, e.g. for planning benchmarks, can plan
-            # but not read)
             indexcheck.check_layout(self._arrays, self.num_samples, path or "<memory>")
+        elif self._arrays is not None and set(compact.ARRAYS) <= set(self._arrays):
+            compact.check_layout(self._arrays, self.num_samples, self.num_shards, path or "<memory>")
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -198,7 +202,7 @@ class DatasetIndex:
         lo, hi = self.slots(shard)
         info = self.shards[shard]
         where = f"{self.path or '<memory>'} (shard {info.url})"
-        rows = cut_rows(self._arrays, lo, hi, where)
+        rows = compact.rows_of(self._arrays, shard, lo, hi, where)
         if shard not in self._checked:
             indexcheck.check_shard(rows, lo, hi, info.filesize, info.compression is not None, len(self.suffixes), where)
             if info.crc is not None and indexcheck.shard_crc(rows) != info.crc:
@@ -316,6 +320,10 @@ class DatasetIndex:
 
     # ---- identity ------------------------------------------------------------------------------
     def _compute_fingerprint(self) -> str:
+        if "key_offsets" not in self._arrays:
+            raise IndexMismatchError(
+                f"index {self.path}: a compact index without its fingerprint is damaged; rebuild it"
+            )
         h = hashlib.sha1()
         h.update(np.ascontiguousarray(self.nsamples).tobytes())
         h.update(np.ascontiguousarray(self._arrays["key_offsets"]).tobytes())
@@ -323,17 +331,30 @@ class DatasetIndex:
         return h.hexdigest()
 
     # ---- persistence -------------------------------------------------------------------------
-    def save(self, path: str) -> None:
-        """Write the JSON shard list and the sidecar arrays (atomically per file)."""
+    def save(self, path: str, format: int = FORMAT_VERSION) -> None:
+        """Write the JSON shard list and the sidecar arrays (atomically per file). ``format=1``
+        writes the older int64 layout (for tools that read it; from an index built or loaded as
+        format 1)."""
         path = os.path.abspath(path)
         base = os.path.dirname(path)
         sidecar = _sidecar(path)
         os.makedirs(sidecar, exist_ok=True)
-        for name in _ARRAYS:
+        if format == 1 and "start" not in self._arrays:
+            raise ValueError("save(format=1) needs the format-1 arrays: an index built or loaded as format 1")
+        if format == 1:
+            arrays = self._arrays
+        else:
+            arrays = self._arrays if "start_block" in self._arrays else compact.encode(self._arrays, self.shard_first)
+        for name in ARRAYS_OF_FORMAT[format]:
             tmp = os.path.join(sidecar, f".{name}.npy.tmp")
             with open(tmp, "wb") as f:
-                np.save(f, np.asarray(self._arrays[name]))
+                np.save(f, np.asarray(arrays[name]))
             os.replace(tmp, os.path.join(sidecar, f"{name}.npy"))
+        for name in set(_ARRAYS + compact.ARRAYS) - set(
+            ARRAYS_OF_FORMAT[format]
+        ):  # another format's, saved here before
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(sidecar, f"{name}.npy"))
         shardlist = []
         for s in self.shards:
             url = s.url
@@ -358,7 +379,7 @@ class DatasetIndex:
             "name": os.path.splitext(os.path.basename(path))[0],
             "shardlist": shardlist,
             "infobatch_stream": {
-                "format": FORMAT_VERSION,
+                "format": format,
                 "arrays": os.path.basename(sidecar),
                 "suffixes": self.suffixes,
                 "nsamples": self.num_samples,
@@ -407,10 +428,13 @@ class DatasetIndex:
                 f"{path} is not an infobatch_stream index (a plain wids shard list has no per-sample offsets); "
                 "build one with `infobatch-stream index`"
             )
-        if ours.get("format") != FORMAT_VERSION:
+        version = ours.get("format")
+        if version not in ARRAYS_OF_FORMAT or isinstance(version, bool):
             raise IndexMismatchError(
-                f"index {path} has format {ours.get('format')}, expected {FORMAT_VERSION}; rebuild it"
+                f"index {path} has format {version!r}; this version reads formats 1 and {FORMAT_VERSION}: "
+                "rebuild it with `infobatch-stream index` (or upgrade infobatch_stream)"
             )
+        names = ARRAYS_OF_FORMAT[version]
         shards, written = _shard_list(doc, path)
         pipes = [u for u in written if runs_command(u)]  # as written, and as WebDataset's gopen would open it
         if pipes and not allow_pipes:
@@ -430,7 +454,7 @@ class DatasetIndex:
             )
         sidecar = os.path.join(os.path.dirname(path), arrays_dir)
         arrays = {}
-        for name in _ARRAYS:
+        for name in names:
             file = os.path.join(sidecar, f"{name}.npy")
             try:
                 arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
@@ -447,8 +471,10 @@ class DatasetIndex:
             or not (fingerprint is None or isinstance(fingerprint, str) and _is_hex(fingerprint))
         ):
             raise IndexMismatchError(f"index {path}: damaged suffix list or fingerprint; rebuild the index")
+        if version >= 2 and fingerprint is None:
+            raise IndexMismatchError(f"index {path}: a format-{version} index without its fingerprint; rebuild it")
         index = cls(shards, arrays, suffixes, path=path, fingerprint=fingerprint)
-        index._files = {os.path.join(sidecar, f"{n}.npy"): os.stat(os.path.join(sidecar, f"{n}.npy")) for n in _ARRAYS}
+        index._files = {os.path.join(sidecar, f"{n}.npy"): os.stat(os.path.join(sidecar, f"{n}.npy")) for n in names}
         return index
 
     def __getstate__(self) -> dict:

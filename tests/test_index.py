@@ -4,6 +4,7 @@ pickling, URL matching, parallel and streamed indexing."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import pickle
@@ -13,6 +14,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from infobatch_stream import compact
 from infobatch_stream.index import (
     _ARRAYS,
     INDEX_KIND,
@@ -96,21 +98,31 @@ def index(dataset) -> DatasetIndex:
 def check_index_against_webdataset(index: DatasetIndex, urls: list[str], files: list[str] | None = None) -> None:
     """Keys, order, suffixes and member bytes of every shard equal what WebDataset reads."""
     files = files or urls
-    member_first = index.array("member_first")
-    data_offset, size = index.array("data_offset"), index.array("size")
-    suffix_id = index.array("suffix_id")
     for shard, (url, file) in enumerate(zip(urls, files)):
         ref = wds_samples(url)
         lo, hi = index.slots(shard)
         assert hi - lo == len(ref) == index.nsamples[shard] == index.shards[shard].nsamples
         assert index.keys(shard) == [r["__key__"] for r in ref]
+        rows = index.rows(shard)
+        member_first, data_offset, size, suffix_id = rows.member_first, rows.data_offset, rows.size, rows.suffix_id
         with open(file, "rb") as f:
             raw = f.read()
-        for slot, r in zip(range(lo, hi), ref):
+        for pos, r in enumerate(ref):
             fields = {}
-            for m in range(member_first[slot], member_first[slot + 1]):
+            for m in range(member_first[pos], member_first[pos + 1]):
                 fields[index.suffixes[suffix_id[m]]] = raw[data_offset[m] : data_offset[m] + size[m]]
             assert fields == sample_fields(r), (url, r["__key__"])
+
+
+def assert_same_rows(a: DatasetIndex, b: DatasetIndex) -> None:
+    """Every shard's rows equal, field by field and dtype by dtype (whatever each one's format)."""
+    assert a.num_shards == b.num_shards
+    for shard in range(a.num_shards):
+        ra, rb = a.rows(shard), b.rows(shard)
+        for field in ("start", "end", "member_first", "data_offset", "size", "suffix_id", "key_offsets", "key_blob"):
+            x, y = getattr(ra, field), getattr(rb, field)
+            assert x.dtype == y.dtype, (shard, field)
+            np.testing.assert_array_equal(x, y, err_msg=f"shard {shard} {field}")
 
 
 # ---- agreement --------------------------------------------------------------------------------------
@@ -276,7 +288,7 @@ def test_saved_json_is_a_wids_shard_list(dataset, index, saved):
     assert ours["suffixes"] == index.suffixes
     assert ours["fingerprint"] == index.fingerprint
     sidecar = os.path.join(os.path.dirname(saved), ours["arrays"])
-    assert sorted(os.listdir(sidecar)) == sorted(f"{name}.npy" for name in _ARRAYS)  # no temporary files left
+    assert sorted(os.listdir(sidecar)) == sorted(f"{name}.npy" for name in compact.ARRAYS)  # no temporary files left
     assert not any(name.endswith(".tmp") for name in os.listdir(os.path.dirname(saved)))
 
 
@@ -286,12 +298,56 @@ def test_load_memory_maps_and_resolves_urls(dataset, index, saved):
     assert loaded.urls == dataset[1]  # resolved against the index's folder, absolute again
     assert loaded.shards == index.shards
     assert loaded.suffixes == index.suffixes and loaded.fingerprint == index.fingerprint
-    for name in _ARRAYS:
+    for name in compact.ARRAYS:
         arr = loaded.array(name)
         assert isinstance(arr, np.memmap), name
         assert not arr.flags.writeable
-        np.testing.assert_array_equal(arr, index.array(name), err_msg=name)
+    assert_same_rows(loaded, index)
     check_index_against_webdataset(loaded, dataset[1])
+
+
+def test_a_format_1_index_still_loads_and_upgrades(dataset, index, tmp_path):
+    """Indexes written before the compact format load as they are; saving one again writes format 2
+    with the same rows (and so the same per-shard checksums)."""
+    old = str(tmp_path / "old.json")
+    index.save(old, format=1)
+    assert json.load(open(old))["infobatch_stream"]["format"] == 1
+    loaded = DatasetIndex.load(old)
+    assert_same_rows(loaded, index)
+    check_index_against_webdataset(loaded, dataset[1])
+    loaded.save(old)  # upgraded in place
+    assert json.load(open(old))["infobatch_stream"]["format"] == 2
+    assert sorted(os.listdir(str(tmp_path / "old.arrays"))) == sorted(f"{n}.npy" for n in compact.ARRAYS)
+    assert_same_rows(DatasetIndex.load(old), index)
+    with pytest.raises(ValueError, match="format=1"):
+        DatasetIndex.load(old).save(str(tmp_path / "back.json"), format=1)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        ["000000", "000001", "000002", "000005"],  # numbers with a gap
+        ["img_0009", "img_0010", "img_0011"],  # a prefix that ends inside the digits' run
+        ["a/1", "a/2", "b/3"],  # no common prefix at the end: bytes
+        ["x", "yy", "zzz"],  # lengths differ: bytes
+        ["k-7"],  # one sample
+        ["99", "98", "10"],  # numbers that do not count up
+        ["0x1", "0x2", "0xf"],  # not digits
+        ["١", "٢", "٣"],  # digits of another script: bytes
+    ],
+)
+def test_compact_keys_round_trip(tmp_path, keys):
+    entries = [(f"{k}.cls", str(i).encode()) for i, k in enumerate(keys)]
+    path = str(tmp_path / "k.tar")
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    built = build_index([path], str(tmp_path / "k.json"))
+    loaded = DatasetIndex.load(str(tmp_path / "k.json"))
+    assert loaded.keys(0) == keys == built.keys(0)
+    assert_same_rows(loaded, built)
 
 
 def test_relative_urls_survive_moving_the_dataset(dataset, saved, tmp_path):
@@ -309,8 +365,9 @@ def test_saving_again_overwrites_atomically(dataset, index, tmp_path):
     first = DatasetIndex.load(path)
     first.save(path)  # its own memory-mapped arrays are the source
     again = DatasetIndex.load(path)
-    for name in _ARRAYS:
-        np.testing.assert_array_equal(again.array(name), index.array(name))
+    for name in compact.ARRAYS:
+        np.testing.assert_array_equal(again.array(name), first.array(name))
+    assert_same_rows(again, index)
     assert again.shards == index.shards
     assert sorted(os.listdir(tmp_path)) == ["ix.arrays", "ix.json"]
 
@@ -330,7 +387,7 @@ def test_non_local_urls_are_stored_verbatim(dataset, tmp_path):
 
 def test_pickle_is_small_and_reopens_the_arrays(tmp_path):
     index = synthetic_index(num_shards=200, per_shard=500)
-    array_bytes = sum(np.asarray(index.array(n)).nbytes for n in _ARRAYS)
+    array_bytes = sum(np.asarray(index.array(n)).nbytes for n in _ARRAYS)  # format 1, in memory
     assert array_bytes > 5_000_000
     in_memory = pickle.dumps(index)
     assert len(in_memory) > array_bytes  # not saved yet: the arrays travel with it
@@ -346,9 +403,9 @@ def test_pickle_is_small_and_reopens_the_arrays(tmp_path):
     again = pickle.loads(blob)
     assert again.path == path and again.shards == loaded.shards
     assert again.fingerprint == index.fingerprint and again.suffixes == index.suffixes
-    for name in _ARRAYS:
+    for name in compact.ARRAYS:
         assert isinstance(again.array(name), np.memmap)
-        np.testing.assert_array_equal(again.array(name), index.array(name), err_msg=name)
+    assert_same_rows(again, index)
     assert again.keys(199) == index.keys(199)
     assert again.shard_of_url(index.urls[42]) == 42
 
@@ -376,7 +433,7 @@ def test_load_errors(dataset, saved, tmp_path):
     json.dump(doc, open(path, "w"))
     with pytest.raises(IndexMismatchError, match="format 99"):
         DatasetIndex.load(path)
-    doc["infobatch_stream"]["format"] = 1
+    doc["infobatch_stream"]["format"] = 2
     doc["shardlist"][0]["nsamples"] += 1
     json.dump(doc, open(path, "w"))
     with pytest.raises(IndexMismatchError, match="damaged"):

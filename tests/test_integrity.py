@@ -228,13 +228,26 @@ DAMAGES = {
     "sample moved": ("start", lambda a: a.__setitem__(2, a[2] + 512)),
     "member table": ("member_first", lambda a: a.__setitem__(4, a[3])),
 }
+COMPACT_DAMAGES = {  # the same damages to the compact format (2)
+    "size off": ("size", lambda a: a.__setitem__(3, a[3] + 1)),
+    "offset off": ("rel_block", lambda a: a.__setitem__(5, a[5] + 1)),
+    "key overwritten": ("keys", lambda a: a.__setitem__(slice(0, 3), np.frombuffer(b"zzz", np.uint8))),
+    "key number": ("key_word", lambda a: a.__setitem__(4, a[4] + 1)),
+    "sample moved": ("start_block", lambda a: a.__setitem__(2, a[2] + 1)),
+    "member table": ("nmembers", lambda a: a.__setitem__(4, a[4] + 1)),
+    "member count": ("nmembers", lambda a: a.__setitem__(4, 0)),
+    "key mode": ("key_mode", lambda a: a.__setitem__(0, 1 - a[0])),
+    "key width": ("key_width", lambda a: a.__setitem__(0, a[0] + 1)),
+}
 
 
-@pytest.mark.parametrize("damage", list(DAMAGES))
-def test_damaged_index_arrays_are_refused_when_a_shard_is_used(tmp_path, damage):
-    urls, _ = make_index(str(tmp_path), num_shards=2, per_shard=10)
+@pytest.mark.parametrize("version,damage", [(1, d) for d in DAMAGES] + [(2, d) for d in COMPACT_DAMAGES])
+def test_damaged_index_arrays_are_refused_when_a_shard_is_used(tmp_path, version, damage):
+    urls, index = make_index(str(tmp_path), num_shards=2, per_shard=10)
     path = str(tmp_path / "index.json")
-    _damage(path, *DAMAGES[damage])
+    if version == 1:
+        build_index(urls).save(path, format=1)
+    _damage(path, *(DAMAGES if version == 1 else COMPACT_DAMAGES)[damage])
     ib = InfoBatch(path, num_epochs=2)  # opening costs nothing: the rows are checked on first use
     for read in (
         lambda: list(wds.DataPipeline(wds.SimpleShardList(urls), ib.tarfile_to_samples())),
@@ -472,7 +485,7 @@ def test_an_array_file_overwritten_in_place_is_refused_not_a_sigbus(tmp_path):
     urls, _ = make_index(str(tmp_path), num_shards=2, per_shard=5)
     path = str(tmp_path / "index.json")
     ib = InfoBatch(path, num_epochs=2)
-    file = str(tmp_path / "index.arrays" / "data_offset.npy")
+    file = str(tmp_path / "index.arrays" / "rel_block.npy")
     with open(file, "r+b") as f:
         f.truncate(128)  # shorter than its mapping: touching the pages would be SIGBUS
     with pytest.raises(IndexMismatchError, match="changed after the index was opened"):

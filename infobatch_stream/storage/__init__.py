@@ -121,12 +121,13 @@ def runs_command(url: str) -> bool:
     WebDataset's ``gopen`` (``wds.tarfile_to_samples()``) applies ``GOPEN_REWRITE`` and parses the
     scheme with ``urlparse``, which lower-cases it and strips leading blanks (``" PIPE:cmd"``)."""
     candidates = [url]
-    try:
-        from webdataset.gopen import rewrite_url
+    if os.environ.get("GOPEN_REWRITE"):  # the only input of gopen's rewrite (importing it imports torch)
+        try:
+            from webdataset.gopen import rewrite_url
 
-        candidates.append(rewrite_url(url))
-    except Exception:  # noqa: BLE001 - no WebDataset, or a rewrite rule that fails: gopen fails too
-        pass
+            candidates.append(rewrite_url(url))
+        except Exception:  # noqa: BLE001 - no WebDataset, or a rewrite rule that fails: gopen fails too
+            pass
     for candidate in candidates:
         try:
             scheme = urlsplit(candidate).scheme
