@@ -1,24 +1,29 @@
-"""The study: does InfoBatch save samples without hurting the model, against full data and random pruning?
+"""The study at convergence: does InfoBatch save samples and time without hurting the model?
 
-For each example (classification, MAE-style, diffusion-style; see ``examples/``) and seed it
-trains these arms through the same pipeline, model initialisation and OneCycle schedule:
+For each example (classification, MAE-style, diffusion-style; see ``examples/``) it first picks
+the epoch budget with a **pilot**: full-data runs over a ladder of budgets (3 seeds each), taking
+the smallest budget at which the test metric improves by less than one seed-std (of the final
+metric) over the last 20% of its epochs, i.e. where the full-data curve has flattened. Then, at
+that budget and for each seed, it trains these arms through the same pipeline, model
+initialisation and OneCycle schedule, interleaved (seed by seed) so that load on the machine hits
+every arm alike:
 
 - ``full``: all samples every epoch;
-- ``infobatch``: the library's pruning (the published rules: score = last loss);
-- ``infobatch+ema``: the same with ``--ema-decay`` (score = moving average of the losses);
+- ``infobatch``: the library's pruning at the paper's setting (``r=0.5``, ``delta=0.875``;
+  score = last loss);
 - ``random``: uniform random pruning at exactly the ``infobatch`` run's per-epoch sample counts;
-- ``infobatch+norm`` (diffusion only): the score is the loss divided by the moving average of
-  the loss at the sample's timestep (``--normalized-score``), so the timestep does not rank it;
-- ``random@ema``, ``random@norm``: random pruning at the counts of those two arms.
+- ``infobatch+ema`` / ``random@ema`` (``--ema-examples``, default classification, where it
+  helped): the score is a moving average of the losses (``--ema-decay``), and random pruning at
+  that arm's counts;
+- ``infobatch+norm`` / ``random@norm`` (``--norm``, diffusion only): the loss divided by the
+  moving average of the loss at the sample's timestep.
 
-It writes ``results.md`` (metric mean +- std over the seeds, samples trained, steps, training
-wall time), ``results.json`` (every run's summary) and one PNG per example (kept fraction and
-threshold per epoch, score histograms, training loss and test metric per epoch and per sample
-trained) into ``--out``.
+It writes ``pilot.md``, ``results.md`` (metric mean +- std over the seeds, Welch t against full
+data, samples saved, training and end-to-end wall time saved), ``results.json`` (every run's
+summary) and one PNG per example into ``--out``.
 
-    python benchmarks/study.py                            # 3 examples x 5-7 arms x 5 seeds, ~40 min
-    python benchmarks/study.py --quick --seeds 0 1 2      # short runs, a few minutes
-    python benchmarks/study.py --examples classify --seeds 0
+    python benchmarks/study.py --out benchmarks/study       # pilot, then 5 seeds of every arm
+    python benchmarks/study.py --examples classify --epochs 10 --seeds 0 1   # no pilot: a fixed budget
 
 A run whose JSON in ``--out/runs`` was made with the same arguments (and, for a random arm, the
 same matched counts) is reused; others are run again (``--force`` reruns everything).
@@ -40,7 +45,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
-ARMS = ("full", "infobatch", "infobatch+ema", "random", "random@ema", "infobatch+norm", "random@norm")
+ARMS = ("full", "infobatch", "random", "infobatch+ema", "random@ema", "infobatch+norm", "random@norm")
 COLORS = {
     "full": "black",
     "infobatch": "tab:blue",
@@ -52,56 +57,112 @@ COLORS = {
 }
 MATCHED = {"random": "infobatch", "random@ema": "infobatch+ema", "random@norm": "infobatch+norm"}
 NORMALIZES = {"diffusion"}  # examples with a noise level to divide out of the score
+# The pilot's budget ladders (epochs), smallest first; the digits are 1,347 training images.
+LADDERS = {"classify": [30, 60, 120], "mae": [60, 120, 240], "diffusion": [60, 120, 240]}
+PILOT_SEEDS = (0, 1, 2)
+TAIL = 0.2  # the last fifth of the epochs
 
 
-def arms_of(example: str) -> list[str]:
-    return [a for a in ARMS if not a.endswith("norm") or example in NORMALIZES]
+def arms_of(example: str, ema_examples: tuple[str, ...] = ("classify",), norm: bool = False) -> list[str]:
+    """The arms compared for ``example``: full, infobatch and random, plus the score variants."""
+    arms = ["full", "infobatch", "random"]
+    if example in ema_examples:
+        arms += ["infobatch+ema", "random@ema"]
+    if norm and example in NORMALIZES:
+        arms += ["infobatch+norm", "random@norm"]
+    return arms
 
 
-def run_args(arm: str, seed: int, data: str, runs: str, example: str, args: argparse.Namespace) -> list[str]:
+def run_args(
+    arm: str, seed: int, epochs: int, data: str, runs: str, example: str, args: argparse.Namespace
+) -> list[str]:
     """The example's command-line arguments for one run."""
-    argv = [
-        "--out",
-        data,
-        "--seed",
-        str(seed),
-        "--workers",
-        str(args.workers),
-        "--json",
-        os.path.join(runs, f"{example}-{arm}-{seed}.json"),
-    ]
-    if args.quick:
-        argv.append("--quick")
-    if args.epochs:
-        argv += ["--epochs", str(args.epochs)]
+    json_path = os.path.join(runs, f"{example}-{epochs}ep-{arm}-{seed}.json")
+    argv = ["--out", data, "--seed", str(seed), "--workers", str(args.workers), "--json", json_path]
+    argv += ["--epochs", str(epochs), "--prune-ratio", str(args.prune_ratio), "--delta", str(args.delta)]
     if arm == "infobatch+ema":
         argv += ["--arm", "infobatch", "--ema-decay", str(args.ema_decay)]
     elif arm == "infobatch+norm":
         argv += ["--arm", "infobatch", "--normalized-score"]
     elif arm in MATCHED:
-        argv += ["--arm", "random", "--match", os.path.join(runs, f"{example}-{MATCHED[arm]}-{seed}.json")]
+        matched = os.path.join(runs, f"{example}-{epochs}ep-{MATCHED[arm]}-{seed}.json")
+        argv += ["--arm", "random", "--match", matched]
     else:
         argv += ["--arm", arm]
     return argv
 
 
-def run_all(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
-    """Every (example, arm, seed) summary, running what is not there yet."""
-    from tqdm import tqdm
-
+def run_one(example: str, arm: str, seed: int, epochs: int, args: argparse.Namespace) -> dict:
+    """One run's summary, training it unless a run with the same arguments is on disk."""
     runs, data = os.path.join(args.out, "runs"), os.path.join(args.out, "data")
     os.makedirs(runs, exist_ok=True)
-    todo = [(e, a, s) for e in args.examples for s in args.seeds for a in arms_of(e)]  # random after infobatch
-    results: dict[str, dict[str, list[dict]]] = {e: {a: [] for a in arms_of(e)} for e in args.examples}
+    module, common = importlib.import_module(example), importlib.import_module("common")
+    run = common.parse(module.EXAMPLE, module.__doc__, run_args(arm, seed, epochs, data, runs, example, args))
+    if args.force or _stale(run.json, run):
+        common.train(module.EXAMPLE, run)
+    with open(run.json) as f:
+        return json.load(f)
+
+
+def run_all(args: argparse.Namespace, budgets: dict[str, int]) -> dict[str, dict[str, list[dict]]]:
+    """Every (example, arm, seed) summary at its budget, arms interleaved seed by seed."""
+    from tqdm import tqdm
+
+    arms = {e: arms_of(e, tuple(args.ema_examples), args.norm) for e in args.examples}
+    todo = [(e, a, s) for e in args.examples for s in args.seeds for a in arms[e]]  # random after infobatch
+    results: dict[str, dict[str, list[dict]]] = {e: {a: [] for a in arms[e]} for e in args.examples}
     for example, arm, seed in tqdm(todo, desc="study", unit="run"):
-        path = os.path.join(runs, f"{example}-{arm}-{seed}.json")
-        module, common = importlib.import_module(example), importlib.import_module("common")
-        run = common.parse(module.EXAMPLE, module.__doc__, run_args(arm, seed, data, runs, example, args))
-        if args.force or _stale(path, run):
-            common.train(module.EXAMPLE, run)
-        with open(path) as f:
-            results[example][arm].append(json.load(f))
+        results[example][arm].append(run_one(example, arm, seed, budgets[example], args))
     return results
+
+
+def tail_gain(summary: dict) -> float:
+    """How much the test metric improved over the run's last 20% of epochs (positive: better)."""
+    curve = [e[summary["metric"]] for e in summary["epochs"]]
+    start = curve[max(0, math.ceil(len(curve) * (1 - TAIL)) - 1)]
+    gain = curve[-1] - start
+    return gain if summary["higher_is_better"] else -gain
+
+
+def pilot(args: argparse.Namespace) -> tuple[dict[str, int], list[dict]]:
+    """Each example's budget: the smallest on its ladder whose full-data runs gain less than one
+    seed-std over their last 20% of epochs (the ladder's last budget if none does)."""
+    budgets, rows = {}, []
+    for example in args.examples:
+        for epochs in LADDERS[example]:
+            runs = [run_one(example, "full", s, epochs, args) for s in args.pilot_seeds]
+            finals = [r["final"] for r in runs]
+            gain, std = statistics.fmean(tail_gain(r) for r in runs), statistics.stdev(finals)
+            flat = gain < std
+            rows.append(
+                {
+                    "example": example,
+                    "epochs": epochs,
+                    "final": statistics.fmean(finals),
+                    "std": std,
+                    "tail_gain": gain,
+                    "flat": flat,
+                    "metric": runs[0]["metric"],
+                }
+            )
+            budgets[example] = epochs
+            if flat:
+                break
+    return budgets, rows
+
+
+def pilot_table(rows: list[dict]) -> str:
+    lines = [
+        f"| example | epochs | full-data metric (mean +- std, {len(PILOT_SEEDS)} seeds) "
+        "| gain over the last 20% of epochs | flat (gain < std) |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['example']} | {r['epochs']} | {r['metric']} {r['final']:.4g} +- {r['std']:.2g} | "
+            f"{r['tail_gain']:+.2g} | {'yes' if r['flat'] else 'no'} |"
+        )
+    return "\n".join(lines)
 
 
 def _stale(path: str, run: argparse.Namespace) -> bool:
@@ -130,31 +191,40 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def table(results: dict[str, dict[str, list[dict]]]) -> str:
     lines = [
         "| example | arm | metric (mean +- std) | within 1 std of full | difference (Welch t) | samples trained "
-        "| saved | steps | train time (s) |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| samples saved | train time (s) | end to end (s) | wall-clock saved |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for example, arms in results.items():
         full = [r["final"] for r in arms["full"]]
         full_mean, full_std = _mean_std(full)
+        full_wall = statistics.fmean(_wall(r) for r in arms["full"])
         for arm, rs in arms.items():
             if not rs:
                 continue
             mean, std = _mean_std([r["final"] for r in rs])
             metric, scale = rs[0]["metric"], 100.0 if rs[0]["metric"] == "accuracy" else 1.0
             unit = "%" if scale == 100.0 else ""
-            verdict, difference = "", ""
+            verdict, difference, wall_saved = "", "", ""
+            wall = statistics.fmean(_wall(r) for r in rs)
             if arm != "full":
                 verdict = "n/a" if len(full) < 2 else ("yes" if abs(mean - full_mean) <= full_std else "no")
                 t = _welch([r["final"] for r in rs], full)
                 difference = f"{(mean - full_mean) * scale:+.3g}{unit}" + (f" ({t:+.1f})" if t is not None else "")
+                wall_saved = f"{100 * (1 - wall / full_wall):.1f}%"
+            label = f"{example} ({len(rs[0]['epochs'])} ep.)" if arm == "full" else example
             lines.append(
-                f"| {example} | {arm} | {metric} {mean * scale:.4g}{unit} +- {std * scale:.2g}{unit} | {verdict} | "
+                f"| {label} | {arm} | {metric} {mean * scale:.4g}{unit} +- {std * scale:.2g}{unit} | {verdict} | "
                 f"{difference} | "
                 f"{statistics.fmean(r['samples'] for r in rs):,.0f} | "
                 f"{100 * statistics.fmean(r['saved'] for r in rs):.1f}% | "
-                f"{statistics.fmean(r['steps'] for r in rs):,.0f} | {statistics.fmean(r['seconds'] for r in rs):.1f} |"
+                f"{statistics.fmean(r['seconds'] for r in rs):.1f} | {wall:.1f} | {wall_saved} |"
             )
     return "\n".join(lines)
+
+
+def _wall(summary: dict) -> float:
+    """End-to-end seconds of a run (older summaries only have the training loop's)."""
+    return summary.get("wall_seconds", summary["seconds"])
 
 
 def _per_epoch(rs: list[dict], key: str) -> np.ndarray:
@@ -212,19 +282,33 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: python benchmarks/study.py --quick --seeds 0 1 2 --out study_out",
+        epilog="example: python benchmarks/study.py --examples classify --epochs 10 --seeds 0 1 --out study_out",
     )
     parser.add_argument("--examples", nargs="+", default=["classify", "mae", "diffusion"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--quick", action="store_true", help="the examples' short runs")
-    parser.add_argument("--epochs", type=int, help="override the examples' epoch counts")
+    parser.add_argument("--pilot-seeds", type=int, nargs="+", default=list(PILOT_SEEDS))
+    parser.add_argument("--epochs", type=int, help="one budget for every example instead of the pilot's")
+    parser.add_argument("--prune-ratio", type=float, default=0.5, help="the infobatch arms' r (the paper's 0.5)")
+    parser.add_argument("--delta", type=float, default=0.875, help="the fraction of epochs that prune")
     parser.add_argument("--ema-decay", type=float, default=0.5, help="for the infobatch+ema arm")
+    parser.add_argument("--ema-examples", nargs="*", default=["classify"], help="examples with the +ema arms")
+    parser.add_argument("--norm", action="store_true", help="add the diffusion +norm arms")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per run")
     parser.add_argument("--out", default="study_out")
     parser.add_argument("--force", action="store_true", help="rerun runs whose JSON exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    results = run_all(args)
+    os.makedirs(args.out, exist_ok=True)
+    if args.epochs:
+        budgets = dict.fromkeys(args.examples, args.epochs)
+    else:
+        budgets, rows = pilot(args)
+        with open(os.path.join(args.out, "pilot.md"), "w") as f:
+            f.write(pilot_table(rows) + "\n")
+        with open(os.path.join(args.out, "pilot.json"), "w") as f:
+            json.dump({"budgets": budgets, "ladder": rows}, f, indent=1)
+        print(pilot_table(rows))
+    results = run_all(args, budgets)
     md = table(results)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md + "\n")

@@ -227,6 +227,7 @@ def _optimizer(example: Example, model: nn.Module, lr: float) -> torch.optim.Opt
 
 def train(example: Example, args: argparse.Namespace) -> dict:
     """Train one arm; the summary (also written to ``--json``)."""
+    started = time.perf_counter()  # end to end: data, index, loader start, training and evaluation
     torch.set_num_threads(args.threads)
     index_path, test_urls = prepare(args)
     x_test, y_test = load_test(test_urls)
@@ -326,6 +327,7 @@ def train(example: Example, args: argparse.Namespace) -> dict:
         "saved": 1 - trained / full,
         "steps": sum(e["steps"] for e in epochs),
         "seconds": seconds,
+        "wall_seconds": time.perf_counter() - started,
         "epochs": epochs,
         "stats": ib.stats(),
         "scores": {

@@ -7,8 +7,7 @@ A small transformer encodes the visible half of an image's 2x2 patches; a one-la
 predicts the masked half from mask tokens. A sample's loss is the mean squared error over its
 masked patches, with a fresh random mask at every step: a noisy score, which is what
 ``--ema-decay`` is for. The test metric is the same loss on the held-out images with fixed
-masks (lower is better). The prune ratio defaults to 0.7: about 65% of the samples score below
-the mean in a pruning epoch, so r=0.5 would save about 28% of the samples. See ``common.py`` for what all
+masks (lower is better). The prune ratio is the paper's r=0.5. See ``common.py`` for what all
 examples share.
 """
 
@@ -83,7 +82,6 @@ EXAMPLE = Example(
     optimizer="adamw",
     epochs=100,
     quick_epochs=8,
-    prune_ratio=0.7,
 )
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ BLOCK = 512
 NUMERIC, BYTES = 1, 0
 MAX_WIDTH = 18  # digits that fit an int64
 CHUNK = 1 << 22  # samples per piece when encoding
+MAX_PREFIX = 256  # a numeric shard's key prefix: bounds what decoding a damaged one allocates
 ARRAYS = (
     "start_block",
     "nmembers",
@@ -102,7 +103,7 @@ def encode(arrays: dict[str, np.ndarray], shard_first: np.ndarray) -> dict[str, 
         k0, k1 = int(key_offsets[lo]), int(key_offsets[hi])
         blob = keys[k0:k1]
         numeric = _numeric_keys(blob, hi - lo)
-        if numeric is not None and int(numeric[2].max() - numeric[2].min()) < 2**32:
+        if numeric is not None and numeric[0] <= MAX_PREFIX and int(numeric[2].max() - numeric[2].min()) < 2**32:
             prefix, width, numbers = numeric
             modes[shard], widths[shard], bases[shard] = NUMERIC, width, int(numbers.min())
             key_word[lo:hi] = numbers - bases[shard]
@@ -193,7 +194,10 @@ def _keys(arrays: dict[str, np.ndarray], shard: int, lo: int, hi: int, where: st
     b0, b1 = int(arrays["shard_key_bytes"][shard]), int(arrays["shard_key_bytes"][shard + 1])
     stored = np.asarray(arrays["keys"][b0:b1])
     word = np.asarray(arrays["key_word"][lo:hi], dtype=np.int64)
-    if int(arrays["key_mode"][shard]) == BYTES:
+    mode = int(arrays["key_mode"][shard])
+    if mode not in (BYTES, NUMERIC) or (mode == NUMERIC and len(stored) > MAX_PREFIX):
+        _damaged(where, f"its keys are stored in an unknown way (mode {mode}, {len(stored)} prefix bytes)", lo, hi)
+    if mode == BYTES:
         key_offsets = np.concatenate(([0], word)).astype(np.int64)
         if n and (np.any(np.diff(key_offsets) < 1) or int(key_offsets[-1]) != len(stored)):
             _damaged(where, "its key offsets are not ascending (an empty key)", lo, hi)
