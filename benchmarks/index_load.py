@@ -95,10 +95,10 @@ def build(path: str, num_shards: int, per_shard: int, members: int) -> dict:
     index.shards = [
         replace(info, crc=shard_crc(cut_rows(arrays, first[i], first[i + 1], path))) for i, info in enumerate(shards)
     ]
+    index.save(old_path(path), format=1)
     t1 = time.perf_counter()
     index.save(path)
     t2 = time.perf_counter()
-    index.save(old_path(path), format=1)
     out = {"shards": num_shards, "samples": n, "members": members, "build_s": t1 - t0, "save_s": t2 - t1}
     for version, file in ((2, path), (1, old_path(path))):
         sidecar = file[:-5] + ".arrays"

@@ -59,12 +59,13 @@ def narrow(values: np.ndarray, smallest: type = np.uint8) -> np.ndarray:
     raise ValueError(f"value {top} does not fit 64 bits")
 
 
-def _numeric_keys(blob: np.ndarray, n: int) -> tuple[int, int, np.ndarray] | None:
-    """``(prefix length, width, numbers)`` when the shard's ``n`` keys (``blob``, concatenated)
-    all have one length and are one prefix followed by digits; else None."""
-    if n == 0 or len(blob) % n:
+def _numeric_keys(blob: np.ndarray, lengths: np.ndarray) -> tuple[int, int, np.ndarray] | None:
+    """``(prefix length, width, numbers)`` when the shard's keys (``blob``, concatenated; their
+    byte ``lengths``) all have one length and are one prefix followed by digits; else None."""
+    n = len(lengths)
+    if n == 0 or np.any(lengths != lengths[0]):
         return None
-    length = len(blob) // n
+    length = int(lengths[0])
     table = blob.reshape(n, length)
     same = np.all(table == table[0], axis=0)
     prefix = int(np.argmin(same)) if not same.all() else length  # first column that differs
@@ -102,7 +103,7 @@ def encode(arrays: dict[str, np.ndarray], shard_first: np.ndarray) -> dict[str, 
         lo, hi = int(shard_first[shard]), int(shard_first[shard + 1])
         k0, k1 = int(key_offsets[lo]), int(key_offsets[hi])
         blob = keys[k0:k1]
-        numeric = _numeric_keys(blob, hi - lo)
+        numeric = _numeric_keys(blob, np.diff(key_offsets[lo : hi + 1]))
         if numeric is not None and numeric[0] <= MAX_PREFIX and int(numeric[2].max() - numeric[2].min()) < 2**32:
             prefix, width, numbers = numeric
             modes[shard], widths[shard], bases[shard] = NUMERIC, width, int(numbers.min())
@@ -135,7 +136,8 @@ def check_layout(arrays: dict[str, np.ndarray], num_samples: int, num_shards: in
     for name in ARRAYS:
         arr = arrays[name]
         want = "i" if name in signed else "u"
-        if arr.ndim != 1 or arr.dtype.kind != want or (name in signed and arr.dtype.itemsize != 8):
+        size_ok = arr.dtype.itemsize == 8 if name in signed else (arr.dtype.itemsize == 1 if name == "keys" else True)
+        if arr.ndim != 1 or arr.dtype.kind != want or not size_ok:
             _damaged(where, f"array {name!r} is {arr.dtype} of shape {arr.shape}")
     lengths = {
         "start_block": num_samples,
@@ -165,7 +167,8 @@ def decode(arrays: dict[str, np.ndarray], shard: int, lo: int, hi: int, where: s
     n = hi - lo
     m0, m1 = int(arrays["shard_member_first"][shard]), int(arrays["shard_member_first"][shard + 1])
     counts = np.asarray(arrays["nmembers"][lo:hi], dtype=np.int64)
-    if np.any(counts < 1) or int(counts.sum()) != m1 - m0:
+    # (each count bounded first: huge ones could wrap their sum onto the right total)
+    if np.any(counts < 1) or np.any(counts > m1 - m0) or int(counts.sum()) != m1 - m0:
         _damaged(where, "its member table is not ascending (a sample without members)", lo, hi)
     member_first = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=member_first[1:])

@@ -335,16 +335,24 @@ class DatasetIndex:
         """Write the JSON shard list and the sidecar arrays (atomically per file). ``format=1``
         writes the older int64 layout (for tools that read it; from an index built or loaded as
         format 1)."""
+        if isinstance(format, bool) or format not in ARRAYS_OF_FORMAT:
+            raise ValueError(f"save(format={format!r}): this version writes formats {sorted(ARRAYS_OF_FORMAT)}")
+        if format == 1 and "start" not in self._arrays:
+            raise ValueError("save(format=1) needs the format-1 arrays: an index built or loaded as format 1")
         path = os.path.abspath(path)
         base = os.path.dirname(path)
         sidecar = _sidecar(path)
-        os.makedirs(sidecar, exist_ok=True)
-        if format == 1 and "start" not in self._arrays:
-            raise ValueError("save(format=1) needs the format-1 arrays: an index built or loaded as format 1")
         if format == 1:
             arrays = self._arrays
         else:
             arrays = self._arrays if "start_block" in self._arrays else compact.encode(self._arrays, self.shard_first)
+            if any(s.crc is None for s in self.shards):  # an index from before the checksums: add them
+                self.shards = [
+                    replace(s, crc=indexcheck.shard_crc(self.rows(i))) if s.crc is None else s
+                    for i, s in enumerate(self.shards)
+                ]
+        os.makedirs(sidecar, exist_ok=True)
+        remap = any(os.path.dirname(file) == sidecar for file in self._files)  # saving over its own files
         for name in ARRAYS_OF_FORMAT[format]:
             tmp = os.path.join(sidecar, f".{name}.npy.tmp")
             with open(tmp, "wb") as f:
@@ -391,6 +399,9 @@ class DatasetIndex:
             json.dump(doc, f, indent=1)
         os.replace(tmp, path)
         self.path = path
+        if remap:  # the files this object mapped were just replaced: map what was written
+            saved = DatasetIndex.load(path, allow_pipes=True)
+            self._arrays, self._files, self._rows_cache, self._keys_cache = saved._arrays, saved._files, None, None
 
     @classmethod
     # Long on purpose: one checked sequence over a file nobody vouched for; each step names what it refuses.
@@ -471,8 +482,10 @@ class DatasetIndex:
             or not (fingerprint is None or isinstance(fingerprint, str) and _is_hex(fingerprint))
         ):
             raise IndexMismatchError(f"index {path}: damaged suffix list or fingerprint; rebuild the index")
-        if version >= 2 and fingerprint is None:
-            raise IndexMismatchError(f"index {path}: a format-{version} index without its fingerprint; rebuild it")
+        if version >= 2 and (fingerprint is None or any(s.crc is None for s in shards)):
+            raise IndexMismatchError(
+                f"index {path}: a format-{version} index without its fingerprint or checksums is damaged; rebuild it"
+            )
         index = cls(shards, arrays, suffixes, path=path, fingerprint=fingerprint)
         index._files = {os.path.join(sidecar, f"{n}.npy"): os.stat(os.path.join(sidecar, f"{n}.npy")) for n in names}
         return index

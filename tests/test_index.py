@@ -334,6 +334,8 @@ def test_a_format_1_index_still_loads_and_upgrades(dataset, index, tmp_path):
         ["99", "98", "10"],  # numbers that do not count up
         ["0x1", "0x2", "0xf"],  # not digits
         ["١", "٢", "٣"],  # digits of another script: bytes
+        ["12", "3456"],  # lengths differ though the bytes divide evenly
+        [str(i) for i in range(9, 101)],  # numbers without zero padding
     ],
 )
 def test_compact_keys_round_trip(tmp_path, keys):
@@ -348,6 +350,45 @@ def test_compact_keys_round_trip(tmp_path, keys):
     loaded = DatasetIndex.load(str(tmp_path / "k.json"))
     assert loaded.keys(0) == keys == built.keys(0)
     assert_same_rows(loaded, built)
+
+
+def test_saving_checks_its_arguments_and_keeps_the_saver_usable(dataset, index, tmp_path):
+    path = str(tmp_path / "a.json")
+    for bad in (3, True, "2"):
+        with pytest.raises(ValueError, match="format"):
+            index.save(path, format=bad)
+    assert not os.path.exists(str(tmp_path / "a.arrays"))
+    index.save(path)
+    loaded = DatasetIndex.load(path)
+    loaded.save(path)  # over its own mapped files
+    assert loaded.keys(0) == index.keys(0)
+    assert_same_rows(loaded, index)
+
+
+def test_a_compact_index_without_checksums_is_refused(saved, tmp_path):
+    doc = json.load(open(saved))
+    for entry in doc["shardlist"]:
+        del entry["crc"]
+    folder = tmp_path / "copy"
+    shutil.copytree(os.path.dirname(saved), folder)
+    json.dump(doc, open(folder / "train.json", "w"))
+    with pytest.raises(IndexMismatchError, match="without its fingerprint or checksums"):
+        DatasetIndex.load(str(folder / "train.json"))
+
+
+def test_member_counts_that_wrap_their_sum_are_refused(dataset, index, tmp_path):
+    """Counts near 2**62 whose int64 sum wraps onto the right total (would overrun np.repeat)."""
+    path = str(tmp_path / "w.json")
+    index.save(path)
+    file = str(tmp_path / "w.arrays" / "nmembers.npy")
+    counts = np.load(file).astype(np.uint64)
+    lo, hi = index.slots(0)
+    total = int(counts[lo:hi].sum())
+    counts[lo:hi] = 2**62
+    counts[hi - 1] = (total - (hi - lo - 1) * 2**62) % 2**64
+    np.save(file, counts)
+    with pytest.raises(IndexMismatchError, match="member table"):
+        DatasetIndex.load(path).rows(0)
 
 
 def test_relative_urls_survive_moving_the_dataset(dataset, saved, tmp_path):
