@@ -191,13 +191,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def table(results: dict[str, dict[str, list[dict]]]) -> str:
     lines = [
         "| example | arm | metric (mean +- std) | within 1 std of full | difference (Welch t) | samples trained "
-        "| samples saved | train time (s) | end to end (s) | wall-clock saved |",
+        "| samples saved | train time (s, median) | end to end (s, median) | wall-clock saved |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for example, arms in results.items():
         full = [r["final"] for r in arms["full"]]
         full_mean, full_std = _mean_std(full)
-        full_wall = statistics.fmean(_wall(r) for r in arms["full"])
+        full_wall = statistics.median(_wall(r) for r in arms["full"])
         for arm, rs in arms.items():
             if not rs:
                 continue
@@ -205,7 +205,7 @@ def table(results: dict[str, dict[str, list[dict]]]) -> str:
             metric, scale = rs[0]["metric"], 100.0 if rs[0]["metric"] == "accuracy" else 1.0
             unit = "%" if scale == 100.0 else ""
             verdict, difference, wall_saved = "", "", ""
-            wall = statistics.fmean(_wall(r) for r in rs)
+            wall = statistics.median(_wall(r) for r in rs)  # median: the process's first run pays its warm-up
             if arm != "full":
                 verdict = "n/a" if len(full) < 2 else ("yes" if abs(mean - full_mean) <= full_std else "no")
                 t = _welch([r["final"] for r in rs], full)
@@ -217,7 +217,7 @@ def table(results: dict[str, dict[str, list[dict]]]) -> str:
                 f"{difference} | "
                 f"{statistics.fmean(r['samples'] for r in rs):,.0f} | "
                 f"{100 * statistics.fmean(r['saved'] for r in rs):.1f}% | "
-                f"{statistics.fmean(r['seconds'] for r in rs):.1f} | {wall:.1f} | {wall_saved} |"
+                f"{statistics.median(r['seconds'] for r in rs):.1f} | {wall:.1f} | {wall_saved} |"
             )
     return "\n".join(lines)
 
