@@ -70,13 +70,13 @@ def webdataset_view(path: str) -> list[Sample] | str:
 def indexed_view(index: DatasetIndex, shard: int, raw: bytes) -> list[Sample]:
     """The samples as the index describes them: keys, and fields cut out of the (decompressed)
     tar with the index's member offsets and sizes."""
-    lo, hi = index.slots(shard)
+    rows = index.rows(shard)
     first, offset, size, suffix = (
-        np.asarray(index.array(name)).tolist() for name in ("member_first", "data_offset", "size", "suffix_id")
+        getattr(rows, name).tolist() for name in ("member_first", "data_offset", "size", "suffix_id")
     )
     out = []
-    for slot, key in zip(range(lo, hi), index.keys(shard)):
-        members = range(first[slot], first[slot + 1])
+    for pos, key in enumerate(index.keys(shard)):
+        members = range(first[pos], first[pos + 1])
         fields = {index.suffixes[suffix[j]]: raw[offset[j] : offset[j] + size[j]] for j in members}
         assert len(fields) == len(members), (key, "two members with one suffix")
         out.append((key, fields))
