@@ -14,14 +14,27 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .policy import PruneConfig
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from torch.optim.lr_scheduler import LRScheduler
 
-    from .infobatch import InfoBatch
+
+class PlannedRun(Protocol):
+    """What the scheduler reads of a run (an ``InfoBatch``): its current epoch, the epoch's
+    batch count, and the run's length."""
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def config(self) -> PruneConfig: ...
+
+    def num_batches(self, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> int: ...
 
 
 def progress(epoch: int, done: int, steps: int, num_epochs: int) -> float:
@@ -44,7 +57,7 @@ class ProgressScheduler:
 
     def __init__(
         self,
-        ib: InfoBatch,
+        ib: PlannedRun,
         scheduler: LRScheduler,
         batch_size: int,
         num_workers: int = 0,
