@@ -139,8 +139,7 @@ class Inbox:
                     meta, loss, score, self.num_samples, self.tag, self.where
                 )
                 self.record(slots, epochs, values)
-                weights = torch.from_numpy(policy.weights(boosted, self.config))
-                weights = weights.to(device=loss.device, dtype=loss.dtype)
+                weights = self._weights(boosted, loss, pinned=False)
             else:
                 weights = self._put_deferred(meta, loss, score)
         except Exception:
@@ -170,10 +169,7 @@ class Inbox:
             arr = as_meta_array(meta, self.num_samples)
             check_loss(loss, score, arr.shape[0])
             slots, epochs, boosted_np = check_meta(arr, self.num_samples, self.tag, self.where)
-            host_weights = torch.from_numpy(policy.weights(boosted_np, self.config)).to(loss.dtype)
-            if pinned:
-                host_weights = host_weights.pin_memory()
-            weights = host_weights.to(loss.device, non_blocking=pinned)
+            weights = self._weights(boosted_np, loss, pinned)
             # copies: the caller may refill its metadata buffer before this batch lands
             checked, meta_copy = (slots.copy(), epochs.copy()), None
         source = (loss if score is None else score.to(loss.device, non_blocking=True)).detach().to(torch.float32)
@@ -185,6 +181,14 @@ class Inbox:
         kept = (source,) if on_device is None else (source, on_device)
         self.in_flight = _InFlight(self.calls, values, checked, meta_copy, event, kept)
         return weights
+
+    def _weights(self, boosted: np.ndarray, loss: torch.Tensor, pinned: bool) -> torch.Tensor:
+        """The weights of host ``boosted`` flags on the loss's device and dtype (through pinned
+        memory, without waiting, when ``pinned``)."""
+        weights = torch.from_numpy(policy.weights(boosted, self.config)).to(loss.dtype)
+        if pinned:
+            weights = weights.pin_memory()
+        return weights.to(loss.device, non_blocking=pinned)
 
     def land(self) -> None:
         """Apply the batch in flight, if any, waiting for its copy if it has not landed yet."""

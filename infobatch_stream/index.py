@@ -358,9 +358,8 @@ class DatasetIndex:
             with open(tmp, "wb") as f:
                 np.save(f, np.asarray(arrays[name]))
             os.replace(tmp, os.path.join(sidecar, f"{name}.npy"))
-        for name in set(_ARRAYS + compact.ARRAYS) - set(
-            ARRAYS_OF_FORMAT[format]
-        ):  # another format's, saved here before
+        stale = set(_ARRAYS + compact.ARRAYS) - set(ARRAYS_OF_FORMAT[format])  # another format's, from before
+        for name in stale:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(sidecar, f"{name}.npy"))
         shardlist = []

@@ -113,10 +113,6 @@ class InfoBatch:
         """The current epoch (the last ``set_epoch``'s)."""
         return self.run.epoch
 
-    @property
-    def _writer(self) -> bool:
-        return self.run.writer
-
     # ---- pipeline stages -----------------------------------------------------------------------
     def shards(self) -> ShardSource:
         """Source stage: this epoch's shards in an order drawn from ``(seed, epoch)``; the kept

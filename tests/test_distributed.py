@@ -169,7 +169,7 @@ def _train(ib: InfoBatch, loader: DataLoader, epochs: int = EPOCHS, step=None) -
     ib.sync_scores()  # the last epoch's updates
     out["scores"] = np.asarray(ib.store.scores).tolist()
     out["store"] = ib.store.shared.path
-    out["writer"] = ib._writer
+    out["writer"] = ib.run.writer
     return out
 
 
