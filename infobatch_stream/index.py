@@ -18,11 +18,12 @@ import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from . import compact, indexcheck
-from .errors import IndexMismatchError, TarFormatError
+from .errors import IndexMismatchError, StaleIndexError, TarFormatError
 from .rows import ShardRows, cut_rows
 from .storage import backend_for, expand_listing, identity, runs_command, uses_obstore
 from .storage import is_local as _is_local
@@ -75,6 +76,16 @@ class ShardInfo:
     crc: int | None = None  # CRC32 of the shard's rows in the arrays (indexes built before it have none)
 
 
+@dataclass(frozen=True)
+class Building:
+    """An index still being built: made from a wids shard list (counts only), completed from the
+    scans that epoch 0's readers leave in ``scans`` (see :mod:`infobatch_stream.building`), saved at ``output``."""
+
+    source: str  # the shard list
+    output: str  # where the index is saved when complete
+    scans: str  # the folder of per-shard scans (:class:`infobatch_stream.scanfile.ScanDir`)
+
+
 def _serves_ranges(url: str, scan: ShardSamples, compression: str | None) -> bool:
     """Ask an HTTP server for one byte: one that ignores Range gets its shard marked, so the
     reader streams it instead of sending range requests that each return the whole body."""
@@ -95,7 +106,7 @@ def _serves_ranges(url: str, scan: ShardSamples, compression: str | None) -> boo
 ScanResult = tuple[ShardSamples, "float | None", "str | None", "str | None", bool]
 
 
-def _scan_one(url: str) -> ScanResult:
+def scan_one(url: str) -> ScanResult:
     local = _strip_file_scheme(url)
     if _is_local(local):
         with open(local, "rb") as f:
@@ -151,6 +162,9 @@ class DatasetIndex:
         self._checked: set[int] = set()  # shards whose rows this process has checked
         self._changed: str | None = None  # why the arrays reopened by a worker are not these
         self._files: dict[str, os.stat_result] = {}  # the mapped array files as they were when opened
+        self.building: Building | None = None  # set for an index built during epoch 0 (no rows yet)
+        self.source_fingerprint: str | None = None  # the shard list's, for an index built from one
+        self._live: dict[int, tuple[ShardRows, list[str]]] = {}  # while building: rows of shards scanned here
         # (an index made in memory without the per-sample arrays, e.g. for planning benchmarks, can plan
         # but not read)
         if self._arrays is not None and set(indexcheck.DTYPES) <= set(self._arrays):
@@ -196,6 +210,13 @@ class DatasetIndex:
         asks for them; the last shard asked is kept."""
         if self._rows_cache is not None and self._rows_cache[0] == shard:
             return self._rows_cache[1]
+        if self.building is not None:
+            if shard not in self._live:
+                raise IndexMismatchError(
+                    f"shard {self.shards[shard].url} is not indexed yet: the index of {self.building.source} is "
+                    "built during epoch 0 by ib.tarfile_to_samples() / ib.dataset()"
+                )
+            return self._live[shard][0]
         if self._changed:
             raise IndexMismatchError(self._changed)
         self._check_files()
@@ -214,6 +235,46 @@ class DatasetIndex:
             self._checked.add(shard)
         self._rows_cache = (shard, rows)
         return rows
+
+    def shard_suffixes(self, shard: int) -> list[str]:
+        """The suffix names that :meth:`rows`'s ``suffix_id`` refers to for ``shard``."""
+        if self.building is not None:
+            self.rows(shard)
+            return self._live[shard][1]
+        return self.suffixes
+
+    def has_rows(self, shard: int) -> bool:
+        """Whether :meth:`rows` can answer for ``shard`` (always, once the index is complete)."""
+        return self.building is None or shard in self._live
+
+    def adopt(
+        self,
+        shard: int,
+        scan: ShardSamples,
+        mtime: float | None = None,
+        etag: str | None = None,
+        compression: str | None = None,
+    ) -> None:
+        """Use ``scan`` as the rows of ``shard`` of an index being built (checked as a loaded
+        index's rows are), and what it found of the object as the shard's entry; the few shards
+        last adopted are kept."""
+        info = self.shards[shard]
+        if len(scan) != info.nsamples:
+            source = self.building.source if self.building else "<memory>"
+            raise IndexMismatchError(
+                f"shard {info.url} has {len(scan)} samples but the shard list {source} says {info.nsamples}: "
+                "correct its nsamples (or index the shards with `infobatch-stream index`)"
+            )
+        if info.filesize and scan.filesize != info.filesize:
+            raise StaleIndexError(
+                f"shard {info.url} is {scan.filesize} bytes, its shard list entry says {info.filesize}: "
+                "correct the list"
+            )
+        one = from_scans([info.url], [scan], [mtime], [etag], [compression])
+        while len(self._live) >= 16:
+            self._live.pop(next(iter(self._live)))
+        self._live[shard] = (one.rows(0), one.suffixes)
+        self.shards[shard] = replace(one.shards[0], ranges=info.ranges)
 
     def _check_files(self) -> None:
         """The mapped array files must be the ones opened: one rewritten in place (``cp``,
@@ -354,7 +415,7 @@ class DatasetIndex:
         os.makedirs(sidecar, exist_ok=True)
         remap = any(os.path.dirname(file) == sidecar for file in self._files)  # saving over its own files
         for name in ARRAYS_OF_FORMAT[format]:
-            tmp = os.path.join(sidecar, f".{name}.npy.tmp")
+            tmp = os.path.join(sidecar, f".{name}.npy.{os.getpid()}.tmp")  # unique: ranks may save at once
             with open(tmp, "wb") as f:
                 np.save(f, np.asarray(arrays[name]))
             os.replace(tmp, os.path.join(sidecar, f"{name}.npy"))
@@ -391,9 +452,10 @@ class DatasetIndex:
                 "suffixes": self.suffixes,
                 "nsamples": self.num_samples,
                 "fingerprint": self.fingerprint,
+                **({"source": self.source_fingerprint} if self.source_fingerprint else {}),
             },
         }
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(doc, f, indent=1)
         os.replace(tmp, path)
@@ -410,30 +472,15 @@ class DatasetIndex:
         ``pipe:`` shard URLs run shell commands when read, so an index that lists them is refused
         unless ``allow_pipes=True``: pass it only for an index you (or someone you trust) built."""
         path = os.path.abspath(path)
-        if os.path.isdir(path):
-            raise IndexMismatchError(
-                f"{path} is a folder, not an index: build one with `infobatch-stream index '{path}/*.tar' -o "
-                f"{os.path.join(path, 'index.json')}` and pass that JSON file"
-            )
-        try:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"index {path} does not exist; build it with `infobatch-stream index`") from None
-        except UnicodeDecodeError:
-            raise IndexMismatchError(
-                f"{path} is not an index JSON (binary content{', a tar shard?' if path.endswith('.tar') else ''}): "
-                f"build the index with `infobatch-stream index 'shards/*.tar' -o shards/index.json` and pass "
-                "that file"
-            ) from None
-        except json.JSONDecodeError as e:
-            raise IndexMismatchError(
-                f"index {path} is not valid JSON ({e}); rebuild it with `infobatch-stream index`"
-            ) from None
-        except RecursionError:
-            raise IndexMismatchError(f"index {path} is nested too deeply to be an index; rebuild it") from None
+        doc = read_json(path)
         ours = doc.get("infobatch_stream") if isinstance(doc, dict) else None
         if not isinstance(doc, dict) or doc.get("__kind__") != INDEX_KIND or not isinstance(ours, dict):
+            if isinstance(doc, dict) and isinstance(doc.get("shardlist"), list):
+                raise IndexMismatchError(
+                    f"{path} is a wids shard list, not an infobatch_stream index (it has no per-sample offsets): "
+                    "pass it to InfoBatch(...) to index it during epoch 0, or build the index first with "
+                    "`infobatch-stream index`"
+                )
             raise IndexMismatchError(
                 f"{path} is not an infobatch_stream index (a plain wids shard list has no per-sample offsets); "
                 "build one with `infobatch-stream index`"
@@ -445,7 +492,7 @@ class DatasetIndex:
                 "rebuild it with `infobatch-stream index` (or upgrade infobatch_stream)"
             )
         names = ARRAYS_OF_FORMAT[version]
-        shards, written = _shard_list(doc, path)
+        shards, written = shard_entries(doc, path)
         pipes = [u for u in written if runs_command(u)]  # as written, and as WebDataset's gopen would open it
         if pipes and not allow_pipes:
             raise PermissionError(
@@ -486,6 +533,8 @@ class DatasetIndex:
                 f"index {path}: a format-{version} index without its fingerprint or checksums is damaged; rebuild it"
             )
         index = cls(shards, arrays, suffixes, path=path, fingerprint=fingerprint)
+        source = ours.get("source")
+        index.source_fingerprint = source if isinstance(source, str) and _is_hex(source) else None
         index._files = {os.path.join(sidecar, f"{n}.npy"): os.stat(os.path.join(sidecar, f"{n}.npy")) for n in names}
         return index
 
@@ -496,13 +545,17 @@ class DatasetIndex:
         state["_real_lookup"] = None
         state["_keys_cache"] = None
         state["_rows_cache"] = None
-        if self.path is not None:
+        state["_live"] = {}
+        if self.path is not None and self.building is None:
             state["_arrays"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._checked, self._changed, self._files = set(), None, {}
+        self.__dict__.setdefault("building", None)
+        self.__dict__.setdefault("source_fingerprint", None)
+        self._live = {}
         if self._arrays is None:
             # the shard list travels in the state (already accepted by whoever loaded it); the
             # arrays are reopened by path, so they must still be the ones it describes
@@ -518,11 +571,38 @@ class DatasetIndex:
             self._arrays, self._files = reopened._arrays, reopened._files
 
 
+def read_json(path: str) -> Any:
+    """An index or shard-list JSON, with errors that say what the file is instead and what to do."""
+    if os.path.isdir(path):
+        raise IndexMismatchError(
+            f"{path} is a folder, not an index: build one with `infobatch-stream index '{path}/*.tar' -o "
+            f"{os.path.join(path, 'index.json')}` and pass that JSON file"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"index {path} does not exist; build it with `infobatch-stream index`") from None
+    except UnicodeDecodeError:
+        raise IndexMismatchError(
+            f"{path} is not an index JSON (binary content{', a tar shard?' if path.endswith('.tar') else ''}): "
+            f"build the index with `infobatch-stream index 'shards/*.tar' -o shards/index.json` and pass "
+            "that file"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise IndexMismatchError(
+            f"index {path} is not valid JSON ({e}); rebuild it with `infobatch-stream index`"
+        ) from None
+    except RecursionError:
+        raise IndexMismatchError(f"index {path} is nested too deeply to be an index; rebuild it") from None
+    return doc
+
+
 def _is_hex(text: str) -> bool:
     return 8 <= len(text) <= 128 and all(c in "0123456789abcdef" for c in text)
 
 
-def _shard_list(doc: dict, path: str) -> tuple[list[ShardInfo], list[str]]:
+def shard_entries(doc: dict, path: str, checksums: bool = True) -> tuple[list[ShardInfo], list[str]]:
     """The shard entries of an index JSON, checked (a damaged entry is an error naming it), and
     the URLs as written (before relative paths are resolved)."""
     base = os.path.dirname(path)
@@ -568,7 +648,7 @@ def _shard_list(doc: dict, path: str) -> tuple[list[ShardInfo], list[str]]:
             f"index {path}: only {with_crc} of {len(shards)} shard entries have a checksum; "
             "the index is damaged: rebuild it with `infobatch-stream index`"
         )
-    if shards and not with_crc:
+    if shards and not with_crc and checksums:
         log.warning(
             "index %s has no checksums (built by an earlier version): its rows get structural checks "
             "only; rebuild it with `infobatch-stream index` to have them verified",
@@ -643,7 +723,7 @@ def from_scans(
 def _scan_or_error(url: str) -> ScanResult | Exception:
     """One shard's scan, or the reason it cannot be indexed (so every bad shard can be named)."""
     try:
-        return _scan_one(url)
+        return scan_one(url)
     except (TarFormatError, OSError, ValueError) as exn:  # StorageError and FileNotFoundError are OSErrors
         return exn
 

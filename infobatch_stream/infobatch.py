@@ -26,6 +26,7 @@ from webdataset.handlers import reraise_exception
 
 from . import balance
 from .balance import Part, assign
+from .building import open_index
 from .checkpoint import load_state, save_state
 from .errors import MetadataError
 from .index import DatasetIndex
@@ -48,7 +49,10 @@ class InfoBatch:
     """InfoBatch for WebDataset shards: prune well-learned samples inline, rescale the rest.
 
     Args:
-        index: a :class:`DatasetIndex` or the path of a saved one (``infobatch-stream index``).
+        index: a :class:`DatasetIndex`, the path of a saved one (``infobatch-stream index``), or
+            the path of a wids shard list with every shard's ``nsamples``: its index is then built
+            during epoch 0 by the reader (no indexing pass; see :mod:`.building`) and used from
+            epoch 1 on.
         num_epochs: total epochs of the run; the last ``(1 - delta)`` of them prune nothing.
         prune_ratio: probability ``r`` of dropping a well-learned sample (capped at 0.9).
         delta: fraction of the epochs that prune.
@@ -69,6 +73,8 @@ class InfoBatch:
             keeps an exponential moving average, ``score = d * score + (1 - d) * loss``, for
             noisy per-sample losses (diffusion timesteps, MAE masks). A sample trained twice
             in one step (padding across ranks) moves its average once per rank that trained it.
+        index_path: where the index built from a shard list is saved (default: beside the list,
+            ``<list>.index.json``); a run restarted from the list finds it there.
 
     With ``torch.distributed`` initialised, create it on every rank (it is a collective): the
     local ranks of a node share one store, every rank plans the same epoch, and every rank gets
@@ -90,10 +96,15 @@ class InfoBatch:
         share_store: bool = True,
         allow_pipes: bool = False,
         ema_decay: float = 0.0,
+        index_path: str | None = None,
     ) -> None:
         failure, settings, loaded = None, None, None
         try:  # a rank that fails here tells the others, which would otherwise wait for it below
-            loaded = index if isinstance(index, DatasetIndex) else DatasetIndex.load(index, allow_pipes=allow_pipes)
+            loaded = (
+                index
+                if isinstance(index, DatasetIndex)
+                else open_index(index, output=index_path, allow_pipes=allow_pipes)
+            )
             settings = RunSettings.checked(
                 num_epochs, prune_ratio, delta, seed, granularity, remainder, sync_every, share_store, ema_decay
             )
@@ -103,10 +114,15 @@ class InfoBatch:
         assert settings is not None and loaded is not None  # agree() raised otherwise
         self.run = run = Run.create(loaded, settings)
         # the parts, by name (the same objects the run's jobs use)
-        self.index, self.settings, self.config, self.remainder = loaded, settings, settings.config, settings.remainder
+        self.settings, self.config, self.remainder = settings, settings.config, settings.remainder
         self.tag, self.store, self.plan, self.control = run.tag, run.store, run.plan, run.control
         self.scores, self.book, self.view, self.inbox = run.scores, run.book, run.view, run.inbox
         start_epoch(run, 0)
+
+    @property
+    def index(self) -> DatasetIndex:
+        """The run's index (the built one from epoch 1 on, for a run started from a shard list)."""
+        return self.run.index
 
     @property
     def epoch(self) -> int:

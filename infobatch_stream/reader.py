@@ -41,12 +41,14 @@ from webdataset.handlers import reraise_exception
 
 from . import verify
 from .errors import ShardAssignmentError, StaleIndexError, handle
-from .index import ShardInfo
+from .index import DatasetIndex, ShardInfo, scan_one
 from .meta import META_KEY, make_meta
 from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT, ReadAhead
+from .scanfile import Scan, ScanDir
 from .stages import PART_KEY, SHARD_KEY, current_worker
 from .storage import ObjectInfo, RangeNotSupported, backend_for, is_local, local_path
-from .tarscan import _read_full, decompressed
+from .streamindex import read_and_index
+from .tarscan import ShardSamples, _read_full, decompressed
 from .worker import WorkerView
 
 log = logging.getLogger(__name__)
@@ -186,6 +188,22 @@ def _sequential_reader(raw: BinaryIO, compressed: bool, counter: _Counter, where
     return read
 
 
+def _rows_for(index: DatasetIndex, shard: int, url: str) -> bool:
+    """While the index is being built: give ``shard`` rows from its scan, left by an earlier reader
+    (or a run resumed in epoch 0), or made now for a local shard (a seek per header, as
+    ``infobatch-stream index`` does). False: the shard must be streamed and indexed on the way."""
+    assert index.building is not None
+    info, folder = index.shards[shard], ScanDir(index.building.scans)
+    scan = folder.load(shard, info.url, info.nsamples)
+    if scan is None and is_local(url):
+        scan = Scan(info.url, *scan_one(url))
+        folder.save(shard, scan)
+    if scan is None:
+        return False
+    index.adopt(shard, scan.samples, scan.mtime, scan.etag, scan.compression)
+    return True
+
+
 def _close_stream(raw: Any) -> None:
     """Close a stream the reader may abandon before its end: a ``pipe:`` child then dies of
     SIGPIPE, which is expected here, not an error (a truncated stream was caught while reading)."""
@@ -226,7 +244,8 @@ class _Layout:
         self.lo = index.slots(shard)[0]
         rows = index.rows(shard)
         self.offsets, self.sizes = rows.data_offset.tolist(), rows.size.tolist()
-        self.suffix_of = [index.suffixes[i] for i in rows.suffix_id.tolist()]
+        suffixes = index.shard_suffixes(shard)
+        self.suffix_of = [suffixes[i] for i in rows.suffix_id.tolist()]
         self.member_first = rows.member_first.tolist()
         self.keys = index.keys(shard)
         self.kept, self.boosted = kept.tolist(), boosted.tolist()
@@ -239,7 +258,7 @@ class _Layout:
             key_blob=rows.key_blob,
             key_offsets=rows.key_offsets,
             suffix_ids=rows.suffix_id,
-            suffixes=index.suffixes,
+            suffixes=suffixes,
         )
 
     def samples(self, buf: bytes, r: ReadRange) -> Iterator[dict[str, Any]]:
@@ -315,6 +334,10 @@ class _Job:
         if stop <= first or (req.only is not None and len(req.only) == 0):
             self.empty = True
             return
+        if not index.has_rows(req.shard) and not _rows_for(index, req.shard, req.url):
+            self._plan_indexing(kept, first, stop, boosted, epoch)  # epoch 0 of an index being built: stream it
+            return
+        self.info = index.shards[req.shard]  # as the shard's scan found it, while the index is being built
         start, end = index.byte_ranges(req.shard)
         self.region = _region(self.info, end, kept, first, stop) if req.only is None else 0
         kept = kept[first:stop] if req.only is None else kept[np.asarray(req.only, dtype=np.int64)]
@@ -331,6 +354,16 @@ class _Job:
         cap = MAX_RANGE_BYTES if self.mode != "ranges" else self.options.remote_range_bytes()
         self.ranges = plan_ranges(start, end, kept, gap, cap)
         self.layout = _Layout(view, req.shard, url, epoch, kept, boosted, start)
+
+    def _plan_indexing(self, kept: np.ndarray, first: int, stop: int, boosted: np.ndarray, epoch: int) -> None:
+        """Read the shard from its start and index it on the way (:mod:`.streamindex`); the part
+        whose kept samples end the shard reads to its end and leaves the shard's scan behind."""
+        req = self.req
+        self.mode = "index"
+        self.backend = backend_for(req.url)
+        self.wanted = kept[first:stop] if req.only is None else kept[np.asarray(req.only, dtype=np.int64)]
+        self.to_end = int(self.wanted[-1]) == int(kept[-1])
+        self.boosted, self.epoch = boosted, epoch
 
     # ---- submission (called by the scheduler) ---------------------------------------------------
     def next_size(self) -> int | None:
@@ -352,6 +385,9 @@ class _Job:
             raise self.req.error
         if self.empty:
             return
+        if self.mode == "index":
+            yield from self._indexing_samples()
+            return
         self._open()
         cut = self.layout.samples
         for r in self.ranges:
@@ -368,6 +404,37 @@ class _Job:
                 ahead.release(self.held)
                 self.held = 0
                 fill()
+
+    def _indexing_samples(self) -> Iterator[dict[str, Any]]:
+        view, req = self.view, self.req
+        index = view.index
+        building = index.building
+        assert building is not None
+        raw, seen = self.backend.stream(req.url)
+        self._close = lambda: _close_stream(raw)
+        self.opened = True
+        _check_fresh(req.url, self.info, self.options.verify, seen)
+        self.counter.requests += 1
+        counted = _CountingStream(raw, self.counter)
+        stream, compression = decompressed(counted, req.url)  # type: ignore[arg-type]
+        lo, tag, epoch, boosted = index.slots(req.shard)[0], view.tag, self.epoch, self.boosted
+
+        def complete(scan: ShardSamples) -> None:
+            if compression is not None or seen is not None:
+                stored = seen.size if seen is not None else self.counter.bytes_read
+                if compression is None and stored != scan.filesize:
+                    raise StaleIndexError(
+                        f"{req.url}: the object is {stored} bytes but {scan.filesize} arrived; it changed while "
+                        "being read or the server is broken"
+                    )
+                scan.filesize = stored
+            etag = None if seen is None else seen.etag
+            ScanDir(building.scans).save(req.shard, Scan(req.url, scan, None, etag, compression, True))
+
+        for pos, key, fields in read_and_index(stream, req.url, self.info.nsamples, self.wanted, self.to_end, complete):
+            sample: dict[str, Any] = {"__key__": key, "__url__": req.url, **fields}
+            sample[META_KEY] = make_meta(lo + pos, epoch, bool(boosted[pos]), tag)
+            yield sample
 
     def _take(self, r: ReadRange, ahead: ReadAhead) -> tuple[bytes, int]:
         future, held = self.futures.popleft()

@@ -18,6 +18,7 @@ import torch
 from . import distributed
 from .checkpoint import check_state
 from .errors import CheckpointError, SettingsMismatchError
+from .run import complete_index
 from .settings import agree
 from .stats import EpochStats, user_stacklevel
 
@@ -112,6 +113,19 @@ def state_of(run: Run) -> dict[str, Any]:
     }
 
 
+def _complete_for(run: Run, state: dict[str, Any]) -> None:
+    """A state from past epoch 0 of a run whose index was built then, loaded where the index is
+    still to build (its saved copy was removed): build it now, then check that it is the state's."""
+    complete_index(run)
+    index = run.index
+    wrong = state.get("index_fingerprint") not in {index.fingerprint, index.source_fingerprint} - {None}
+    if distributed.any_rank(wrong):
+        raise CheckpointError(
+            f"this state was saved for another index (fingerprint {str(state.get('index_fingerprint'))[:12]}) than "
+            f"the one built from {index.path} ({index.fingerprint[:12]}): load it with the index it was saved with"
+        )
+
+
 def restore(run: Run, state: dict[str, Any]) -> None:
     """``ib.load_state_dict()``: check the state and the settings on every rank alike, then put
     back the store, the epoch and its frozen plan (republished as saved, not recomputed)."""
@@ -131,7 +145,9 @@ def restore(run: Run, state: dict[str, Any]) -> None:
         peer_error=CheckpointError,
         extra={"saved": saved, "progress": partway},
     )
-    check_resume(extras, mine)
+    check_resume(extras, mine)  # every rank now loads a state of the same epoch
+    if run.index.building is not None and int(state["epoch"]) >= 1:
+        _complete_for(run, state)
     if run.writer:
         run.store.scores[:] = np.asarray(state["scores"])
         run.plan.shared.array[:] = np.asarray(state["plan"])

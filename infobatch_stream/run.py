@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import distributed
+from . import building, distributed
 from .control import EpochControl
 from .inbox import Inbox
 from .index import DatasetIndex
@@ -75,6 +75,13 @@ class Run:
         self.book.add_io(self.epoch, self.control.io_totals(), self.control.repeats)
 
 
+def complete_index(run: Run) -> None:
+    """An index built during epoch 0 is completed before any later epoch (a collective: every
+    rank's ``index.building`` is alike, the ranks agreed on the index first)."""
+    if run.index.building is not None:
+        run.index = run.view.index = building.complete(run.index, run.writer)
+
+
 def start_epoch(run: Run, epoch: int) -> EpochStats:
     """Freeze the threshold, plan ``epoch`` and publish it (``ib.set_epoch`` after the ranks agreed)."""
     config = run.settings.config
@@ -99,6 +106,8 @@ def start_epoch(run: Run, epoch: int) -> EpochStats:
         return run.book.epochs[epoch]
     run.collect_io()
     run.scores.sync()
+    if epoch >= 1:
+        complete_index(run)
     summary = plan_epoch(
         run.store.scores,
         run.index,

@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset
 
 from .announce import Announcements  # noqa: F401 - where it lived before
 from .balance import Part, assign, within_part
-from .errors import ShardAssignmentError, StaleIndexError
+from .errors import IndexMismatchError, ShardAssignmentError, StaleIndexError
 from .meta import META_KEY, make_meta
 from .worker import WorkerView, current_worker, loader_worker  # noqa: F401 - re-exported
 
@@ -36,6 +36,7 @@ def epoch_parts(view: WorkerView) -> list[Part]:
 
     The rank and world size come from the control block, written by the training process when
     it published the epoch: a spawned loader worker has no process group to ask."""
+    view.refresh_index()
     control = view.control
     order = shard_order(view.index.num_shards, view.config.seed, control.epoch)
     worker, num_workers = loader_worker()
@@ -90,16 +91,27 @@ class _ShardSlots:
     """Maps the samples of one shard, arriving in tar order, to positions in the index."""
 
     def __init__(
-        self, url: str, shard: int, first_slot: int, keys: list[str], keep: list[bool], boosted: list[bool]
+        self, url: str, shard: int, first_slot: int, keys: list[str] | None, keep: list[bool], boosted: list[bool]
     ) -> None:
         self.url, self.shard, self.first_slot = url, shard, first_slot
         self.keys, self.keep, self.boosted = keys, keep, boosted
         self.next = 0
         self._positions: dict[str, list[int]] | None = None
+        self._first: str | None = None  # without keys (index being built): the shard's first key
 
     def position(self, key: str) -> int:
-        """Position of ``key``: normally the next one; otherwise search (samples were skipped)."""
+        """Position of ``key``: normally the next one; otherwise search (samples were skipped).
+        Without keys (an index being built in epoch 0, nothing pruned) samples count up in tar order."""
         pos = self.next
+        if self.keys is None:
+            if pos >= len(self.keep):
+                raise IndexMismatchError(
+                    f"shard {self.url} has more samples than the {len(self.keep)} its shard list entry says: "
+                    "correct the list's nsamples (or index the shards with `infobatch-stream index`)"
+                )
+            self._first = key if pos == 0 else self._first
+            self.next = pos + 1
+            return pos
         if pos >= len(self.keys) or self.keys[pos] != key:
             if self._positions is None:
                 self._positions = {}
@@ -118,6 +130,8 @@ class _ShardSlots:
 
     def restarted(self, key: str) -> bool:
         """The whole shard went by and its first sample comes again: the shard was reopened."""
+        if self.keys is None:
+            return self.next == len(self.keep) and self.next > 0 and key == self._first
         return self.next == len(self.keys) and len(self.keys) > 0 and key == self.keys[0]
 
 
@@ -154,7 +168,8 @@ def filter_samples(src: Iterable[dict[str, Any]], view: WorkerView) -> Iterator[
             keep, boosted = view.decide_shard(shard, epoch, thresh)
             if part is not None:  # ib.shards() may give this worker only part of the shard's kept samples
                 keep = within_part(keep, part)
-            cursor = _ShardSlots(url, shard, lo, index.keys(shard), keep.tolist(), boosted.tolist())
+            keys = index.keys(shard) if index.has_rows(shard) else None
+            cursor = _ShardSlots(url, shard, lo, keys, keep.tolist(), boosted.tolist())
         pos = cursor.position(key)
         if cursor.keep[pos]:
             sample[META_KEY] = make_meta(cursor.first_slot + pos, epoch, cursor.boosted[pos], tag)

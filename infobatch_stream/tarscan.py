@@ -410,24 +410,36 @@ def belongs_to_sample(member: TarMember) -> bool:
     return _SKIP_META.match(name) is None
 
 
-def group_samples(members: Iterator[TarMember], shard: str) -> ShardSamples:
-    """Group members into samples the way ``webdataset.tarfile_to_samples`` does."""
-    out = ShardSamples()
+def sample_field(member: TarMember) -> tuple[str, str] | None:
+    """``(key, suffix)`` of a member WebDataset turns into a sample field, else None (the suffix
+    lower-cased, as WebDataset does)."""
+    if not belongs_to_sample(member):
+        return None
+    key, suffix = key_and_suffix(member.name)
+    if key is None or suffix is None:
+        return None
+    return key, suffix.lower()
+
+
+def grouped(members: Iterator[TarMember], shard: str, out: ShardSamples) -> Iterator[int]:
+    """Group members into ``out`` the way ``webdataset.tarfile_to_samples`` does, yielding each
+    sample's number once it is complete (when the next sample starts, the last at the end), so
+    that a sequential reader can hand samples on while it indexes them."""
     current: str | None = None
     current_suffixes: set[str] = set()
     for member in members:
-        if not belongs_to_sample(member):
+        field = sample_field(member)
+        if field is None:
             continue
-        key, suffix = key_and_suffix(member.name)
-        if key is None or suffix is None:
-            continue
-        suffix = suffix.lower()
+        key, suffix = field
         if suffix in _RESERVED_SUFFIXES:
             raise TarFormatError(
                 f"{shard}: member {member.name!r} at byte {member.header_offset} would overwrite the sample's "
                 f"{suffix!r} field; rename it or rewrite the shard"
             )
         if key != current:
+            if current is not None:
+                yield len(out.keys) - 1
             out.keys.append(key)
             out.start.append(member.header_offset)
             out.end.append(member.end)
@@ -444,6 +456,15 @@ def group_samples(members: Iterator[TarMember], shard: str) -> ShardSamples:
         out.suffixes.append(suffix)
         out.data_offset.append(member.data_offset)
         out.size.append(member.size)
+    if current is not None:
+        yield len(out.keys) - 1
+
+
+def group_samples(members: Iterator[TarMember], shard: str) -> ShardSamples:
+    """Group members into samples the way ``webdataset.tarfile_to_samples`` does."""
+    out = ShardSamples()
+    for _ in grouped(members, shard, out):
+        pass
     return out
 
 

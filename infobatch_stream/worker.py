@@ -42,8 +42,16 @@ class WorkerView:
     store: ScoreStore
     announced: Announcements = field(default_factory=Announcements)  # per process: ib.shards() -> reader
 
+    def refresh_index(self) -> None:
+        """A worker that outlives epoch 0 (``persistent_workers``) of an index built during it
+        switches to the saved index: the training process completes it before epoch 1."""
+        building = self.index.building
+        if building is not None and self.control.epoch >= 1:
+            self.index = DatasetIndex.load(building.output, allow_pipes=True)
+
     def begin_pass(self) -> tuple[int, float]:
         """Called when a pass starts in a worker: the epoch and threshold to use."""
+        self.refresh_index()
         control = self.control
         epoch = control.epoch
         worker = current_worker()
