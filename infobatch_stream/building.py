@@ -22,7 +22,7 @@ import numpy as np
 
 from . import distributed
 from .errors import IndexMismatchError, InfoBatchError
-from .index import INDEX_KIND, Building, DatasetIndex, build_index, from_scans, read_json, shard_entries
+from .index import Building, DatasetIndex, build_index, from_scans, read_json, shard_entries
 from .scanfile import Scan, ScanDir, pack, unpack
 from .storage import runs_command
 from .tarscan import ShardSamples
@@ -48,7 +48,7 @@ def open_index(path: str, *, output: str | None = None, allow_pipes: bool = Fals
     (at ``output``) or one to build during epoch 0 (see the module docstring)."""
     path = os.path.abspath(path)
     doc = read_json(path)
-    if not isinstance(doc, dict) or doc.get("__kind__") != INDEX_KIND or "infobatch_stream" in doc:
+    if not isinstance(doc, dict) or not isinstance(doc.get("shardlist"), list) or "infobatch_stream" in doc:
         if output is not None and isinstance(doc, dict) and "infobatch_stream" in doc:
             raise ValueError(f"index_path={output!r} is for a wids shard list; {path} is already an index")
         return DatasetIndex.load(path, allow_pipes=allow_pipes)

@@ -35,7 +35,7 @@ from infobatch_stream import (
 )
 from infobatch_stream.distributed import all_gather_updates
 from infobatch_stream.stages import shard_order
-from tests.helpers.data import make_index, slot_loss, write_sized_shards
+from tests.helpers.data import make_index, slot_loss, write_shards, write_sized_shards
 from tests.helpers.loaders import data_loader, read_stages
 from tests.helpers.servers import free_port
 
@@ -319,7 +319,21 @@ def _mismatch_scenarios(index_path: str, other_path: str) -> dict:
     return out
 
 
-SCENARIOS = {"two": _two_rank_scenarios, "four": _four_rank_scenarios, "mismatch": _mismatch_scenarios}
+def _listed(list_path: str) -> dict:
+    """A run from a wids shard list of HTTP shards, no index: 2 ranks, 2 persistent workers each."""
+    ib = InfoBatch(list_path, **CONFIG)
+    result = _train(ib, _loader(ib, "reader", 2))
+    result["stats"] = ib.stats()
+    result["index"] = ib.index.path
+    return result
+
+
+SCENARIOS = {
+    "two": _two_rank_scenarios,
+    "four": _four_rank_scenarios,
+    "mismatch": _mismatch_scenarios,
+    "listed": _listed,
+}
 
 
 # ---- the tests -------------------------------------------------------------------------------------
@@ -529,3 +543,45 @@ def test_states_of_different_steps_or_indexes_are_refused_on_every_rank(mismatch
     rank0, rank1 = _both(mismatch, "resume-other-index-on-one")
     assert rank1["checkpoint"] and "saved for another index" in rank1["message"]
     assert rank0["checkpoint"] and rank0["message"].startswith("rank 1 failed in ib.load_state_dict() (CheckpointError")
+
+
+# ---- a run started from a shard list, indexed during epoch 0 -----------------------------------------
+
+
+def test_two_ranks_index_during_epoch_0_from_a_shard_list(tmp_path):
+    """8 HTTP shards of 25 over 2 ranks x 2 workers (50 samples each: no shard is cut): epoch 0
+    reads every byte once, epoch 1 skips pruned bytes, the index equals the indexing pass's."""
+    from infobatch_stream import DatasetIndex
+    from infobatch_stream.rangeserver import RangeServer
+
+    urls = write_shards(str(tmp_path / "shards"), num_shards=8, per_shard=25)
+    total = sum(os.path.getsize(u) for u in urls)
+    block, planner.BLOCK = planner.BLOCK, PLAN_BLOCK
+    try:
+        with RangeServer(str(tmp_path / "shards")) as base:
+            remote = [f"{base}/{os.path.basename(u)}" for u in urls]
+            reference = build_index(remote, str(tmp_path / "reference.json"))
+            ib = InfoBatch(reference, **CONFIG)
+            expected = _train(ib, _loader(ib, "reader", 0))
+            listing = tmp_path / "list.json"
+            listing.write_text(json.dumps({"shardlist": [{"url": u, "nsamples": 25} for u in remote]}))
+            ranks = run_group(2, "listed", (str(listing),), str(tmp_path / "out"))
+    finally:
+        planner.BLOCK = block
+    for epoch in range(EPOCHS):
+        union = sorted(s for r in ranks for s in r["slots"][epoch])
+        want = expected["slots"][epoch]
+        assert set(union) == set(want), f"epoch {epoch}: another set of samples"
+        assert len(union) == 2 * -(-len(want) // 2)  # the documented padding only
+        assert ranks[0]["batches"][epoch] == ranks[1]["batches"][epoch]
+    epoch0 = [r["stats"][0] for r in ranks]
+    assert sum(s["bytes_read"] for s in epoch0) == total  # every shard streamed once, by one worker
+    epoch1 = [r["stats"][1] for r in ranks]
+    assert sum(s["pruned"] for s in epoch1[:1]) > 0 and sum(s["bytes_skipped"] for s in epoch1) > 0
+    assert sum(s["bytes_read"] for s in epoch1) < total
+    built, ref = DatasetIndex.load(ranks[0]["index"]), DatasetIndex.load(str(tmp_path / "reference.json"))
+    assert ranks[1]["index"] == ranks[0]["index"]
+    for name in ref._arrays:
+        assert np.asarray(built._arrays[name]).tobytes() == np.asarray(ref._arrays[name]).tobytes(), name
+    for r in ranks:
+        np.testing.assert_array_equal(np.asarray(r["scores"]), np.asarray(expected["scores"]))
