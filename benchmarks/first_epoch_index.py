@@ -36,8 +36,9 @@ def pseudo_loss(meta: torch.Tensor) -> torch.Tensor:
 
 def train(ib: InfoBatch, workers: int, epochs: int, server: RangeServerProcess) -> list[dict]:
     pipeline = wds.DataPipeline(ib.shards(), ib.tarfile_to_samples(), wds.to_tuple(META_KEY))
-    loader = DataLoader(pipeline, batch_size=16, num_workers=workers, multiprocessing_context="spawn",
-                        persistent_workers=workers > 0)
+    loader = DataLoader(
+        pipeline, batch_size=16, num_workers=workers, multiprocessing_context="spawn", persistent_workers=workers > 0
+    )
     out = []
     for epoch in range(epochs):
         before = server.stats()
@@ -48,8 +49,15 @@ def train(ib: InfoBatch, workers: int, epochs: int, server: RangeServerProcess) 
             ib.update(meta, pseudo_loss(meta))
             n += len(meta)
         after = server.stats()
-        out.append({"epoch": epoch, "samples": n, "seconds": time.perf_counter() - t0,
-                    "bytes": after["bytes"] - before["bytes"], "requests": after["requests"] - before["requests"]})
+        out.append(
+            {
+                "epoch": epoch,
+                "samples": n,
+                "seconds": time.perf_counter() - t0,
+                "bytes": after["bytes"] - before["bytes"],
+                "requests": after["requests"] - before["requests"],
+            }
+        )
     ib.set_epoch(epochs)  # the list run's index is complete by now in any case
     return out
 
@@ -64,8 +72,11 @@ def one(workers: int, epochs: int, root: str) -> dict:
         before, t0 = server.stats(), time.perf_counter()
         index = build_index(urls, os.path.join(work, "index.json"))
         after = server.stats()
-        indexing = {"seconds": time.perf_counter() - t0, "bytes": after["bytes"] - before["bytes"],
-                    "requests": after["requests"] - before["requests"]}
+        indexing = {
+            "seconds": time.perf_counter() - t0,
+            "bytes": after["bytes"] - before["bytes"],
+            "requests": after["requests"] - before["requests"],
+        }
         indexed = train(InfoBatch(index, **config), workers, epochs, server)
         listing = os.path.join(work, "list.json")
         with open(listing, "w") as f:
@@ -77,9 +88,16 @@ def one(workers: int, epochs: int, root: str) -> dict:
     with_index = indexing["bytes"] + sum(e["bytes"] for e in indexed)
     from_list = sum(e["bytes"] for e in listed)
     return {
-        "workers": workers, "epochs": epochs, "shards": len(urls), "samples": SAMPLES, "dataset_bytes": total,
-        "indexing": indexing, "indexed": indexed, "listed": listed,
-        "bytes_with_index": with_index, "bytes_from_list": from_list,
+        "workers": workers,
+        "epochs": epochs,
+        "shards": len(urls),
+        "samples": SAMPLES,
+        "dataset_bytes": total,
+        "indexing": indexing,
+        "indexed": indexed,
+        "listed": listed,
+        "bytes_with_index": with_index,
+        "bytes_from_list": from_list,
         "bytes_with_index_minus_indexing": with_index - indexing["bytes"],
         "seconds_with_index": indexing["seconds"] + sum(e["seconds"] for e in indexed),
         "seconds_from_list": sum(e["seconds"] for e in listed),
@@ -95,8 +113,10 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = [one(w, args.epochs, args.out) for w in args.workers]
-    print("| workers | dataset MB | indexing pass MB (s) | indexed run: epochs MB | from list: epochs MB | "
-          "list / (indexed - pass) | epoch 0 s, indexed / list | total s, indexed+pass / list |")
+    print(
+        "| workers | dataset MB | indexing pass MB (s) | indexed run: epochs MB | from list: epochs MB | "
+        "list / (indexed - pass) | epoch 0 s, indexed / list | total s, indexed+pass / list |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         mb = 1e6

@@ -187,6 +187,31 @@ def apply_rate(num_samples: int, per_shard: int) -> float:
     return (time.perf_counter() - t0) / num_samples * 1e9
 
 
+def split_apply_rate(num_samples: int, per_shard: int, sharers: int) -> float:
+    """Nanoseconds per update for the slowest of ``sharers`` ranks applying a node's updates by
+    slot range (each masks every update and writes its slice), one after the other here; on a
+    node they run at once, so this is the node's apply time per update."""
+    from infobatch_stream.scoring import ScoreExchange
+    from infobatch_stream.store import ScoreStore
+
+    store = ScoreStore.create(num_samples)
+    rng = np.random.default_rng(0)
+    slots = np.arange(num_samples, dtype=np.int64)
+    for lo in range(0, num_samples, per_shard):
+        rng.shuffle(slots[lo : lo + per_shard])
+    values = rng.random(num_samples, dtype=np.float32)
+    slowest = 0.0
+    for position in range(sharers):
+        lo, hi = ScoreExchange(store, True, 0.0, None, (position, sharers)).slice
+        t0 = time.perf_counter()
+        for a in range(0, num_samples, 1 << 20):  # in exchange-sized pieces
+            piece = slots[a : a + (1 << 20)]
+            mine = (piece >= lo) & (piece < hi)
+            store.record(piece[mine], values[a : a + (1 << 20)][mine])
+        slowest = max(slowest, time.perf_counter() - t0)
+    return slowest / num_samples * 1e9
+
+
 def table(results: list[dict]) -> str:
     rows = [
         "| samples | ranks | exchange (s) | received per rank | GB/s | plan (s) | plan ns/sample "
@@ -224,11 +249,17 @@ def main(argv: list[str] | None = None) -> None:
                 f"{int(n):,} samples, {w} ranks: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True
             )
     print(table(results))
-    apply_ns = apply_rate(int(max(args.samples)), args.per_shard)
-    print(f"\napplying updates to the store: {apply_ns:.1f} ns per update ({int(max(args.samples)):,} updates)")
+    largest = int(max(args.samples))
+    apply_ns = apply_rate(largest, args.per_shard)
+    print(f"\napplying updates to the store: {apply_ns:.1f} ns per update ({largest:,} updates)")
+    split_ns = {k: split_apply_rate(largest, args.per_shard, k) for k in (2, 4, 8)}
+    for k, ns in split_ns.items():
+        print(f"split over {k} ranks by slot range: {ns:.2f} ns per update for the slowest rank")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runs": results, "apply_ns_per_update": apply_ns}, f, indent=1)
+            json.dump(
+                {"runs": results, "apply_ns_per_update": apply_ns, "split_apply_ns_per_update": split_ns}, f, indent=1
+            )
 
 
 if __name__ == "__main__":

@@ -291,6 +291,18 @@ def share_per_node(create: Callable[[], list[SharedArray]]) -> tuple[list[Shared
     return arrays, owner, not any_rank(owner and rank != 0)
 
 
+def sharers(path: str) -> tuple[int, int]:
+    """``(position, count)`` of this rank among the ranks that map the shared file ``path`` (one
+    node's store), in rank order (a collective); ``(0, 1)`` without a process group."""
+    if world()[1] == 1:
+        return 0, 1
+    st = os.stat(path)
+    mine = (_node_id(), st.st_dev, st.st_ino)
+    everyone = gather_object(mine)
+    same = [r for r, x in enumerate(everyone) if tuple(x) == mine]
+    return same.index(world()[0]), len(same)
+
+
 def _share(create: Callable[[], list[SharedArray]], rank: int, size: int) -> tuple[list[SharedArray], bool]:
     node = _node_id()
     nodes: list[str] = [""] * size

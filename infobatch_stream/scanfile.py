@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"IBSCAN1\n"
 MAX_HEADER = 1 << 20
+MAX_SAMPLE_BYTES = 64 << 10  # bounds what a scan file may hold per sample (its key, its members' rows)
 # name, dtype, per sample ("n") or per member ("m") or key bytes ("k")
 _ARRAYS = (
     ("start", np.int64, "n"),
@@ -179,7 +180,10 @@ class ScanDir:
         file = self.file(shard)
         try:
             with open(file, "rb") as f:
-                data = f.read(int(os.fstat(f.fileno()).st_size))
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_HEADER + nsamples * MAX_SAMPLE_BYTES:  # not read: no shard's scan is this large
+                    raise IndexMismatchError(f"shard scan {file} is {size} bytes, too large for {nsamples} samples")
+                data = f.read(size)
             scan = unpack(data, file)
         except FileNotFoundError:
             return None

@@ -157,6 +157,21 @@ def test_a_run_restarted_from_the_list_uses_the_index_built_before(shards):
         InfoBatch(listing, **CONFIG)
 
 
+def test_a_later_state_loads_where_the_built_index_was_removed(shards):
+    folder, urls, reference = shards
+    listing = write_list(folder, urls)
+    ib = InfoBatch(listing, **CONFIG)
+    train_epochs(ib, reader_loader(ib, 0), 2)
+    state = ib.state_dict()
+    os.remove(ib.index.path)
+    shutil.rmtree(ib.index.path[:-5] + ".arrays")
+    again = InfoBatch(listing, **CONFIG)
+    assert again.index.building is not None
+    again.load_state_dict(state)  # builds the index (scanning every shard), then checks it is the state's
+    assert again.index.building is None and again.epoch == 1
+    assert_same_arrays(again.index.path, reference.path)
+
+
 def test_a_resume_inside_epoch_0_keeps_what_was_indexed(shards):
     folder, urls, reference = shards
     listing = write_list(folder, urls)
