@@ -51,6 +51,7 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+OVERLAP_ROUNDS = True  # False: each round waits for the next before applying (the benchmark's baseline)
 UPDATE = np.dtype([("slot", "<i8"), ("loss", "<f4")])  # 12 bytes, no padding
 
 
@@ -59,7 +60,8 @@ def all_gather_bytes(
 ) -> list[int]:
     """Every rank's ``data`` (uint8, any length), handed to ``apply(rank, offset, chunk)`` round
     by round (a collective). Chunks hold whole items of ``item`` bytes; at most ``round_bytes``
-    arrive per round whatever the world size, so memory stays bounded. Every rank sees the same
+    arrive per round whatever the world size, so memory stays bounded (two rounds: the next one
+    travels while ``apply`` takes this one). Every rank sees the same
     sequence of calls: round 0 of rank 0, 1, ..., then round 1 of each rank, and so on.
     Returns every rank's length in bytes."""
     dist = torch.distributed
@@ -70,18 +72,35 @@ def all_gather_bytes(
     dist.all_gather(lengths, length)
     sizes = [int(t.item()) for t in lengths]
     step = max(round_bytes // size // item, 1) * item
-    for start in range(0, max(sizes), step):
-        width = min(step, max(sizes) - start)
+
+    def start(offset: int) -> tuple[Any, torch.Tensor, int, torch.Tensor]:
+        """Round ``offset``'s gather, started and not waited for (``async_op``); its buffers are
+        returned with it so that they live until it is waited for."""
+        width = min(step, max(sizes) - offset)
         send = np.zeros(width, dtype=np.uint8)
-        mine = data[start : start + width]
+        mine = data[offset : offset + width]
         send[: len(mine)] = mine
         got = torch.empty((size, width), dtype=torch.uint8, device=device)
-        dist.all_gather(list(got.unbind(0)), torch.from_numpy(send).to(device))
+        sent = torch.from_numpy(send).to(device)
+        work = dist.all_gather(list(got.unbind(0)), sent, async_op=True)
+        return work, got, width, sent
+
+    # Round k + 1 travels while round k is applied: the apply, the largest cost at scale, overlaps
+    # with the transfer (two rounds of buffers at most).
+    offsets = list(range(0, max(sizes), step))
+    running = start(offsets[0]) if offsets else None
+    for i, offset in enumerate(offsets):
+        assert running is not None
+        work, got, width, _ = running
+        work.wait()
         host = got.cpu().numpy()  # one device-to-host copy per round
+        running = start(offsets[i + 1]) if i + 1 < len(offsets) else None
+        if not OVERLAP_ROUNDS and running is not None:
+            running[0].wait()
         for r in range(size):
-            n = max(0, min(width, sizes[r] - start))
+            n = max(0, min(width, sizes[r] - offset))
             if n:
-                apply(r, start, host[r, :n])
+                apply(r, offset, host[r, :n])
     return sizes
 
 
@@ -289,18 +308,6 @@ def share_per_node(create: Callable[[], list[SharedArray]]) -> tuple[list[Shared
         return create(), True, True
     arrays, owner = _share(create, rank, size)
     return arrays, owner, not any_rank(owner and rank != 0)
-
-
-def sharers(path: str) -> tuple[int, int]:
-    """``(position, count)`` of this rank among the ranks that map the shared file ``path`` (one
-    node's store), in rank order (a collective); ``(0, 1)`` without a process group."""
-    if world()[1] == 1:
-        return 0, 1
-    st = os.stat(path)
-    mine = (_node_id(), st.st_dev, st.st_ino)
-    everyone = gather_object(mine)
-    same = [r for r, x in enumerate(everyone) if tuple(x) == mine]
-    return same.index(world()[0]), len(same)
 
 
 def _share(create: Callable[[], list[SharedArray]], rank: int, size: int) -> tuple[list[SharedArray], bool]:

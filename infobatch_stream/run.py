@@ -57,8 +57,7 @@ class Run:
             shared, writer, by_all = allocate(), True, distributed.world()[1] == 1
         store, plan = ScoreStore(shared[0]), EpochPlan(shared[1], n)
         control = EpochControl.create(index.num_shards)
-        share = distributed.sharers(store.shared.path) if settings.share_store else (0, 1)
-        scores = ScoreExchange(store, writer, settings.ema_decay, settings.sync_every, share)
+        scores = ScoreExchange(store, writer, settings.ema_decay, settings.sync_every)
         view = WorkerView(index, settings.config, settings.remainder, tag, control, plan, store)
         book = EpochBook()
         run = cls(index, settings, tag, store, plan, control, scores, book, view, writer, by_all)

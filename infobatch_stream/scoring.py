@@ -2,10 +2,7 @@
 
 With one process the losses go into the store at once. With a process group the store changes
 only when the ranks exchange their updates (at ``set_epoch``, every ``sync_every`` updates, or on
-``sync_scores()``). Every rank receives every update, in the same order. The ranks that share a
-node's store split applying them by slot range: each writes only the slots of its own slice, so
-every slot still takes its updates in exchange order (the same scores as one writer, EMA
-included) while the node applies them ``count`` times faster.
+``sync_scores()``), applied by every node's writer in the same order, so all stores stay identical.
 """
 
 from __future__ import annotations
@@ -21,18 +18,8 @@ from .store import ScoreStore
 class ScoreExchange:
     """This rank's score updates on their way into the store (see the module docstring)."""
 
-    def __init__(
-        self,
-        store: ScoreStore,
-        writer: bool,
-        ema_decay: float,
-        sync_every: int | None,
-        share: tuple[int, int] = (0, 1),
-    ) -> None:
+    def __init__(self, store: ScoreStore, writer: bool, ema_decay: float, sync_every: int | None) -> None:
         self.store, self.writer, self.ema_decay, self.sync_every = store, writer, ema_decay, sync_every
-        position, count = share  # this rank among those sharing the store: it applies that slice of the slots
-        n = len(store)
-        self.slice = (n * position // count, n * (position + 1) // count)
         self.pending: list[np.ndarray] = []  # this rank's (slot, loss) updates since the last exchange
         self.updates = 0  # update() calls, for sync_every
         self.due = False  # sync_every updates recorded: exchange at the next update() (on every rank)
@@ -67,18 +54,12 @@ class ScoreExchange:
         self.pending.clear()
         self.due = False
 
-        lo, hi = self.slice
-        whole = (lo, hi) == (0, len(self.store))
-
         def apply(slots: np.ndarray, values: np.ndarray) -> None:
-            if whole:
+            if self.writer:
                 self.store.record(slots, values, self.ema_decay)
-            elif hi > lo:
-                mine = (slots >= lo) & (slots < hi)
-                self.store.record(slots[mine], values[mine], self.ema_decay)
 
         exchanged = distributed.exchange_updates(packed, apply)
-        distributed.barrier()  # every slice is applied before any rank reads the store
+        distributed.barrier()  # a node's writer has applied everything before any local rank reads
         return exchanged
 
     def restore(self, slots: np.ndarray, losses: np.ndarray, updates: int) -> None:
