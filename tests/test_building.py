@@ -270,3 +270,17 @@ def test_scan_files_round_trip_and_damage_is_ignored(shards, tmp_path):
     with pytest.raises(IndexMismatchError, match="checksum"):
         unpack(bytes(data), "x")
     shutil.rmtree(folder.path)
+
+
+def test_from_s3_with_spawned_workers(shards, s3_server, tmp_path):
+    """Shards on moto's S3 server: the workers stream them in epoch 0 (obstore in each worker)."""
+    folder, urls, _ = shards
+    remote = s3_server.upload("building", urls, "train")
+    reference = build_index(remote, str(tmp_path / "reference.json"))
+    ib = InfoBatch(write_list(str(tmp_path), remote), **CONFIG)
+    pipeline = wds.DataPipeline(ib.shards(), ib.tarfile_to_samples(), wds.to_tuple(META_KEY))
+    loader = data_loader(pipeline, 8, 2, context="spawn", persistent=True)
+    trained = [sorted(s) for s in train_epochs(ib, loader, 2)]
+    assert trained[0] == list(range(len(urls) * PER_SHARD))
+    assert ib.stats()[1]["pruned"] > 0
+    assert_same_arrays(ib.index.path, reference.path)
