@@ -173,8 +173,9 @@ def run(num_samples: int, world_size: int, per_shard: int, repeats: int) -> dict
     }
 
 
-def apply_rate(num_samples: int, per_shard: int) -> float:
-    """Nanoseconds per update of ``ScoreStore.record`` in one process."""
+def _updates(num_samples: int, per_shard: int):
+    """A fresh store and one update per slot, in shard order, shuffled within each shard (as a
+    shuffle buffer would leave them)."""
     from infobatch_stream.store import ScoreStore
 
     store = ScoreStore.create(num_samples)
@@ -182,7 +183,12 @@ def apply_rate(num_samples: int, per_shard: int) -> float:
     slots = np.arange(num_samples, dtype=np.int64)
     for lo in range(0, num_samples, per_shard):
         rng.shuffle(slots[lo : lo + per_shard])
-    values = rng.random(num_samples, dtype=np.float32)
+    return store, slots, rng.random(num_samples, dtype=np.float32)
+
+
+def apply_rate(num_samples: int, per_shard: int) -> float:
+    """Nanoseconds per update of ``ScoreStore.record`` in one process."""
+    store, slots, values = _updates(num_samples, per_shard)
     t0 = time.perf_counter()
     for lo in range(0, num_samples, 1 << 20):  # in exchange-sized pieces
         store.record(slots[lo : lo + (1 << 20)], values[lo : lo + (1 << 20)])
@@ -194,14 +200,7 @@ def split_apply_rate(num_samples: int, per_shard: int, sharers: int) -> float:
     slot range (each masks every update and writes its slice), one after the other here; on a
     node they would run at once, so this is what a node would spend per update. (Measured, and
     slower than one writer here: the library overlaps the apply with the next round instead.)"""
-    from infobatch_stream.store import ScoreStore
-
-    store = ScoreStore.create(num_samples)
-    rng = np.random.default_rng(0)
-    slots = np.arange(num_samples, dtype=np.int64)
-    for lo in range(0, num_samples, per_shard):
-        rng.shuffle(slots[lo : lo + per_shard])
-    values = rng.random(num_samples, dtype=np.float32)
+    store, slots, values = _updates(num_samples, per_shard)
     slowest = 0.0
     for position in range(sharers):
         lo, hi = num_samples * position // sharers, num_samples * (position + 1) // sharers
