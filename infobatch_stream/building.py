@@ -21,10 +21,10 @@ import os
 import numpy as np
 
 from . import distributed
-from .errors import IndexMismatchError, InfoBatchError
-from .index import Building, DatasetIndex, build_index, from_scans, read_json, shard_entries
+from .errors import IndexMismatchError, InfoBatchError, StaleIndexError
+from .index import Building, DatasetIndex, build_index, from_scans, read_json, scan_one, shard_entries
 from .scanfile import Scan, ScanDir, pack, unpack
-from .storage import runs_command
+from .storage import is_local, local_path, runs_command
 from .tarscan import ShardSamples
 
 log = logging.getLogger(__name__)
@@ -69,13 +69,20 @@ def open_index(path: str, *, output: str | None = None, allow_pipes: bool = Fals
             f"shard list {path} lists {len(pipes)} shard URLs that run shell commands (e.g. {pipes[0]!r}); pass "
             "allow_pipes=True only if you trust whoever wrote it"
         )
+    _check_counts(path, shards)
     output = os.path.abspath(output or default_output(path))
     pending = DatasetIndex(shards, {}, [], path=path, fingerprint="0" * 40)
     pending.fingerprint = _list_fingerprint(pending)
     if pending.num_samples == 0:
         raise IndexMismatchError(f"shard list {path}: its shards hold no samples (every nsamples is 0)")
     if os.path.exists(output):
-        built = DatasetIndex.load(output, allow_pipes=True)
+        try:
+            built = DatasetIndex.load(output, allow_pipes=True)
+        except IndexMismatchError as e:
+            raise IndexMismatchError(
+                f"{e}. (It is the index built from the shard list {path}: delete {output} and its .arrays "
+                "folder, and the next run builds it again during epoch 0.)"
+            ) from None
         if built.urls != pending.urls or not np.array_equal(built.nsamples, pending.nsamples):
             raise IndexMismatchError(
                 f"index {output} exists but lists other shards or counts than the shard list {path}: it was built "
@@ -85,6 +92,8 @@ def open_index(path: str, *, output: str | None = None, allow_pipes: bool = Fals
         built.source_fingerprint = built.source_fingerprint or pending.fingerprint
         return built
     folder = os.path.dirname(output)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"index_path={output}: its folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise PermissionError(
             f"the index built from {path} during epoch 0 goes to {output}, but {folder} is not writable: pass "
@@ -94,6 +103,60 @@ def open_index(path: str, *, output: str | None = None, allow_pipes: bool = Fals
     pending.building = Building(path, output, stem + ".scans")
     os.makedirs(pending.building.scans, exist_ok=True)
     return pending
+
+
+def _check_counts(path: str, shards: list) -> None:
+    """Refuse counts no shard can hold (every sample takes a 512-byte header at least): the store
+    and plan are sized by them before any shard is read. Local shards are checked against their
+    size on disk, others against the list's ``filesize`` where it gives one."""
+    for i, info in enumerate(shards):
+        size = info.filesize or None
+        if is_local(info.url):
+            try:
+                size = os.path.getsize(local_path(info.url))
+            except OSError as e:
+                raise FileNotFoundError(
+                    f"shard list {path}: entry {i}: shard {info.url} cannot be read ({e})"
+                ) from None
+        if size is not None and info.nsamples * 512 > size and not _compressed(info.url):
+            raise IndexMismatchError(
+                f"shard list {path}: entry {i} says shard {info.url} holds {info.nsamples} samples, but it is "
+                f"{size} bytes and every sample takes 512 bytes at least: correct its nsamples"
+            )
+
+
+def _compressed(url: str) -> bool:
+    """Whether a local shard starts like a gzip, bz2 or xz stream (its tar may be far larger)."""
+    if not is_local(url):
+        return url.endswith((".gz", ".tgz", ".bz2", ".xz"))
+    with open(local_path(url), "rb") as f:
+        return f.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00\x80"))
+
+
+def give_rows(index: DatasetIndex, shard: int, url: str) -> bool:
+    """While the index is being built: give ``shard`` its rows, and True; False where the shard
+    must be streamed and indexed on the way (:mod:`.streamindex`).
+
+    A local shard gets its headers scanned now (a seek per member, as ``infobatch-stream index``
+    does; cheap, and never stale). Another shard takes the scan an earlier reader left (a run
+    resumed in epoch 0); a scan that does not fit the shard is dropped and the shard streamed."""
+    assert index.building is not None
+    info, folder = index.shards[shard], ScanDir(index.building.scans)
+    if is_local(url):
+        fresh = Scan(info.url, *scan_one(url))
+        index.adopt(shard, fresh.samples, fresh.mtime, fresh.etag, fresh.compression)
+        folder.save(shard, fresh)
+        return True
+    scan = folder.load(shard, info.url, info.nsamples)
+    if scan is None:
+        return False
+    try:
+        index.adopt(shard, scan.samples, scan.mtime, scan.etag, scan.compression)
+    except (IndexMismatchError, StaleIndexError) as e:
+        log.warning("shard scan %s does not fit its shard (%s): dropped, read again", folder.file(shard), e)
+        folder.drop(shard)
+        return False
+    return True
 
 
 def _frame(scans: dict[int, Scan]) -> np.ndarray:
@@ -136,13 +199,15 @@ def _mine(index: DatasetIndex, rank: int, world_size: int) -> tuple[dict[int, Sc
     for shard in np.flatnonzero(owner == rank).tolist():
         info = index.shards[shard]
         scan = folder.load(shard, info.url, info.nsamples) if held[rank, shard] else None
-        if scan is None:
+        if scan is None or not _still_fresh(scan):
             missing.append(shard)
         else:
             scans[shard] = scan
     if not missing:
         return scans, []
-    log.warning(
+    unread = sum(index.shards[s].nsamples > 0 for s in missing)  # empty shards are never opened: no news
+    log.log(
+        logging.WARNING if unread else logging.INFO,
         "rank %d: %d shards were not indexed during epoch 0 (not read to their end by ib.tarfile_to_samples() or "
         "ib.dataset(): read through wds.tarfile_to_samples() + ib.filter(), failed, or the epoch was cut short); "
         "indexing them now",
@@ -156,6 +221,30 @@ def _mine(index: DatasetIndex, rank: int, world_size: int) -> tuple[dict[int, Sc
     for i, shard in enumerate(missing):
         scans[shard] = _scan_of_index(scanned, i)
     return scans, []
+
+
+def _still_fresh(scan: Scan) -> bool:
+    """A local shard's scan still describes the file (its size and mtime); a remote one's is
+    checked by the reader against the object's size and ETag."""
+    if not is_local(scan.url):
+        return True
+    try:
+        st = os.stat(local_path(scan.url))
+    except OSError:
+        return False
+    return st.st_size == scan.samples.filesize and st.st_mtime == scan.mtime
+
+
+def _agree_on(failure: Exception | None, doing: str) -> None:
+    """Raise ``failure`` on every rank if it happened on any (a collective): one rank that failed
+    to save must not leave the others waiting in the next collective."""
+    said = distributed.gather_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    failed = [(r, text) for r, text in enumerate(said) if text is not None]
+    if failed:
+        r, text = failed[0]
+        raise IndexMismatchError(f"{doing} failed on rank {r}: {text}")
 
 
 def _scan_of_index(index: DatasetIndex, shard: int) -> Scan:
@@ -226,13 +315,22 @@ def complete(index: DatasetIndex, writer: bool) -> DatasetIndex:
         [s.ranges for s in ordered],
     )
     built.source_fingerprint = index.fingerprint
-    if writer:
-        built.save(building.output)
-    distributed.barrier()  # saved on every node before anyone opens it
-    done = DatasetIndex.load(building.output, allow_pipes=True)
-    if done.fingerprint != built.fingerprint:
-        raise IndexMismatchError(f"index {building.output} changed while it was being saved; restart the run")
-    distributed.barrier()
+    failure = None
+    try:
+        if writer:
+            built.save(building.output)
+    except (OSError, ValueError, InfoBatchError) as e:
+        failure = e
+    _agree_on(failure, f"saving the index built from {building.source} at {building.output}")
+    done, failure = None, None
+    try:  # saved on every node before anyone opens it (the agreement above is a collective)
+        done = DatasetIndex.load(building.output, allow_pipes=True)
+        if done.fingerprint != built.fingerprint:
+            raise IndexMismatchError(f"index {building.output} changed while it was being saved; restart the run")
+    except (OSError, ValueError, InfoBatchError) as e:
+        failure = e
+    _agree_on(failure, f"opening the index built from {building.source} at {building.output}")
+    assert done is not None
     if writer:
         ScanDir(building.scans).remove()
     log.info(

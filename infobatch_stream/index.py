@@ -86,7 +86,7 @@ class Building:
     scans: str  # the folder of per-shard scans (:class:`infobatch_stream.scanfile.ScanDir`)
 
 
-def _serves_ranges(url: str, scan: ShardSamples, compression: str | None) -> bool:
+def serves_ranges(url: str, scan: ShardSamples, compression: str | None) -> bool:
     """Ask an HTTP server for one byte: one that ignores Range gets its shard marked, so the
     reader streams it instead of sending range requests that each return the whole body."""
     if not url.startswith(("http://", "https://")) or compression is not None or not scan.filesize:
@@ -128,7 +128,7 @@ def scan_one(url: str) -> ScanResult:
                 f"{url}: the object is {seen.size} bytes but {scan.filesize} arrived; it changed "
                 "while being indexed or the server is broken: index it again"
             )
-        return scan, None, None if seen is None else seen.etag, compression, _serves_ranges(url, scan, compression)
+        return scan, None, None if seen is None else seen.etag, compression, serves_ranges(url, scan, compression)
     finally:
         if hasattr(raw, "ignore_errors"):
             raw.ignore_errors = True  # a pipe: child that is closed early is no error
@@ -164,7 +164,7 @@ class DatasetIndex:
         self._files: dict[str, os.stat_result] = {}  # the mapped array files as they were when opened
         self.building: Building | None = None  # set for an index built during epoch 0 (no rows yet)
         self.source_fingerprint: str | None = None  # the shard list's, for an index built from one
-        self._live: dict[int, tuple[ShardRows, list[str]]] = {}  # while building: rows of shards scanned here
+        self._live: dict[int, tuple[ShardRows, list[str], ShardInfo]] = {}  # while building: rows of shards scanned here
         # (an index made in memory without the per-sample arrays, e.g. for planning benchmarks, can plan
         # but not read)
         if self._arrays is not None and set(indexcheck.DTYPES) <= set(self._arrays):
@@ -273,8 +273,12 @@ class DatasetIndex:
         one = from_scans([info.url], [scan], [mtime], [etag], [compression])
         while len(self._live) >= 16:
             self._live.pop(next(iter(self._live)))
-        self._live[shard] = (one.rows(0), one.suffixes)
-        self.shards[shard] = replace(one.shards[0], ranges=info.ranges)
+        self._live[shard] = (one.rows(0), one.suffixes, replace(one.shards[0], ranges=info.ranges))
+
+    def shard_info(self, shard: int) -> ShardInfo:
+        """The shard's entry; while the index is being built, as the shard's scan found it."""
+        live = self._live.get(shard)
+        return live[2] if live is not None else self.shards[shard]
 
     def _check_files(self) -> None:
         """The mapped array files must be the ones opened: one rewritten in place (``cp``,
@@ -629,12 +633,14 @@ def shard_entries(doc: dict, path: str, checksums: bool = True) -> tuple[list[Sh
             ):
                 raise TypeError
         except (KeyError, TypeError, AttributeError):
+            fix = "rebuild the index with `infobatch-stream index`" if checksums else "correct the entry"
+            what = "index" if checksums else "shard list"
             raise IndexMismatchError(
-                f"index {path}: shard entry {i} is damaged ({str(entry)[:200]}); rebuild the "
-                "index with `infobatch-stream index`"
+                f"{what} {path}: shard entry {i} is damaged ({str(entry)[:200]}; it needs a string url and a "
+                f"non-negative integer nsamples); {fix}"
             ) from None
         if len(url) > 8192 or "\0" in url:
-            raise IndexMismatchError(f"index {path}: shard entry {i} has an impossible URL {url[:80]!r}; rebuild it")
+            raise IndexMismatchError(f"{path}: shard entry {i} has an impossible URL {url[:80]!r}; correct it")
         written.append(url)
         local = _strip_file_scheme(url)
         if _is_local(local) and not os.path.isabs(local):

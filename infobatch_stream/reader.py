@@ -40,8 +40,9 @@ import numpy as np
 from webdataset.handlers import reraise_exception
 
 from . import verify
+from .building import give_rows
 from .errors import ShardAssignmentError, StaleIndexError, handle
-from .index import DatasetIndex, ShardInfo, scan_one
+from .index import ShardInfo, serves_ranges
 from .meta import META_KEY, make_meta
 from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT, ReadAhead
 from .scanfile import Scan, ScanDir
@@ -188,22 +189,6 @@ def _sequential_reader(raw: BinaryIO, compressed: bool, counter: _Counter, where
     return read
 
 
-def _rows_for(index: DatasetIndex, shard: int, url: str) -> bool:
-    """While the index is being built: give ``shard`` rows from its scan, left by an earlier reader
-    (or a run resumed in epoch 0), or made now for a local shard (a seek per header, as
-    ``infobatch-stream index`` does). False: the shard must be streamed and indexed on the way."""
-    assert index.building is not None
-    info, folder = index.shards[shard], ScanDir(index.building.scans)
-    scan = folder.load(shard, info.url, info.nsamples)
-    if scan is None and is_local(url):
-        scan = Scan(info.url, *scan_one(url))
-        folder.save(shard, scan)
-    if scan is None:
-        return False
-    index.adopt(shard, scan.samples, scan.mtime, scan.etag, scan.compression)
-    return True
-
-
 def _close_stream(raw: Any) -> None:
     """Close a stream the reader may abandon before its end: a ``pipe:`` child then dies of
     SIGPIPE, which is expected here, not an error (a truncated stream was caught while reading)."""
@@ -334,10 +319,10 @@ class _Job:
         if stop <= first or (req.only is not None and len(req.only) == 0):
             self.empty = True
             return
-        if not index.has_rows(req.shard) and not _rows_for(index, req.shard, req.url):
+        if not index.has_rows(req.shard) and not give_rows(index, req.shard, req.url):
             self._plan_indexing(kept, first, stop, boosted, epoch)  # epoch 0 of an index being built: stream it
             return
-        self.info = index.shards[req.shard]  # as the shard's scan found it, while the index is being built
+        self.info = index.shard_info(req.shard)  # as the shard's scan found it, while the index is being built
         start, end = index.byte_ranges(req.shard)
         self.region = _region(self.info, end, kept, first, stop) if req.only is None else 0
         kept = kept[first:stop] if req.only is None else kept[np.asarray(req.only, dtype=np.int64)]
@@ -388,6 +373,15 @@ class _Job:
         if self.mode == "index":
             yield from self._indexing_samples()
             return
+        try:
+            yield from self._read_ranges(ahead, fill)
+        except StaleIndexError:
+            building = self.view.index.building
+            if building is not None and not is_local(self.req.url):  # its rows came from an earlier scan
+                ScanDir(building.scans).drop(self.req.shard)  # stale: the shard is indexed again
+            raise
+
+    def _read_ranges(self, ahead: ReadAhead, fill: Callable[[], None]) -> Iterator[dict[str, Any]]:
         self._open()
         cut = self.layout.samples
         for r in self.ranges:
@@ -429,7 +423,8 @@ class _Job:
                     )
                 scan.filesize = stored
             etag = None if seen is None else seen.etag
-            ScanDir(building.scans).save(req.shard, Scan(req.url, scan, None, etag, compression, True))
+            ranged = serves_ranges(req.url, scan, compression)  # as indexing records it (one 1-byte read)
+            ScanDir(building.scans).save(req.shard, Scan(req.url, scan, None, etag, compression, ranged))
 
         for pos, key, fields in read_and_index(stream, req.url, self.info.nsamples, self.wanted, self.to_end, complete):
             sample: dict[str, Any] = {"__key__": key, "__url__": req.url, **fields}

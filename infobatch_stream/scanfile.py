@@ -7,19 +7,28 @@ folder next to the index being built (:class:`ScanDir`); the training process me
 the same bytes through ``torch.distributed``.
 
 The format is ours and plain (no pickle, no zip): a magic, a JSON header naming every array's
-length, the arrays back to back, and a CRC-32 of all of it. Every length is checked against the
-bytes present before anything is allocated; a file that fails any check is ignored and the shard
-is scanned again.
+length, the arrays back to back, and an HMAC-SHA256 of all of it. Every length is checked against
+the bytes present before anything is allocated; a file that fails any check is ignored and the
+shard is scanned again.
+
+Why a keyed MAC and not a checksum: a scan decides which bytes of a shard the reader hands on,
+and the tar header check alone cannot tell a member from a tar nested in another member's body.
+Only scans this user's runs wrote are taken: the key is in the folder, in a file only its owner
+can read (created ``0600``; one with another owner or mode, or a link, is replaced, which
+invalidates the scans). Between ranks the scans travel unkeyed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
+import stat
 import struct
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,8 +66,15 @@ class Scan:
     ranges: bool = True
 
 
-def pack(scan: Scan) -> bytes:
-    """The bytes of ``scan`` (see the module docstring)."""
+MAC_BYTES = 32
+
+
+def _mac(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, body, hashlib.sha256).digest()
+
+
+def pack(scan: Scan, key: bytes = b"") -> bytes:
+    """The bytes of ``scan`` (see the module docstring), authenticated with ``key``."""
     s = scan.samples
     suffixes: dict[str, int] = {}
     ids = np.asarray([suffixes.setdefault(x, len(suffixes)) for x in s.suffixes], dtype=np.int32)
@@ -87,22 +103,23 @@ def pack(scan: Scan) -> bytes:
     }
     text = json.dumps(header).encode()
     body = MAGIC + struct.pack("<I", len(text)) + text + b"".join(arrays[name].tobytes() for name, _, _ in _ARRAYS)
-    return body + struct.pack("<I", zlib.crc32(body))
+    return body + _mac(key, body)
 
 
-def unpack(data: bytes, where: str) -> Scan:
-    """The scan :func:`pack` wrote; :class:`IndexMismatchError` naming ``where`` for anything else."""
+def unpack(data: bytes, where: str, key: bytes = b"") -> Scan:
+    """The scan :func:`pack` wrote with ``key``; :class:`IndexMismatchError` naming ``where`` for
+    anything else."""
 
     def bad(why: str) -> IndexMismatchError:
         return IndexMismatchError(f"shard scan {where} is damaged ({why}); it is ignored and the shard scanned again")
 
-    head = len(MAGIC) + 4
-    if len(data) < head + 4 or data[: len(MAGIC)] != MAGIC:
+    head, tail = len(MAGIC) + 4, MAC_BYTES
+    if len(data) < head + tail or data[: len(MAGIC)] != MAGIC:
         raise bad("not a shard scan")
-    if zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0]:
-        raise bad("checksum")
+    if not hmac.compare_digest(_mac(key, data[:-tail]), data[-tail:]):
+        raise bad("its MAC does not match: not written by this user's runs, or altered")
     (length,) = struct.unpack("<I", data[len(MAGIC) : head])
-    if length > MAX_HEADER or head + length > len(data) - 4:
+    if length > MAX_HEADER or head + length > len(data) - tail:
         raise bad("header length")
     try:
         header = json.loads(data[head : head + length])
@@ -124,8 +141,8 @@ def unpack(data: bytes, where: str) -> Scan:
         raise bad("header fields")
     counts = {"n": n, "m": m, "k": k}
     need = sum(counts[per] * np.dtype(dtype).itemsize for _, dtype, per in _ARRAYS)
-    if head + length + need != len(data) - 4:
-        raise bad(f"{len(data)} bytes, the header describes {head + length + need + 4}")
+    if head + length + need != len(data) - tail:
+        raise bad(f"{len(data)} bytes, the header describes {head + length + need + tail}")
     arrays: dict[str, np.ndarray] = {}
     pos = head + length
     for name, dtype, per in _ARRAYS:
@@ -157,6 +174,29 @@ class ScanDir:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._key: bytes | None = None
+
+    def key(self) -> bytes:
+        """The folder's MAC key (made on first use, see the module docstring)."""
+        if self._key is None:
+            os.makedirs(self.path, exist_ok=True)
+            file = os.path.join(self.path, "key")
+            self._key = _read_key(file)
+            if self._key is None:
+                tmp = f"{file}.{os.getpid()}.{secrets.token_hex(4)}"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secrets.token_bytes(32))
+                with contextlib.suppress(FileNotFoundError):
+                    if _read_key(file) is None:  # another owner's or mode's: not ours to trust
+                        os.remove(file)
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, file)  # the first process to get here wins; the others read its key
+                os.remove(tmp)
+                self._key = _read_key(file)
+                if self._key is None:
+                    raise PermissionError(f"{file}: cannot make a private key file for the shard scans here")
+        return self._key
 
     def file(self, shard: int) -> str:
         return os.path.join(self.path, f"{shard:08d}.scan")
@@ -170,8 +210,9 @@ class ScanDir:
         os.makedirs(self.path, exist_ok=True)
         final = self.file(shard)
         tmp = f"{final}.{os.getpid()}.{id(scan):x}.tmp"
+        data = pack(scan, self.key())
         with open(tmp, "wb") as f:
-            f.write(pack(scan))
+            f.write(data)
         os.replace(tmp, final)
 
     def load(self, shard: int, url: str, nsamples: int) -> Scan | None:
@@ -184,7 +225,7 @@ class ScanDir:
                 if size > MAX_HEADER + nsamples * MAX_SAMPLE_BYTES:  # not read: no shard's scan is this large
                     raise IndexMismatchError(f"shard scan {file} is {size} bytes, too large for {nsamples} samples")
                 data = f.read(size)
-            scan = unpack(data, file)
+            scan = unpack(data, file, self.key())
         except FileNotFoundError:
             return None
         except (OSError, IndexMismatchError) as e:
@@ -202,12 +243,30 @@ class ScanDir:
             return None
         return scan
 
+    def drop(self, shard: int) -> None:
+        """Forget one shard's scan (it no longer fits the shard)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.file(shard))
+
     def remove(self) -> None:
         """Delete the folder's scans (after the index they made was saved)."""
         with contextlib.suppress(FileNotFoundError):
             for name in os.listdir(self.path):
-                if name.endswith(".scan"):
+                if name.endswith(".scan") or name == "key":
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(self.path, name))
         with contextlib.suppress(OSError):
             os.rmdir(self.path)
+
+
+def _read_key(file: str) -> bytes | None:
+    """The key in ``file`` if it is a regular file of this user's that nobody else can read."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077 or st.st_size != 32:
+            return None
+        return f.read(32)

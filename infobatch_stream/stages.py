@@ -16,6 +16,7 @@ from torch.utils.data import IterableDataset
 
 from .announce import Announcements  # noqa: F401 - where it lived before
 from .balance import Part, assign, within_part
+from .building import give_rows
 from .errors import IndexMismatchError, ShardAssignmentError, StaleIndexError
 from .meta import META_KEY, make_meta
 from .worker import WorkerView, current_worker, loader_worker  # noqa: F401 - re-exported
@@ -128,6 +129,16 @@ class _ShardSlots:
         self.next = pos + 1
         return pos
 
+    def check_complete(self) -> None:
+        """Without keys, samples were numbered by arrival: all of the shard's must have come."""
+        if self.keys is None and 0 < self.next < len(self.keep):
+            raise IndexMismatchError(
+                f"shard {self.url}: {self.next} samples reached ib.filter(), its shard list entry says "
+                f"{len(self.keep)}. While the index is built in epoch 0, ib.filter() numbers a remote shard's "
+                "samples in tar order, so no stage before it may drop samples (select_files=, rename_files=): "
+                "use ib.tarfile_to_samples(), or correct the list's nsamples"
+            )
+
     def restarted(self, key: str) -> bool:
         """The whole shard went by and its first sample comes again: the shard was reopened."""
         if self.keys is None:
@@ -155,6 +166,8 @@ def filter_samples(src: Iterable[dict[str, Any]], view: WorkerView) -> Iterator[
         url = sample["__url__"]
         key = sample["__key__"]
         if cursor is None or url != cursor.url or cursor.restarted(key):
+            if cursor is not None:
+                cursor.check_complete()
             shard = index.shard_of_url(url)
             part = announced.pop(shard) if announced.started_since(mark) else None
             if part is None and announced.started_since(mark):
@@ -168,12 +181,16 @@ def filter_samples(src: Iterable[dict[str, Any]], view: WorkerView) -> Iterator[
             keep, boosted = view.decide_shard(shard, epoch, thresh)
             if part is not None:  # ib.shards() may give this worker only part of the shard's kept samples
                 keep = within_part(keep, part)
+            if not index.has_rows(shard):
+                give_rows(index, shard, url)  # a local shard's keys, while the index is being built
             keys = index.keys(shard) if index.has_rows(shard) else None
             cursor = _ShardSlots(url, shard, lo, keys, keep.tolist(), boosted.tolist())
         pos = cursor.position(key)
         if cursor.keep[pos]:
             sample[META_KEY] = make_meta(cursor.first_slot + pos, epoch, cursor.boosted[pos], tag)
             yield sample
+    if cursor is not None:
+        cursor.check_complete()
     announced.check_all_read("ib.filter()", mark)
 
 

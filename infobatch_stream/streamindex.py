@@ -19,7 +19,7 @@ from typing import BinaryIO
 import numpy as np
 
 from .errors import IndexMismatchError
-from .tarscan import ShardSamples, TarMember, grouped, iter_members, sample_field
+from .tarscan import ShardSamples, TarMember, drain_tail, grouped, iter_members, sample_field
 
 Fields = dict[str, bytes]
 
@@ -100,8 +100,7 @@ def read_and_index(
         elif k == len(want) and not to_end:
             break
     if to_end:
-        while capture.read(1 << 20):
-            pass
+        drain_tail(capture, url)  # type: ignore[arg-type]
         out.filesize = capture.pos
         if len(out) != nsamples:
             raise IndexMismatchError(

@@ -496,10 +496,25 @@ def scan_shard(fileobj: BinaryIO, shard: str, *, filesize: int | None = None) ->
         return samples
     counted = _CountingReader(fileobj)
     samples = group_samples(iter_members(counted, shard), shard)  # type: ignore[arg-type]
-    while counted.read(1 << 20):
-        pass
+    drain_tail(counted, shard)
     samples.filesize = counted.count
     return samples
+
+
+MAX_TAIL = 16 << 20  # what may follow the end-of-archive marker (tar pads to its record size, 10 KiB by default)
+
+
+def drain_tail(stream: BinaryIO | _CountingReader, shard: str) -> None:
+    """Read what follows the end-of-archive marker, to count the shard's length; a stream that
+    goes on for more than :data:`MAX_TAIL` bytes is no tar's padding (``cat shard.tar /dev/zero``)."""
+    tail = 0
+    while chunk := stream.read(1 << 20):
+        tail += len(chunk)
+        if tail > MAX_TAIL:
+            raise TarFormatError(
+                f"{shard}: more than {MAX_TAIL >> 20} MiB follow the tar's end-of-archive marker; the stream is "
+                "not one tar shard: fix the shard or the command that writes it"
+            )
 
 
 # At least every prefix that tarfile's "r|*" (WebDataset's mode) takes for compression, LZMA-alone

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from infobatch_stream import META_KEY, DatasetIndex, IndexMismatchError, InfoBatch, build_index
+from infobatch_stream import META_KEY, DatasetIndex, IndexMismatchError, InfoBatch, TarFormatError, build_index
 from infobatch_stream.building import default_output
 from infobatch_stream.rangeserver import RangeServer
 from infobatch_stream.scanfile import Scan, ScanDir, pack, unpack
@@ -101,8 +101,9 @@ def test_over_http_epoch_0_streams_each_shard_once(shards, tmp_path):
         epoch0 = server.counters.snapshot()
         ib.set_epoch(1)
         assert server.counters.snapshot() == epoch0  # merging read nothing more
-    assert epoch0["requests"] <= 2 * len(urls)  # fsspec's HEAD and one GET per shard (each under 1 MiB)
-    assert epoch0["bytes"] == sum(os.path.getsize(u) for u in urls)
+    # fsspec's HEAD and one GET per shard (each under 1 MiB), and one 1-byte Range probe, as indexing makes
+    assert epoch0["requests"] <= 4 * len(urls)  # (and a HEAD for the probe when fsspec has not cached the size)
+    assert epoch0["bytes"] == sum(os.path.getsize(u) for u in urls) + len(urls)
     assert_same_arrays(ib.index.path, reference.path)
 
 
@@ -267,9 +268,84 @@ def test_scan_files_round_trip_and_damage_is_ignored(shards, tmp_path):
             f.write(data[:cut])
         assert folder.load(1, urls[0], PER_SHARD) is None
     data[40] ^= 1
-    with pytest.raises(IndexMismatchError, match="checksum"):
+    with pytest.raises(IndexMismatchError, match="MAC"):
         unpack(bytes(data), "x")
+    # a well-formed scan made with another key (not by this user's runs) is not taken
+    with open(folder.file(2), "wb") as f:
+        f.write(pack(scan, b"someone else's key"))
+    assert folder.load(2, urls[0], PER_SHARD) is None
+    # a key file others can read is not trusted: it is replaced, and the scans made with it are void
+    os.chmod(os.path.join(folder.path, "key"), 0o644)
+    assert ScanDir(folder.path).load(0, urls[0], PER_SHARD) is None
     shutil.rmtree(folder.path)
+
+
+def test_a_planted_scan_of_a_local_shard_is_never_used(shards):
+    """Local shards are rescanned when opened: a scan in the folder cannot move their samples."""
+    folder, urls, reference = shards
+    listing = write_list(folder, urls)
+    ib = InfoBatch(listing, **CONFIG)
+    with open(urls[1], "rb") as f:
+        other = scan_shard(f, urls[1], filesize=os.path.getsize(urls[1]))  # shard 1's rows, planted as shard 0's
+    scans = ScanDir(ib.index.building.scans)
+    scans.save(0, Scan(ib.index.shards[0].url, other, None, None, None, True))
+    trained = [sorted(s) for s in train_epochs(ib, reader_loader(ib, 0), 2)]
+    assert trained == _reference_slots(reference, 0, 2)
+    assert_same_arrays(ib.index.path, reference.path)
+
+
+def test_a_local_shard_changed_after_its_scan_is_scanned_again_at_set_epoch_1(shards):
+    folder, urls, _ = shards
+    listing = write_list(folder, urls)
+    ib = InfoBatch(listing, **CONFIG)
+    train_epochs(ib, reader_loader(ib, 0), 1)
+    write_shards(folder, num_shards=6, per_shard=PER_SHARD, seed=1)  # same names and counts, other bytes
+    reference = build_index(urls, os.path.join(folder, "again.json"))
+    ib.set_epoch(1)
+    assert_same_arrays(ib.index.path, reference.path)
+
+
+def test_a_server_without_ranges_is_recorded_as_indexing_records_it(shards, range_server):
+    folder, urls, _ = shards
+    base = range_server(folder, ranges=False)
+    remote = [f"{base}/{os.path.basename(u)}" for u in urls]
+    reference = build_index(remote, os.path.join(folder, "reference-noranges.json"))
+    ib = InfoBatch(write_list(folder, remote), **CONFIG)
+    train_epochs(ib, reader_loader(ib, 0), 2)
+    assert [s.ranges for s in ib.index.shards] == [s.ranges for s in reference.shards] == [False] * len(urls)
+
+
+def test_counts_no_shard_can_hold_are_refused_before_allocating(shards):
+    folder, urls, _ = shards
+    with pytest.raises(IndexMismatchError, match="entry 2 says shard .*holds 1000000000 samples"):
+        InfoBatch(write_list(folder, urls, [PER_SHARD, PER_SHARD, 10**9, 1, 1, 1]), **CONFIG)
+
+
+def test_the_filter_path_numbers_samples_by_key_and_refuses_a_short_remote_shard(shards, range_server):
+    folder, urls, reference = shards
+    drop = "sample000003"  # select_files drops one sample before ib.filter()
+
+    def loader(ib):
+        stages = [wds.tarfile_to_samples(select_files=lambda name: not name.startswith(drop)), ib.filter()]
+        return data_loader(wds.DataPipeline(ib.shards(), *stages, wds.to_tuple(META_KEY)), 8, 0)
+
+    expected = InfoBatch(reference, **CONFIG)
+    want = [sorted(s) for s in train_epochs(expected, loader(expected), 1)]
+    ib = InfoBatch(write_list(folder, urls, name="local.json"), **CONFIG)
+    assert [sorted(s) for s in train_epochs(ib, loader(ib), 1)] == want  # local: the keys are scanned
+    base = range_server(folder)
+    ib = InfoBatch(write_list(folder, [f"{base}/{os.path.basename(u)}" for u in urls], name="remote.json"), **CONFIG)
+    with pytest.raises(IndexMismatchError, match="29 samples reached ib.filter.*says 30"):
+        train_epochs(ib, loader(ib), 1)
+
+
+def test_a_pipe_that_goes_on_after_the_tar_is_refused_not_read_forever(shards):
+    folder, urls, _ = shards
+    ib = InfoBatch(write_list(folder, [f"pipe:cat {u} /dev/zero" for u in urls]), **CONFIG, allow_pipes=True)
+    ib.set_epoch(0)
+    with pytest.raises(TarFormatError, match="follow the tar's end-of-archive marker"):
+        for (meta,) in reader_loader(ib, 0):
+            ib.update(meta, slot_loss(meta))
 
 
 def test_from_s3_with_spawned_workers(shards, s3_server, tmp_path):

@@ -11,10 +11,12 @@ import webdataset as wds
 from infobatch_stream import DatasetIndex, build_index
 
 
-def write_shards(folder: str, num_shards: int = 8, per_shard: int = 40, prefix: str = "part") -> list[str]:
-    """Samples with a label and a payload of varied size; keys are unique over the dataset."""
+def write_shards(
+    folder: str, num_shards: int = 8, per_shard: int = 40, prefix: str = "part", seed: int = 0
+) -> list[str]:
+    """Samples with a label and a payload of varied size (drawn from ``seed``); keys are unique over the dataset."""
     os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     pattern = os.path.join(folder, f"{prefix}-%03d.tar")
     with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
         for i in range(num_shards * per_shard):
