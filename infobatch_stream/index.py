@@ -164,7 +164,7 @@ class DatasetIndex:
         self._files: dict[str, os.stat_result] = {}  # the mapped array files as they were when opened
         self.building: Building | None = None  # set for an index built during epoch 0 (no rows yet)
         self.source_fingerprint: str | None = None  # the shard list's, for an index built from one
-        self._live: dict[int, tuple[ShardRows, list[str], ShardInfo]] = {}  # while building: rows of shards scanned here
+        self._live: dict[int, tuple[ShardRows, list[str], ShardInfo]] = {}  # while building: shards scanned here
         # (an index made in memory without the per-sample arrays, e.g. for planning benchmarks, can plan
         # but not read)
         if self._arrays is not None and set(indexcheck.DTYPES) <= set(self._arrays):
