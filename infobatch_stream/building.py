@@ -25,7 +25,7 @@ from .errors import IndexMismatchError, InfoBatchError, StaleIndexError
 from .index import Building, DatasetIndex, build_index, from_scans, read_json, scan_one, shard_entries
 from .scanfile import Scan, ScanDir, pack, unpack
 from .storage import is_local, local_path, runs_command
-from .tarscan import ShardSamples
+from .tarscan import ShardSamples, compression_of
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def open_index(path: str, *, output: str | None = None, allow_pipes: bool = Fals
         if output is not None and isinstance(doc, dict) and "infobatch_stream" in doc:
             raise ValueError(f"index_path={output!r} is for a wids shard list; {path} is already an index")
         return DatasetIndex.load(path, allow_pipes=allow_pipes)
-    entries = doc.get("shardlist")
-    if not isinstance(entries, list) or not entries:
+    entries = doc["shardlist"]
+    if not entries:
         raise IndexMismatchError(f"shard list {path} lists no shards; list them under 'shardlist'")
     for i, entry in enumerate(entries):
         if isinstance(entry, dict) and "url" in entry and "nsamples" not in entry:
@@ -130,7 +130,7 @@ def _compressed(url: str) -> bool:
     if not is_local(url):
         return url.endswith((".gz", ".tgz", ".bz2", ".xz"))
     with open(local_path(url), "rb") as f:
-        return f.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00\x80"))
+        return compression_of(f.read(6)) is not None
 
 
 def give_rows(index: DatasetIndex, shard: int, url: str) -> bool:
@@ -186,12 +186,7 @@ def _mine(index: DatasetIndex, rank: int, world_size: int) -> tuple[dict[int, Sc
     assert index.building is not None
     folder = ScanDir(index.building.scans)
     n = index.num_shards
-    have = np.zeros(n, dtype=bool)
-    for name in os.listdir(folder.path) if os.path.isdir(folder.path) else []:
-        stem = name[:-5]
-        if name.endswith(".scan") and stem.isdigit() and int(stem) < n:
-            have[int(stem)] = True
-    masks = distributed.gather_object(np.packbits(have).tobytes())
+    masks = distributed.gather_object(np.packbits(folder.held(n)).tobytes())
     held = np.stack([np.unpackbits(np.frombuffer(m, np.uint8))[:n].astype(bool) for m in masks])
     owner = np.where(held.any(axis=0), held.argmax(axis=0), np.arange(n) % world_size)
     scans: dict[int, Scan] = {}

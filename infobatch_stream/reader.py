@@ -319,13 +319,18 @@ class _Job:
         if stop <= first or (req.only is not None and len(req.only) == 0):
             self.empty = True
             return
+        chosen = kept[first:stop] if req.only is None else kept[np.asarray(req.only, dtype=np.int64)]
         if not index.has_rows(req.shard) and not give_rows(index, req.shard, req.url):
-            self._plan_indexing(kept, first, stop, boosted, epoch)  # epoch 0 of an index being built: stream it
+            # epoch 0 of an index being built: stream the shard; the part whose kept samples end the
+            # shard reads to its end and leaves the shard's scan behind (:mod:`.streamindex`)
+            self.mode, self.backend = "index", backend_for(req.url)
+            self.wanted, self.to_end = chosen, int(chosen[-1]) == int(kept[-1])
+            self.boosted, self.epoch = boosted, epoch
             return
         self.info = index.shard_info(req.shard)  # as the shard's scan found it, while the index is being built
         start, end = index.byte_ranges(req.shard)
         self.region = _region(self.info, end, kept, first, stop) if req.only is None else 0
-        kept = kept[first:stop] if req.only is None else kept[np.asarray(req.only, dtype=np.int64)]
+        kept = chosen
         url = req.url
         local = is_local(url)
         self.backend = backend_for(url)
@@ -339,16 +344,6 @@ class _Job:
         cap = MAX_RANGE_BYTES if self.mode != "ranges" else self.options.remote_range_bytes()
         self.ranges = plan_ranges(start, end, kept, gap, cap)
         self.layout = _Layout(view, req.shard, url, epoch, kept, boosted, start)
-
-    def _plan_indexing(self, kept: np.ndarray, first: int, stop: int, boosted: np.ndarray, epoch: int) -> None:
-        """Read the shard from its start and index it on the way (:mod:`.streamindex`); the part
-        whose kept samples end the shard reads to its end and leaves the shard's scan behind."""
-        req = self.req
-        self.mode = "index"
-        self.backend = backend_for(req.url)
-        self.wanted = kept[first:stop] if req.only is None else kept[np.asarray(req.only, dtype=np.int64)]
-        self.to_end = int(self.wanted[-1]) == int(kept[-1])
-        self.boosted, self.epoch = boosted, epoch
 
     # ---- submission (called by the scheduler) ---------------------------------------------------
     def next_size(self) -> int | None:

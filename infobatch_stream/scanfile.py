@@ -204,6 +204,15 @@ class ScanDir:
     def has(self, shard: int) -> bool:
         return os.path.exists(self.file(shard))
 
+    def held(self, num_shards: int) -> np.ndarray:
+        """Which of shards ``0..num_shards-1`` have a scan file here (one listing, not a stat each)."""
+        have = np.zeros(num_shards, dtype=bool)
+        names = os.listdir(self.path) if os.path.isdir(self.path) else []
+        for stem in (name[:-5] for name in names if name.endswith(".scan")):
+            if stem.isdigit() and int(stem) < num_shards:
+                have[int(stem)] = True
+        return have
+
     def save(self, shard: int, scan: Scan) -> None:
         """Write atomically (a unique temp file, then rename): workers of several ranks may save
         the same shard at once, and a crash never leaves half a file under the final name."""

@@ -522,6 +522,11 @@ def drain_tail(stream: BinaryIO | _CountingReader, shard: str) -> None:
 _COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ", "xz"), (b"\x5d\x00\x00\x80", "xz"))
 
 
+def compression_of(head: bytes) -> str | None:
+    """``"gzip"``, ``"bz2"`` or ``"xz"`` when a shard's first bytes are that stream's magic, else None."""
+    return next((kind for magic, kind in _COMPRESSION_MAGIC if head.startswith(magic)), None)
+
+
 def decompressed(raw: BinaryIO, where: str = "shard") -> tuple[BinaryIO, str | None]:
     """Recognise gzip, bz2 and xz shards by their magic bytes and return a decompressing stream.
 
@@ -535,14 +540,14 @@ def decompressed(raw: BinaryIO, where: str = "shard") -> tuple[BinaryIO, str | N
     else:
         head = _read_full(raw, 6)
         stream = _Prefixed(head, raw)  # type: ignore[assignment]
-    for magic, kind in _COMPRESSION_MAGIC:
-        if head.startswith(magic):
-            if kind == "gzip":
-                inner: BinaryIO = gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[assignment]
-            else:
-                inner = (bz2.BZ2File if kind == "bz2" else lzma.LZMAFile)(stream)  # type: ignore[assignment]
-            return _Decompressing(inner, kind, where), kind  # type: ignore[return-value]
-    return stream, None
+    kind = compression_of(head)
+    if kind is None:
+        return stream, None
+    if kind == "gzip":
+        inner: BinaryIO = gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[assignment]
+    else:
+        inner = (bz2.BZ2File if kind == "bz2" else lzma.LZMAFile)(stream)  # type: ignore[assignment]
+    return _Decompressing(inner, kind, where), kind  # type: ignore[return-value]
 
 
 class _Decompressing(io.RawIOBase):
