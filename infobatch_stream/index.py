@@ -28,7 +28,7 @@ from .rows import ShardRows, cut_rows
 from .storage import backend_for, expand_listing, identity, runs_command, uses_obstore
 from .storage import is_local as _is_local
 from .storage import local_path as _strip_file_scheme
-from .tarscan import ShardSamples, decompressed, scan_shard
+from .tarscan import ShardSamples, _CountingReader, decompressed, scan_shard
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,19 @@ def serves_ranges(url: str, scan: ShardSamples, compression: str | None) -> bool
 ScanResult = tuple[ShardSamples, "float | None", "str | None", "str | None", bool]
 
 
+def record_stored_size(url: str, scan: ShardSamples, seen: Any, compression: str | None, raw_bytes: int) -> None:
+    """After streaming a shard: record the size that is stored (what stale-index checks compare)
+    for a compressed object (``seen``, its ObjectInfo, where the backend gives one; else the
+    ``raw_bytes`` that arrived), or check that the whole object arrived."""
+    if compression is not None:
+        scan.filesize = seen.size if seen is not None else raw_bytes
+    elif seen is not None and seen.size != scan.filesize:
+        raise TarFormatError(
+            f"{url}: the object is {seen.size} bytes but {scan.filesize} arrived; it changed "
+            "while being indexed or the server is broken: index it again"
+        )
+
+
 def scan_one(url: str) -> ScanResult:
     local = _strip_file_scheme(url)
     if _is_local(local):
@@ -119,15 +132,10 @@ def scan_one(url: str) -> ScanResult:
             return scan, st.st_mtime, None, compression, True
     raw, seen = backend_for(url).stream(url)  # object stores, HTTP, pipe: one sequential read
     try:
-        stream, compression = decompressed(raw, url)
+        counted = _CountingReader(raw)
+        stream, compression = decompressed(counted, url)  # type: ignore[arg-type]
         scan = scan_shard(stream, url)
-        if compression is not None and seen is not None:
-            scan.filesize = seen.size  # what is stored: stale-index checks compare it
-        elif seen is not None and seen.size != scan.filesize:
-            raise TarFormatError(
-                f"{url}: the object is {seen.size} bytes but {scan.filesize} arrived; it changed "
-                "while being indexed or the server is broken: index it again"
-            )
+        record_stored_size(url, scan, seen, compression, counted.count)
         return scan, None, None if seen is None else seen.etag, compression, serves_ranges(url, scan, compression)
     finally:
         if hasattr(raw, "ignore_errors"):

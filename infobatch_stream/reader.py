@@ -42,7 +42,7 @@ from webdataset.handlers import reraise_exception
 from . import verify
 from .building import give_rows
 from .errors import ShardAssignmentError, StaleIndexError, handle
-from .index import ShardInfo, serves_ranges
+from .index import ShardInfo, record_stored_size, serves_ranges
 from .meta import META_KEY, make_meta
 from .readahead import DEFAULT_BUDGET, DEFAULT_INFLIGHT, ReadAhead
 from .scanfile import Scan, ScanDir
@@ -409,14 +409,7 @@ class _Job:
         lo, tag, epoch, boosted = index.slots(req.shard)[0], view.tag, self.epoch, self.boosted
 
         def complete(scan: ShardSamples) -> None:
-            if compression is not None or seen is not None:
-                stored = seen.size if seen is not None else self.counter.bytes_read
-                if compression is None and stored != scan.filesize:
-                    raise StaleIndexError(
-                        f"{req.url}: the object is {stored} bytes but {scan.filesize} arrived; it changed while "
-                        "being read or the server is broken"
-                    )
-                scan.filesize = stored
+            record_stored_size(req.url, scan, seen, compression, self.counter.bytes_read)  # as indexing does
             etag = None if seen is None else seen.etag
             ranged = serves_ranges(req.url, scan, compression)  # as indexing records it (one 1-byte read)
             ScanDir(building.scans).save(req.shard, Scan(req.url, scan, None, etag, compression, ranged))

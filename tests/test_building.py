@@ -122,6 +122,7 @@ def test_a_gzip_shard_and_a_shard_split_between_workers(tmp_path, range_server):
     assert trained[0] == list(range(150))
     assert trained == _reference_slots(reference, 2)
     assert_same_arrays(ib.index.path, reference.path)
+    assert [s.filesize for s in ib.index.shards] == [s.filesize for s in reference.shards]  # the gzip one too
 
 
 def test_dataset_and_filter_paths(shards):
